@@ -1,0 +1,267 @@
+"""HTTP face of the ingest server (FastAPI). Routes parse input, call one library function, render its result.
+
+Every error, on every endpoint, is one envelope: ``{"error": {"code", "message", "details": [...]}}``.
+``POST /v1/events`` reads the raw body and parses it with orjson rather than declaring a pydantic body: a
+``list[str]`` body model costs far more per request than the parsing it replaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import orjson
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ingest.auth import bearer, verify_head_proof
+from ingest.server import IngestServer
+from store.errors import CustodyError, InvalidInput, StorageUnavailable, Unauthorized
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[str]
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+class EventsRequest(BaseModel):
+    events: list[str] = Field(description="JWS compact serializations, one per event", max_length=1000)
+
+
+class EventResult(BaseModel):
+    event_id: str | None
+    status: str = Field(description="accepted | duplicate | rejected")
+    error: str | None
+    detail: str | None
+
+
+class HeadModel(BaseModel):
+    seq: int
+    hash: str
+
+
+class EventsResponse(BaseModel):
+    errors: bool
+    results: list[EventResult]
+    heads: dict[str, HeadModel]
+
+
+class KeyView(BaseModel):
+    kid: str
+    jwk: dict[str, str]
+    added_at: str
+    revoked_at: str | None
+    revoke_reason: str | None
+
+
+class EmitterView(BaseModel):
+    emitter: str
+    tenant: str
+    kind: str
+    created_at: str
+    keys: list[KeyView]
+    head: HeadModel
+
+
+class EmitterPut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str
+    kind: str = Field(description="gateway | agent | idp")
+    keys: list[dict[str, str]] = Field(description="public JWKs, Ed25519 (OKP) or P-256 (EC), each with a kid")
+
+
+class RevokeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = None
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorEnvelope, "description": description}
+    for status, description in {
+        400: "Malformed input",
+        401: "Missing or wrong credentials",
+        404: "No such emitter or key",
+        409: "Would replace registered state",
+        413: "Too large",
+        415: "Not application/json",
+        503: "The data dir cannot persist; nothing in the request was acknowledged",
+    }.items()
+}
+
+
+def error_response(status: int, code: str, message: str, details: list[str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "details": details or []}}, status_code=status)
+
+
+def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await run_in_threadpool(server.open)
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await run_in_threadpool(server.close)
+
+    app = FastAPI(
+        title="Custody ingest API",
+        version="1",
+        description="Signed, hash-chained invocation events from gateways and agents. See docs/protocol.md.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(CustodyError)
+    async def custody_error(_: Request, exc: CustodyError) -> JSONResponse:
+        return error_response(exc.http_status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return error_response(400, "invalid_request", "the request does not have the expected shape", details)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, "internal_error", "internal error; the server log has the details")
+
+    @app.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        responses=_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": EventsRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def post_events(request: Request) -> Response:
+        """Ingest up to 1,000 signed events; ``accepted`` results are fsync'd before this answers."""
+        started = time.perf_counter()
+        tokens = await _read_events(request, server)
+        try:
+            outcome = await run_in_threadpool(server.service.ingest, tokens)
+        except StorageUnavailable:
+            server.metrics.storage_failures.inc()
+            raise
+        server.metrics.observe(outcome, time.perf_counter() - started)
+        return Response(orjson.dumps(outcome.as_json()), media_type="application/json")
+
+    @app.put("/v1/emitters/{emitter_id}", response_model=EmitterView, responses=_ERRORS)
+    async def put_emitter(
+        emitter_id: str, body: EmitterPut, authorization: Annotated[str | None, Header()] = None
+    ) -> JSONResponse:
+        """Create an emitter or add keys to it. A registered key is never replaced or deleted."""
+        actor = server.admin.require(authorization)
+        raw = body.model_dump()
+        view, _ = await run_in_threadpool(server.registry.put_emitter, emitter_id, raw, actor)
+        return JSONResponse(view)
+
+    @app.post("/v1/emitters/{emitter_id}/keys/{kid}/revoke", response_model=EmitterView, responses=_ERRORS)
+    async def revoke_key(
+        emitter_id: str,
+        kid: str,
+        body: RevokeBody | None = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """Revoke a key: events signed with it are rejected from now on. Revoking twice changes nothing."""
+        actor = server.admin.require(authorization)
+        reason = body.reason if body else None
+        view, _ = await run_in_threadpool(server.registry.revoke_key, emitter_id, kid, reason, actor)
+        return JSONResponse(view)
+
+    @app.get("/v1/emitters", response_model=list[EmitterView], responses=_ERRORS)
+    async def list_emitters(authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        server.admin.require(authorization)
+        return JSONResponse(await run_in_threadpool(server.registry.list_emitters))
+
+    @app.get("/v1/emitters/{emitter_id}", response_model=EmitterView, responses=_ERRORS)
+    async def get_emitter(emitter_id: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        """The emitter, its keys with revocation times, and its chain head."""
+        server.admin.require(authorization)
+        return JSONResponse(await run_in_threadpool(server.registry.view, emitter_id))
+
+    @app.get("/v1/emitters/{emitter_id}/head", response_model=HeadModel, responses=_ERRORS)
+    async def get_head(emitter_id: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        """The chain head, for the admin or for the emitter itself (a head proof signed by one of its keys)."""
+        if not server.admin.matches(bearer(authorization)):
+            token = bearer(authorization)
+            if token is None:
+                raise Unauthorized("this call needs Authorization: Bearer <admin token or head proof>")
+            verify_head_proof(token, emitter_id, server.keys)
+        server.registry.view(emitter_id)  # 404 for unknown emitters
+        return JSONResponse(server.service.head(emitter_id).as_json())
+
+    @app.get("/healthz", responses={503: {"model": ErrorEnvelope}})
+    async def healthz() -> JSONResponse:
+        if not server.ready:
+            return error_response(503, "starting", "replaying the write-ahead log")
+        stats = server.store.flush_stats
+        return JSONResponse(
+            {"status": "ok", "unflushed_events": stats.unflushed_events, "flush_error": stats.last_error}
+        )
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _read_events(request: Request, server: IngestServer) -> list[object]:
+    limits = server.limits
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {media_type or 'nothing'!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise PayloadTooLarge(f"body is {declared} bytes; at most {limits.max_body_bytes} per request")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise PayloadTooLarge(f"body is more than {limits.max_body_bytes} bytes per request")
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict) or set(document) != {"events"} or not isinstance(document["events"], list):
+        raise InvalidInput('body must be {"events": ["<JWS compact>", ...]} and nothing else')
+    events: list[object] = document["events"]
+    if len(events) > limits.max_events:
+        raise PayloadTooLarge(f"{len(events)} events; at most {limits.max_events} per request")
+    return events

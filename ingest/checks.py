@@ -1,0 +1,143 @@
+"""The stateless half of ingest: everything about one event that needs only the key ring and the clock.
+
+``check_event`` turns a JWS string into a ``Verified`` event or a ``Rejected`` one, in this order: JWS shape,
+algorithm, key, signature, revocation, payload JSON, canonical form, emitter and tenant, the payload schema, the
+clock. Chain checks (seq, prev_hash, duplicates) need the emitter's head and happen later, under its lock.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from ingest.codes import ErrorCode
+from ingest.event import Event, describe_validation_error
+from ingest.jws import JwsError, parse_compact, verify_signature
+from ingest.keys import KeyRing
+from store.canonical import canonicalize, event_hash
+from store.errors import CanonicalizationError
+
+__all__ = ["Rejected", "Verified", "check_event"]
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    payload: dict[str, Any]
+    event_id: str
+    emitter: str
+    seq: int
+    prev_hash: str
+    event_hash: str
+    kid: str
+    jws: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    code: ErrorCode
+    detail: str
+    event_id: str | None = None
+    emitter: str | None = None  # the key owner, when known: later events of that emitter are then after_rejected
+
+
+def check_event(
+    token: object, keys: KeyRing, *, now: datetime, max_event_bytes: int, max_skew: timedelta
+) -> Verified | Rejected:
+    try:
+        parsed = parse_compact(token)
+    except JwsError as exc:
+        return Rejected(ErrorCode(exc.code), exc.detail)
+    entry = keys.get(parsed.kid)
+    if entry is None:
+        return Rejected(ErrorCode.UNKNOWN_KEY, f"no registered key has kid {parsed.kid!r}")
+    owner = entry.emitter
+    if parsed.alg != entry.alg:
+        return Rejected(
+            ErrorCode.UNSUPPORTED_ALG,
+            f"key {parsed.kid!r} is {entry.alg}, but the header says alg {parsed.alg!r}",
+            emitter=owner,
+        )
+    if not verify_signature(parsed, entry.key):
+        return Rejected(ErrorCode.BAD_SIGNATURE, f"signature does not verify with key {parsed.kid!r}", emitter=owner)
+    if entry.revoked_at is not None:
+        return Rejected(
+            ErrorCode.KEY_REVOKED, f"key {parsed.kid!r} of {owner} was revoked at {entry.revoked_at}", emitter=owner
+        )
+    if len(parsed.payload) > max_event_bytes:
+        return Rejected(
+            ErrorCode.INVALID_PAYLOAD,
+            f"payload is {len(parsed.payload)} bytes, more than {max_event_bytes}",
+            emitter=owner,
+        )
+    try:
+        payload = orjson.loads(parsed.payload)
+    except orjson.JSONDecodeError as exc:
+        return Rejected(ErrorCode.INVALID_PAYLOAD, f"payload is not JSON: {exc}", emitter=owner)
+    if not isinstance(payload, dict):
+        return Rejected(ErrorCode.INVALID_PAYLOAD, "payload is not a JSON object", emitter=owner)
+    event_id = payload.get("event_id") if isinstance(payload.get("event_id"), str) else None
+    try:
+        canonical = canonicalize(payload)
+    except CanonicalizationError as exc:
+        return Rejected(ErrorCode.INVALID_PAYLOAD, exc.message, event_id, owner)
+    if canonical != parsed.payload and _has_duplicate_keys(parsed.payload):
+        return Rejected(ErrorCode.INVALID_PAYLOAD, "payload repeats an object key", event_id, owner)
+    if payload.get("emitter") != owner:
+        return Rejected(
+            ErrorCode.EMITTER_MISMATCH,
+            f"payload emitter is {payload.get('emitter')!r}, but key {parsed.kid!r} belongs to {owner!r}",
+            event_id,
+            owner,
+        )
+    if payload.get("tenant") != entry.tenant:
+        return Rejected(
+            ErrorCode.TENANT_MISMATCH,
+            f"payload tenant is {payload.get('tenant')!r}, but emitter {owner!r} is registered to {entry.tenant!r}",
+            event_id,
+            owner,
+        )
+    try:
+        event = Event.model_validate(payload)
+    except ValidationError as exc:
+        return Rejected(ErrorCode.INVALID_PAYLOAD, describe_validation_error(exc), event_id, owner)
+    occurred_at = event.occurred_at_datetime()
+    if occurred_at > now + max_skew:
+        return Rejected(
+            ErrorCode.CLOCK_SKEW,
+            f"occurred_at {event.occurred_at} is {(occurred_at - now).total_seconds():.0f} s ahead of the server"
+            f" clock ({now.strftime('%Y-%m-%dT%H:%M:%SZ')}); at most {max_skew.total_seconds():.0f} s allowed",
+            event.event_id,
+            owner,
+        )
+    return Verified(
+        payload=payload,
+        event_id=event.event_id,
+        emitter=owner,
+        seq=event.seq,
+        prev_hash=event.prev_hash,
+        event_hash=event_hash(canonical),
+        kid=parsed.kid,
+        jws=str(token),
+    )
+
+
+def _has_duplicate_keys(raw: bytes) -> bool:
+    duplicate = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal duplicate
+        result = dict(items)
+        duplicate = duplicate or len(result) != len(items)
+        return result
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return duplicate
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,108 @@
+"""Emitter public keys: JWK validation on registration, and the in-memory key ring ingest verifies against.
+
+A registered key is a public JWK, Ed25519 (``kty`` OKP) or P-256 (``kty`` EC), with a ``kid`` unique across all
+emitters (the JWS header names only the kid, so the kid alone must say which emitter signed). A JWK carrying a
+private part (``d``) is refused: it means the caller's secret has already leaked into an admin request.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm
+from jwt.exceptions import InvalidKeyError
+
+from ingest.jws import ALG_FOR_KTY, PublicKey
+from store.errors import InvalidInput
+from store.state import EmitterRecord, KeyRecord
+
+__all__ = ["KeyEntry", "KeyRing", "public_jwk", "validate_jwk"]
+
+_KID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ALLOWED_MEMBERS = {
+    "OKP": {"kty", "crv", "x", "kid", "alg", "use"},
+    "EC": {"kty", "crv", "x", "y", "kid", "alg", "use"},
+}
+_CURVE = {"OKP": "Ed25519", "EC": "P-256"}
+
+
+def validate_jwk(jwk: object, where: str) -> tuple[dict[str, Any], PublicKey]:
+    """Check a JWK from an admin request; return its normalized public form and the key object."""
+    if not isinstance(jwk, dict):
+        raise InvalidInput(f"{where}: a JWK must be an object, got {type(jwk).__name__}")
+    kty = jwk.get("kty")
+    if kty not in _CURVE:
+        raise InvalidInput(f"{where}: kty must be OKP (Ed25519) or EC (P-256), got {kty!r}")
+    if "d" in jwk:
+        raise InvalidInput(f"{where}: the JWK holds a private key (member d); send only the public key")
+    unknown = set(jwk) - _ALLOWED_MEMBERS[kty]
+    if unknown:
+        raise InvalidInput(f"{where}: unexpected JWK members {sorted(unknown)}")
+    if jwk.get("crv") != _CURVE[kty]:
+        raise InvalidInput(f"{where}: crv must be {_CURVE[kty]} for kty {kty}, got {jwk.get('crv')!r}")
+    kid = jwk.get("kid")
+    if not isinstance(kid, str) or not _KID.match(kid):
+        raise InvalidInput(f"{where}: kid must match {_KID.pattern}, got {kid!r}")
+    alg = jwk.get("alg")
+    if alg is not None and alg != ALG_FOR_KTY[kty]:
+        raise InvalidInput(f"{where}: alg must be {ALG_FOR_KTY[kty]} for kty {kty}, got {alg!r}")
+    if jwk.get("use", "sig") != "sig":
+        raise InvalidInput(f"{where}: use must be sig, got {jwk.get('use')!r}")
+    normalized = public_jwk(jwk)
+    try:
+        key = _load(normalized)
+    except (InvalidKeyError, ValueError, TypeError) as exc:
+        raise InvalidInput(f"{where}: not a valid {_CURVE[kty]} public key: {exc}") from exc
+    return normalized, key
+
+
+def public_jwk(jwk: dict[str, Any]) -> dict[str, Any]:
+    """The members that identify a public key, in a fixed form (used to compare two registrations)."""
+    members = ("kty", "crv", "x", "y", "kid")
+    return {name: jwk[name] for name in members if name in jwk}
+
+
+def _load(jwk: dict[str, Any]) -> PublicKey:
+    key: Any = OKPAlgorithm.from_jwk(jwk) if jwk["kty"] == "OKP" else ECAlgorithm.from_jwk(jwk)
+    if not isinstance(key, PublicKey):  # from_jwk returns a private key when d is present
+        raise ValueError("expected a public key")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    kid: str
+    emitter: str
+    tenant: str
+    alg: str
+    key: PublicKey
+    revoked_at: str | None
+
+
+class KeyRing:
+    """kid -> key entry, rebuilt from the registry; lookups are lock-free dict reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, KeyEntry] = {}
+
+    def load(self, emitters: dict[str, EmitterRecord], keys: dict[str, KeyRecord]) -> None:
+        entries = {}
+        for kid, record in keys.items():
+            emitter = emitters[record.emitter]
+            entries[kid] = KeyEntry(
+                kid=kid,
+                emitter=record.emitter,
+                tenant=emitter.tenant,
+                alg=ALG_FOR_KTY[record.jwk["kty"]],
+                key=_load(record.jwk),
+                revoked_at=record.revoked_at,
+            )
+        with self._lock:
+            self._entries = entries
+
+    def get(self, kid: str) -> KeyEntry | None:
+        return self._entries.get(kid)

@@ -1,0 +1,54 @@
+"""Prometheus metrics of one ingest server (a registry of its own, so tests can run several servers)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ingest.service import BatchOutcome
+from store.engine import FlushStats
+
+__all__ = ["IngestMetrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class IngestMetrics:
+    def __init__(self, flush_stats: FlushStats) -> None:
+        self.registry = CollectorRegistry()
+        self.events = Counter(
+            "custody_events",
+            "Events by result: status accepted/duplicate/rejected, error the rejection code (empty otherwise).",
+            ["status", "error"],
+            registry=self.registry,
+        )
+        self.ack_latency = Histogram(
+            "custody_ack_latency_seconds",
+            "Time from reading a POST /v1/events body to its durable acknowledgement.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.storage_failures = Counter(
+            "custody_storage_failures",
+            "Requests answered 503 because the data dir could not persist.",
+            registry=self.registry,
+        )
+        unflushed = Gauge(
+            "custody_unflushed_events",
+            "Acknowledged events in the write-ahead log, not yet in the Parquet lake.",
+            registry=self.registry,
+        )
+        unflushed.set_function(lambda: flush_stats.unflushed_events)
+        lag = Gauge(
+            "custody_flush_lag_seconds",
+            "Age of the oldest acknowledged event not yet in the Parquet lake (0 when all are flushed).",
+            registry=self.registry,
+        )
+        lag.set_function(flush_stats.lag_seconds)
+
+    def observe(self, outcome: BatchOutcome, seconds: float) -> None:
+        for result in outcome.results:
+            self.events.labels(result.status.value, "" if result.error is None else result.error.value).inc()
+        self.ack_latency.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,44 @@
+"""Run the ingest API under uvicorn. Recovery happens in the app's lifespan, before the port takes traffic;
+SIGTERM and Ctrl-C stop accepting, finish requests in flight, and flush the WAL into the lake."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from ingest.app import create_app
+from ingest.server import IngestServer
+from ingest.service import Limits
+
+__all__ = ["serve"]
+
+
+def serve(
+    data_dir: Path,
+    admin_token: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8700,
+    limits: Limits | None = None,
+    flush_interval: float = 1.0,
+) -> None:
+    try:
+        server = IngestServer(data_dir, admin_token, limits=limits, flush_interval=flush_interval)
+    except ValueError as exc:
+        from store.errors import CustodyError
+
+        raise CustodyError(str(exc)) from exc
+    app = create_app(server)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        limit_concurrency=256,
+    )
+    logging.getLogger(__name__).info("custody ingest on http://%s:%d, data in %s", host, port, data_dir)
+    uvicorn.Server(config).run()

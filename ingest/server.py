@@ -1,0 +1,52 @@
+"""One ingest server over one data dir: the store recovered, the key ring loaded, the registry started."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from ingest.admin import Registry, ServerKey
+from ingest.auth import AdminToken
+from ingest.keys import KeyRing
+from ingest.metrics import IngestMetrics
+from ingest.service import IngestService, Limits
+from store.engine import Store
+
+__all__ = ["IngestServer"]
+
+log = logging.getLogger(__name__)
+
+
+class IngestServer:
+    def __init__(
+        self,
+        data_dir: Path,
+        admin_token: str,
+        *,
+        limits: Limits | None = None,
+        flush_interval: float = 1.0,
+    ) -> None:
+        self.data_dir = data_dir
+        self.admin = AdminToken(admin_token)
+        self.limits = limits or Limits()
+        self.store = Store(data_dir, flush_interval=flush_interval)
+        self.keys = KeyRing()
+        self.metrics = IngestMetrics(self.store.flush_stats)
+        self.ready = False
+        self.service: IngestService
+        self.registry: Registry
+
+    def open(self, progress: Callable[[str], None] = log.info) -> None:
+        """Recover (rebuild state if needed, replay the WAL into the lake), then start flushing."""
+        self.store.open(progress)
+        server_key, created = ServerKey.load_or_create(self.store.state_dir / "server_key.pem")
+        self.service = IngestService(self.store, self.keys, self.limits)
+        self.registry = Registry(self.service, self.keys, server_key)
+        self.registry.start(created)
+        self.store.start_flusher()
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        self.store.close()

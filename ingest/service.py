@@ -1,0 +1,189 @@
+"""The ingest service: a batch of JWS events in, one result per event out, accepted events durable first.
+
+``IngestService.ingest`` runs the stateless checks (``checks.check_event``), then, holding the locks of the
+emitters in the batch (in sorted order, so two batches never deadlock), checks each event against its emitter's
+chain, appends the accepted ones to the write-ahead log with one fsync, and only then advances the heads. If the
+append fails, the request fails with StorageUnavailable and nothing in it is acknowledged or remembered.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ingest.checks import Rejected, Verified, check_event
+from ingest.codes import ErrorCode, Status
+from ingest.keys import KeyRing
+from store.engine import Store
+from store.state import Head
+from store.wal import WalRecord
+
+__all__ = ["BatchOutcome", "EventResult", "IngestService", "Limits"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_events: int = 1000
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_event_bytes: int = 64 * 1024
+    max_clock_skew: timedelta = timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    event_id: str | None
+    status: Status
+    error: ErrorCode | None = None
+    detail: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "status": self.status.value,
+            "error": None if self.error is None else self.error.value,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class BatchOutcome:
+    results: list[EventResult]
+    heads: dict[str, Head] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> bool:
+        return any(result.status is Status.REJECTED for result in self.results)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "errors": self.errors,
+            "results": [result.as_json() for result in self.results],
+            "heads": {emitter: head.as_json() for emitter, head in sorted(self.heads.items())},
+        }
+
+
+class IngestService:
+    def __init__(self, store: Store, keys: KeyRing, limits: Limits) -> None:
+        self.store = store
+        self.keys = keys
+        self.limits = limits
+        self._heads: dict[str, Head] = store.state.heads()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def head(self, emitter: str) -> Head:
+        return self._heads.get(emitter, Head())
+
+    def set_head(self, emitter: str, head: Head) -> None:
+        """Advance a head after a durable append made outside ``ingest`` (the server's own stream)."""
+        self._heads[emitter] = head
+
+    def emitter_lock(self, emitter: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(emitter, threading.Lock())
+
+    def ingest(self, tokens: Sequence[object], *, now: datetime | None = None) -> BatchOutcome:
+        now = now or datetime.now(UTC)
+        checked = [
+            check_event(
+                token,
+                self.keys,
+                now=now,
+                max_event_bytes=self.limits.max_event_bytes,
+                max_skew=self.limits.max_clock_skew,
+            )
+            for token in tokens
+        ]
+        emitters = sorted({item.emitter for item in checked if item.emitter is not None})
+        with ExitStack() as stack:
+            for emitter in emitters:
+                stack.enter_context(self.emitter_lock(emitter))
+            results, accepted, heads = self._chain(checked)
+            received_at_us = time.time_ns() // 1000
+            self.store.append(
+                [
+                    WalRecord(item.emitter, item.seq, item.event_hash, received_at_us, item.kid, item.jws)
+                    for item in accepted
+                ]
+            )
+            self._heads.update(heads)
+        return BatchOutcome(results, {emitter: self.head(emitter) for emitter in emitters})
+
+    def _chain(self, checked: list[Verified | Rejected]) -> tuple[list[EventResult], list[Verified], dict[str, Head]]:
+        """Decide each verified event against its emitter's head; no state changes here."""
+        verified = [item for item in checked if isinstance(item, Verified)]
+        stored = self.store.find_event_ids([item.event_id for item in verified])
+        heads: dict[str, Head] = {}
+        in_batch: dict[str, Verified] = {}
+        poisoned: set[str] = set()
+        accepted: list[Verified] = []
+        results: list[EventResult] = []
+        for item in checked:
+            if isinstance(item, Rejected):
+                if item.emitter is not None:
+                    poisoned.add(item.emitter)
+                results.append(EventResult(item.event_id, Status.REJECTED, item.code, item.detail))
+                continue
+            if item.emitter in poisoned:
+                results.append(
+                    EventResult(
+                        item.event_id,
+                        Status.REJECTED,
+                        ErrorCode.AFTER_REJECTED,
+                        f"an earlier event of {item.emitter} in this request was rejected; resend from seq {item.seq}",
+                    )
+                )
+                continue
+            head = heads.get(item.emitter) or self.head(item.emitter)
+            result = self._decide(item, head, stored, in_batch)
+            results.append(result)
+            if result.status is Status.REJECTED:
+                poisoned.add(item.emitter)
+            elif result.status is Status.ACCEPTED:
+                accepted.append(item)
+                in_batch[item.event_id] = item
+                heads[item.emitter] = Head(item.seq, item.event_hash)
+        return results, accepted, heads
+
+    def _decide(self, item: Verified, head: Head, stored: dict[str, Any], in_batch: dict[str, Verified]) -> EventResult:
+        known = in_batch.get(item.event_id) or stored.get(item.event_id)
+        if known is not None:
+            if known.event_hash == item.event_hash:
+                return EventResult(item.event_id, Status.DUPLICATE)
+            return _reject(
+                item,
+                ErrorCode.EVENT_ID_CONFLICT,
+                f"event_id {item.event_id} is already stored as {known.emitter} seq {known.seq} with hash"
+                f" {known.event_hash}; this event hashes to {item.event_hash}",
+            )
+        if item.seq <= head.seq:
+            stored_hash = self.store.hashes_at(item.emitter, [item.seq]).get(item.seq, "?")
+            return _reject(
+                item,
+                ErrorCode.CHAIN_CONFLICT,
+                f"seq {item.seq} of {item.emitter} is already stored with hash {stored_hash};"
+                f" this event hashes to {item.event_hash} (head is seq {head.seq})",
+            )
+        if item.seq > head.seq + 1:
+            return _reject(
+                item,
+                ErrorCode.CHAIN_GAP,
+                f"seq {item.seq} of {item.emitter} leaves a gap: head is seq {head.seq}, expected seq {head.seq + 1}",
+            )
+        if item.prev_hash != head.event_hash:
+            return _reject(
+                item,
+                ErrorCode.CHAIN_CONFLICT,
+                f"prev_hash of {item.emitter} seq {item.seq} does not link to the head: expected {head.event_hash},"
+                f" got {item.prev_hash}",
+            )
+        return EventResult(item.event_id, Status.ACCEPTED)
+
+
+def _reject(item: Verified, code: ErrorCode, detail: str) -> EventResult:
+    return EventResult(item.event_id, Status.REJECTED, code, detail)

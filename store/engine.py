@@ -1,0 +1,240 @@
+"""The store as one object: write-ahead log + Parquet lake + derived state, with recovery and a background flusher.
+
+Layout of a data dir::
+
+    <data-dir>/custody.lock           held (flock) by the one process that owns this data dir
+    <data-dir>/wal/<n>.wal            write-ahead log segments not yet in the lake
+    <data-dir>/lake/events/tenant=*/date=*/seg-<n>.parquet
+    <data-dir>/state/state.sqlite     derived: event-id index, chain heads, emitter registry
+    <data-dir>/state/server_key.pem   the server's Ed25519 key (created on first start, mode 0600)
+
+``open`` recovers before anything else: it removes unfinished ``.tmp`` files, rebuilds the derived state if it is
+missing, replays every WAL segment into the state and the lake, and only then starts the flusher.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from store.errors import CustodyError, StorageUnavailable
+from store.lake import Lake, decode_payload
+from store.state import IndexEntry, StateDB
+from store.wal import WalRecord, WriteAheadLog
+
+__all__ = ["SERVER_EMITTER", "SYSTEM_TENANT", "FlushStats", "Store"]
+
+log = logging.getLogger(__name__)
+
+SERVER_EMITTER = "custody.server"
+SYSTEM_TENANT = "_system"
+
+
+@dataclass
+class FlushStats:
+    """What the flusher has not yet written, for /metrics."""
+
+    unflushed_events: int = 0
+    oldest_unflushed_at: float | None = None
+    last_error: str | None = None
+    segments_flushed: int = 0
+
+    def lag_seconds(self) -> float:
+        return 0.0 if self.oldest_unflushed_at is None else time.monotonic() - self.oldest_unflushed_at
+
+
+class Store:
+    def __init__(self, data_dir: Path, *, flush_interval: float = 1.0) -> None:
+        self.data_dir = data_dir
+        self.flush_interval = flush_interval
+        self.lake = Lake(data_dir / "lake")
+        self.state_dir = data_dir / "state"
+        self.flush_stats = FlushStats()
+        self._lock_fd: int | None = None
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._pending: list[tuple[int, int, float]] = []  # (segment, events, monotonic time of first append)
+        self._pending_lock = threading.Lock()
+        self._deferred_lock = threading.Lock()
+        self._deferred_entries: list[IndexEntry] = []
+        self._deferred_admin: list[tuple[dict[str, Any], str]] = []
+        self.state: StateDB
+        self.wal: WriteAheadLog
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    def open(self, progress: Callable[[str], None] = log.info) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(exist_ok=True)
+        self._take_lock()
+        self.lake.remove_temporary_files()
+        self.state = StateDB(self.state_dir / "state.sqlite")
+        if not self.state.complete:
+            self._rebuild_state(progress)
+        self.wal = WriteAheadLog(self.data_dir / "wal", first_segment=self.lake.highest_segment() + 1)
+        self._replay(progress)
+
+    def start_flusher(self) -> None:
+        self._flusher = threading.Thread(target=self._flush_loop, name="custody-flusher", daemon=True)
+        self._flusher.start()
+
+    def close(self) -> None:
+        """Stop the flusher and write everything acknowledged to the lake (SIGTERM path)."""
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join()
+        try:
+            self.flush()
+        except CustodyError as exc:
+            log.error("final flush failed, events stay in the write-ahead log: %s", exc)
+        self.wal.close()
+        self.state.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.data_dir / "custody.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise CustodyError(f"{self.data_dir} is in use by another custody process") from exc
+        self._lock_fd = fd
+
+    # -- recovery ---------------------------------------------------------------------------------------------
+
+    def _rebuild_state(self, progress: Callable[[str], None]) -> None:
+        files = self.lake.files()
+        progress(f"building the event index from {len(files)} Parquet files")
+        self.state.reset()
+        admin: list[tuple[int, dict[str, Any], str]] = []
+        for number, path in enumerate(files, 1):
+            table = pq.read_table(path, columns=["event_id", "emitter", "seq", "event_hash", "occurred_at", "jws"])
+            columns = table.to_pydict()
+            entries = [
+                IndexEntry(event_id, emitter, seq, digest)
+                for event_id, emitter, seq, digest in zip(
+                    columns["event_id"], columns["emitter"], columns["seq"], columns["event_hash"], strict=True
+                )
+            ]
+            for emitter, seq, jws in zip(columns["emitter"], columns["seq"], columns["jws"], strict=True):
+                if emitter == SERVER_EMITTER:
+                    payload = decode_payload(jws)
+                    admin.append((seq, payload["admin"], payload["occurred_at"]))
+            self.state.record_events(entries)
+            if number % 100 == 0:
+                progress(f"indexed {number}/{len(files)} files")
+        admin.sort(key=lambda item: item[0])
+        self.state.record_events([], [(change, occurred_at) for _, change, occurred_at in admin])
+        self.state.mark_complete()
+
+    def _replay(self, progress: Callable[[str], None]) -> None:
+        segments = self.wal.segments()
+        if segments:
+            progress(f"replaying {len(segments)} write-ahead log segments")
+        for segment in segments:
+            records = self.wal.read_segment(segment, repair=True)
+            self._index(records)
+            written = self.lake.write_segment(segment, records)
+            self.wal.remove(segment)
+            progress(f"segment {segment}: {len(records)} events in the log, {written} written to the lake")
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def append(self, records: Sequence[WalRecord]) -> None:
+        """Make records durable (one fsync), then index them. Raises StorageUnavailable; then nothing is indexed."""
+        if not records:
+            return
+        segment = self.wal.append(records)
+        self._index(records)
+        with self._pending_lock:
+            if self._pending and self._pending[-1][0] == segment:
+                number, count, since = self._pending[-1]
+                self._pending[-1] = (number, count + len(records), since)
+            else:
+                self._pending.append((segment, len(records), time.monotonic()))
+            self._update_stats()
+
+    def _index(self, records: Sequence[WalRecord]) -> None:
+        """Index durable records. If SQLite fails (its disk is full too), keep them in memory and retry later:
+        they are acknowledged all the same, because the WAL has them."""
+        entries = []
+        admin = []
+        for record in records:
+            payload = decode_payload(record.jws)
+            entries.append(IndexEntry(payload["event_id"], record.emitter, record.seq, record.event_hash))
+            if record.emitter == SERVER_EMITTER:
+                admin.append((payload["admin"], payload["occurred_at"]))
+        with self._deferred_lock:
+            entries = self._deferred_entries + entries
+            admin = self._deferred_admin + admin
+            try:
+                self.state.record_events(entries, admin)
+            except sqlite3.Error as exc:
+                log.error("event index write failed, %d entries kept in memory until it works: %s", len(entries), exc)
+                self._deferred_entries, self._deferred_admin = entries, admin
+                return
+            self._deferred_entries, self._deferred_admin = [], []
+
+    def find_event_ids(self, event_ids: Sequence[str]) -> dict[str, IndexEntry]:
+        found = self.state.find_event_ids(event_ids)
+        if self._deferred_entries:
+            wanted = set(event_ids)
+            found.update({entry.event_id: entry for entry in self._deferred_entries if entry.event_id in wanted})
+        return found
+
+    def hashes_at(self, emitter: str, seqs: Sequence[int]) -> dict[int, str]:
+        found = self.state.hashes_at(emitter, seqs)
+        if self._deferred_entries:
+            wanted = set(seqs)
+            found.update(
+                {e.seq: e.event_hash for e in self._deferred_entries if e.emitter == emitter and e.seq in wanted}
+            )
+        return found
+
+    # -- flushing ---------------------------------------------------------------------------------------------
+
+    def flush(self) -> int:
+        """Move every closed (and the active) WAL segment into the lake; return the events written."""
+        self.wal.rotate()
+        written = 0
+        for segment in self.wal.segments():
+            if segment >= self.wal.active_segment:
+                continue
+            records = self.wal.read_segment(segment)
+            try:
+                written += self.lake.write_segment(segment, records)
+                self.wal.remove(segment)
+            except OSError as exc:
+                self.flush_stats.last_error = f"segment {segment}: {exc}"
+                raise StorageUnavailable(f"cannot write segment {segment} to the lake: {exc.strerror}") from exc
+            with self._pending_lock:
+                self._pending = [item for item in self._pending if item[0] != segment]
+                self._update_stats()
+            self.flush_stats.segments_flushed += 1
+        self.flush_stats.last_error = None
+        return written
+
+    def _update_stats(self) -> None:
+        self.flush_stats.unflushed_events = sum(count for _, count, _ in self._pending)
+        self.flush_stats.oldest_unflushed_at = min((since for _, _, since in self._pending), default=None)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.flush_interval):
+            try:
+                self.flush()
+            except CustodyError as exc:
+                log.error("flush failed, will retry: %s", exc)
+            except Exception:  # the flusher must outlive any one bad segment
+                log.exception("flush failed, will retry")

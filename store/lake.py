@@ -1,0 +1,123 @@
+"""The Parquet lake: ``<data-dir>/lake/events/tenant=<t>/date=<YYYY-MM-DD>/seg-<n>.parquet``.
+
+Each write-ahead-log segment becomes one file per partition it touches, named after the segment, so flushing the
+same segment twice (a crash between writing Parquet and deleting the segment) rewrites nothing: a file that exists
+is whole, because it only appears through an atomic rename after its bytes were fsync'd. Readers glob
+``**/*.parquet`` and never see the ``.tmp`` files being written.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store.schema import EVENT_SCHEMA, event_row, partition_of
+from store.wal import WalRecord, fsync_directory
+
+__all__ = ["Lake", "decode_payload", "rows_from_records"]
+
+log = logging.getLogger(__name__)
+
+_SEGMENT_FILE = re.compile(r"^seg-(\d{12})\.parquet$")
+
+
+def decode_payload(jws: str) -> dict[str, Any]:
+    """The JSON payload of a compact JWS (no verification: the caller trusts or re-verifies it)."""
+    payload_b64 = jws.split(".")[1]
+    payload: dict[str, Any] = orjson.loads(base64.urlsafe_b64decode(payload_b64 + "=" * (-len(payload_b64) % 4)))
+    return payload
+
+
+def rows_from_records(records: Iterable[WalRecord]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(tenant, date, row) for each record, the row recomputed from the record's signed payload."""
+    for record in records:
+        payload = decode_payload(record.jws)
+        tenant, day = partition_of(payload)
+        received_at = datetime.fromtimestamp(record.received_at_us / 1_000_000, tz=UTC)
+        row = event_row(payload, jws=record.jws, kid=record.kid, event_hash=record.event_hash, received_at=received_at)
+        yield tenant, day.isoformat(), row
+
+
+class Lake:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.events_dir = root / "events"
+        self.events_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def glob(self) -> str:
+        """The pattern to hand to ``read_parquet(..., hive_partitioning=true)``."""
+        return str(self.events_dir / "**" / "*.parquet")
+
+    def write_segment(self, segment: int, records: list[WalRecord]) -> int:
+        """Write a WAL segment's records as Parquet, one file per partition; return the rows newly written."""
+        by_partition: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        seen: set[tuple[str, int]] = set()
+        for tenant, day, row in rows_from_records(records):
+            key = (row["emitter"], row["seq"])
+            if key in seen:
+                continue
+            seen.add(key)
+            by_partition[(tenant, day)].append(row)
+        written = 0
+        for (tenant, day), rows in sorted(by_partition.items()):
+            directory = self.events_dir / f"tenant={tenant}" / f"date={day}"
+            final = directory / f"seg-{segment:012d}.parquet"
+            if final.exists():
+                continue
+            rows.sort(key=lambda row: (row["emitter"], row["seq"]))
+            self._write_atomic(directory, final, pa.Table.from_pylist(rows, schema=EVENT_SCHEMA))
+            written += len(rows)
+        return written
+
+    def _write_atomic(self, directory: Path, final: Path, table: pa.Table) -> None:
+        created = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = directory / f".{final.name}.tmp"
+        try:
+            pq.write_table(table, temporary, compression="zstd", row_group_size=128 * 1024)
+            fd = os.open(temporary, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, final)
+            fsync_directory(directory)
+            if created:
+                fsync_directory(directory.parent)
+                fsync_directory(directory.parent.parent)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def highest_segment(self) -> int:
+        """The highest segment number that has a file in the lake (0 if none)."""
+        highest = 0
+        for path in self.events_dir.glob("tenant=*/date=*/seg-*.parquet"):
+            match = _SEGMENT_FILE.match(path.name)
+            if match:
+                highest = max(highest, int(match.group(1)))
+        return highest
+
+    def remove_temporary_files(self) -> int:
+        removed = 0
+        for path in self.events_dir.glob("tenant=*/date=*/.*.tmp"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("removed %d unfinished Parquet files from an earlier run", removed)
+        return removed
+
+    def files(self) -> list[Path]:
+        return sorted(self.events_dir.glob("tenant=*/date=*/*.parquet"))

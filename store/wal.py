@@ -1,0 +1,203 @@
+"""Write-ahead log: the durable record of every acknowledged event until it is in the Parquet lake.
+
+A log is a directory of numbered segment files. Each ``append`` writes one batch of framed records and fsyncs once
+(group commit: one fsync per request, not per event); only then may the caller acknowledge the batch. The flusher
+``rotate``s the active segment, turns closed segments into Parquet, then ``remove``s them.
+
+Frame: ``<u32 length><u32 crc32(body)><body>``, body = orjson ``[emitter, seq, event_hash, received_at_us, kid,
+jws]``. A torn frame at the end of a segment (a crash mid-write, never acknowledged) is cut off on recovery; a bad
+frame followed by more data is corruption, and the segment is moved to ``quarantine/`` rather than trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from store.errors import StorageUnavailable
+
+__all__ = ["WalRecord", "WriteAheadLog", "fsync_directory"]
+
+log = logging.getLogger(__name__)
+
+_FRAME = struct.Struct("<II")
+_SUFFIX = ".wal"
+
+
+@dataclass(frozen=True, slots=True)
+class WalRecord:
+    emitter: str
+    seq: int
+    event_hash: str
+    received_at_us: int
+    kid: str
+    jws: str
+
+    def encode(self) -> bytes:
+        body = orjson.dumps([self.emitter, self.seq, self.event_hash, self.received_at_us, self.kid, self.jws])
+        return _FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WriteAheadLog:
+    """Segmented append-only log; thread-safe. Segment numbers never repeat (see ``first_segment``)."""
+
+    def __init__(self, directory: Path, *, first_segment: int = 1) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        existing = self.segments()
+        self._lock = threading.Lock()
+        self._active = max([first_segment - 1, *existing]) + 1
+        self._fd: int | None = None
+        self._size = 0
+        self._count = 0
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def segments(self) -> list[int]:
+        """Numbers of the segment files on disk, oldest first."""
+        return sorted(int(path.stem) for path in self.directory.glob(f"*{_SUFFIX}") if path.stem.isdigit())
+
+    def read_segment(self, number: int, *, repair: bool = False) -> list[WalRecord]:
+        """Every whole record of a segment. With ``repair``, a torn tail is truncated away on disk."""
+        path = self._path(number)
+        data = path.read_bytes()
+        records: list[WalRecord] = []
+        offset = 0
+        while offset < len(data):
+            if offset + _FRAME.size > len(data):
+                break
+            length, crc = _FRAME.unpack_from(data, offset)
+            body = data[offset + _FRAME.size : offset + _FRAME.size + length]
+            if len(body) < length or zlib.crc32(body) != crc:
+                break
+            emitter, seq, event_hash, received_at_us, kid, jws = orjson.loads(body)
+            records.append(WalRecord(emitter, seq, event_hash, received_at_us, kid, jws))
+            offset += _FRAME.size + length
+        if offset < len(data):
+            self._handle_bad_tail(path, data, offset, repair=repair)
+        return records
+
+    def _handle_bad_tail(self, path: Path, data: bytes, offset: int, *, repair: bool) -> None:
+        tail = len(data) - offset
+        if not repair:
+            return
+        if _looks_torn(data, offset):
+            log.warning("wal %s: cutting a torn record of %d bytes at offset %d (never acknowledged)", path, tail, offset)
+            with path.open("r+b") as handle:
+                handle.truncate(offset)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return
+        quarantine = self.directory / "quarantine"
+        quarantine.mkdir(exist_ok=True)
+        copy = quarantine / path.name
+        copy.write_bytes(data)
+        log.error(
+            "wal %s: bad record at offset %d followed by %d more bytes; original kept at %s, using the %d good bytes",
+            path, offset, tail, copy, offset,
+        )
+        with path.open("r+b") as handle:
+            handle.truncate(offset)
+            os.fsync(handle.fileno())
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def append(self, records: Iterable[WalRecord]) -> int:
+        """Write records and fsync once; return the segment they are in. Raises StorageUnavailable."""
+        frames = b"".join(record.encode() for record in records)
+        with self._lock:
+            try:
+                fd = self._open_active()
+            except OSError as exc:
+                raise StorageUnavailable(f"cannot open write-ahead log segment: {exc.strerror}") from exc
+            start = self._size
+            try:
+                view = memoryview(frames)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError as exc:
+                self._abandon_tail(fd, start)
+                raise StorageUnavailable(f"cannot persist to the write-ahead log: {exc.strerror}") from exc
+            self._size = start + len(frames)
+            self._count += 1
+            return self._active
+
+    def _open_active(self) -> int:
+        if self._fd is None:
+            path = self._path(self._active)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.fsync(fd)
+                fsync_directory(self.directory)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
+            self._size = os.fstat(fd).st_size
+            self._count = 0
+        return self._fd
+
+    def _abandon_tail(self, fd: int, start: int) -> None:
+        """After a failed write, cut the file back so nothing unacknowledged can resurface, and start afresh."""
+        try:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+        except OSError as exc:
+            log.error("wal segment %d: could not cut back to %d bytes after a failed write: %s", self._active, start, exc)
+        os.close(fd)
+        self._fd = None
+        self._active += 1
+
+    def rotate(self) -> int | None:
+        """Close the active segment if it holds records; return its number (ready to flush) or None."""
+        with self._lock:
+            if self._fd is None or self._size == 0:
+                return None
+            os.close(self._fd)
+            closed = self._active
+            self._fd = None
+            self._active += 1
+            return closed
+
+    @property
+    def active_segment(self) -> int:
+        return self._active
+
+    def remove(self, number: int) -> None:
+        self._path(number).unlink(missing_ok=True)
+        fsync_directory(self.directory)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _path(self, number: int) -> Path:
+        return self.directory / f"{number:012d}{_SUFFIX}"
+
+
+def _looks_torn(data: bytes, offset: int) -> bool:
+    """A torn write leaves one incomplete frame at the very end; anything after a complete bad frame is not torn."""
+    if offset + _FRAME.size > len(data):
+        return True
+    length, _ = _FRAME.unpack_from(data, offset)
+    return offset + _FRAME.size + length > len(data)
