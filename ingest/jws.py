@@ -9,7 +9,9 @@ cryptography (JWK import, the raw <-> DER conversion of ECDSA signatures).
 
 from __future__ import annotations
 
+import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey, EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
-from jwt.utils import base64url_decode, base64url_encode
+from jwt.utils import base64url_encode
 
 __all__ = [
     "ALG_FOR_KTY",
@@ -36,6 +38,7 @@ PrivateKey = Ed25519PrivateKey | EllipticCurvePrivateKey
 ALG_FOR_KTY = {"OKP": "EdDSA", "EC": "ES256"}
 _SUPPORTED_ALGS = frozenset(ALG_FOR_KTY.values())
 _MAX_COMPACT_LENGTH = 128 * 1024
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 _ED25519 = OKPAlgorithm()
 _ES256 = ECAlgorithm(ECAlgorithm.SHA256)
 
@@ -118,9 +121,9 @@ def sign_compact(payload: bytes, key: PrivateKey, kid: str) -> str:
 
 
 def _b64decode(part: str, name: str) -> bytes:
-    if "=" in part or "+" in part or "/" in part:
+    if not _BASE64URL.fullmatch(part) or len(part) % 4 == 1:
         raise JwsError("malformed_jws", f"{name} is not unpadded base64url")
     try:
-        return base64url_decode(part)
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError) as exc:
         raise JwsError("malformed_jws", f"{name} is not valid base64url: {exc}") from exc

@@ -1,0 +1,165 @@
+"""Shared fixtures: in-process apps over tmp_path data dirs, and real `custody serve` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from ingest.app import create_app
+from ingest.jws import PrivateKey
+from ingest.sdk import Emitter, generate_key, public_jwk, rfc3339
+from ingest.server import IngestServer
+from ingest.service import Limits
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def invocation(**overrides: Any) -> dict[str, Any]:
+    """The fields of a valid tool.invocation (without the ones the SDK fills in)."""
+    fields: dict[str, Any] = {
+        "type": "tool.invocation",
+        "delegation": {"sub": "alice@acme.example", "act": {"sub": "triage-agent", "act": {"sub": "support-agent"}}},
+        "credential": {
+            "id": "tok-1",
+            "kind": "agent_token",
+            "client_id": "triage-agent",
+            "scopes": ["tickets:read"],
+            "expires_at": "2030-01-01T00:00:00Z",
+        },
+        "tool": {"name": "read_ticket", "server": "helpdesk-mcp"},
+        "resource": {"type": "ticket", "id": "T-1", "tenant": "acme"},
+        "decision": {"result": "allow", "required_scope": "tickets:read", "policy": "p1", "reason": None},
+        "outcome": "success",
+        "trace_id": "trace-1",
+        "attrs": {"region": "eu", "attempt": 1, "cached": False},
+    }
+    fields.update(overrides)
+    return fields
+
+
+class Harness:
+    """An in-process ingest server with helpers to register emitters and sign events."""
+
+    def __init__(self, client: TestClient, server: IngestServer, data_dir: Path) -> None:
+        self.client = client
+        self.server = server
+        self.data_dir = data_dir
+
+    def register(self, emitter_id: str, tenant: str = "acme", alg: str = "EdDSA") -> tuple[PrivateKey, str]:
+        key = generate_key(alg)
+        kid = f"{emitter_id}-k{uuid.uuid4().hex[:6]}"
+        response = self.client.put(
+            f"/v1/emitters/{emitter_id}",
+            json={"tenant": tenant, "kind": "gateway", "keys": [public_jwk(key, kid)]},
+            headers=ADMIN,
+        )
+        assert response.status_code == 200, response.text
+        return key, kid
+
+    def emitter(self, emitter_id: str, tenant: str = "acme", alg: str = "EdDSA", **kwargs: Any) -> Emitter:
+        key, kid = self.register(emitter_id, tenant, alg)
+        return Emitter("http://testserver", emitter_id, tenant, key, kid, client=self.client, **kwargs)
+
+    def post(self, tokens: list[Any]) -> dict[str, Any]:
+        response = self.client.post("/v1/events", json={"events": tokens})
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def flush(self) -> None:
+        self.server.store.flush()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    server = IngestServer(tmp_path / "data", ADMIN_TOKEN, limits=Limits(max_events=50), flush_interval=3600)
+    with TestClient(create_app(server)) as client:
+        yield Harness(client, server, tmp_path / "data")
+
+
+def now_rfc3339() -> str:
+    return rfc3339(datetime.now(UTC))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """A real `custody serve` process on 127.0.0.1."""
+
+    def __init__(self, data_dir: Path, log_path: Path, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.extra = extra
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        env = {**os.environ, "CUSTODY_ADMIN_TOKEN": ADMIN_TOKEN}
+        command = [sys.executable, "-m", "custody.cli", "serve", "--data-dir", str(self.data_dir),
+                   "--port", str(self.port), "--flush-interval", "0.2", *self.extra]
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited {self.process.returncode}: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server not healthy in {timeout} s: {self.log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+        return self.process.returncode
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    process = ServerProcess(tmp_path / "data", tmp_path / "server.log")
+    yield process
+    if process.process is not None and process.process.poll() is None:
+        process.kill()
+
+
+def read_lake(data_dir: Path, columns: str = "*") -> list[tuple[Any, ...]]:
+    """Rows of the lake through plain DuckDB, as a reader outside Custody would do it."""
+    import duckdb
+
+    files = list((data_dir / "lake" / "events").glob("**/*.parquet"))
+    if not files:
+        return []
+    pattern = str(data_dir / "lake" / "events" / "**" / "*.parquet")
+    query = f"SELECT {columns} FROM read_parquet(?, hive_partitioning = true) ORDER BY emitter, seq"  # noqa: S608
+    return duckdb.execute(query, [pattern]).fetchall()
