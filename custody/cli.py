@@ -66,12 +66,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ingest.runner import serve
-    from ingest.service import Limits
-
     token = os.environ.get("CUSTODY_ADMIN_TOKEN")
     if not token:
         raise CustodyError("CUSTODY_ADMIN_TOKEN is not set: the server has no default admin token and will not start")
+    from ingest.runner import serve
+    from ingest.service import Limits
+
     limits = Limits(max_events=args.max_events, max_body_bytes=args.max_body_bytes)
     serve(args.data_dir, token, host=args.host, port=args.port, limits=limits, flush_interval=args.flush_interval)
     return 0

@@ -119,8 +119,8 @@ class ServerProcess:
         env = {**os.environ, "CUSTODY_ADMIN_TOKEN": ADMIN_TOKEN}
         command = [sys.executable, "-m", "custody.cli", "serve", "--data-dir", str(self.data_dir),
                    "--port", str(self.port), "--flush-interval", "0.2", *self.extra]
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -1,0 +1,235 @@
+"""The real `custody serve` process: bulk ingest read back with DuckDB, kill -9 under load, full and read-only
+data dirs, SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from ingest.sdk import Emitter, generate_key, public_jwk
+from store.canonical import canonicalize, event_hash
+from tests.conftest import ADMIN, ServerProcess, invocation, read_lake
+from tests.signing import chain
+
+pytestmark = pytest.mark.slow
+
+
+def register(url: str, emitter: str, tenant: str = "acme"):
+    key = generate_key()
+    kid = f"{emitter}-k1"
+    response = httpx.put(f"{url}/v1/emitters/{emitter}", headers=ADMIN,
+                         json={"tenant": tenant, "kind": "gateway", "keys": [public_jwk(key, kid)]})
+    response.raise_for_status()
+    return key, kid
+
+
+def wait_for_lake(data_dir: Path, count: int, timeout: float = 10.0) -> list[tuple]:
+    deadline = time.monotonic() + timeout
+    rows: list[tuple] = []
+    while time.monotonic() < deadline:
+        rows = [row for row in read_lake(data_dir, "emitter, seq, event_id, event_hash, prev_hash, jws")
+                if row[0] != "custody.server"]
+        if len(rows) >= count:
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"{len(rows)} events in the lake after {timeout} s, expected {count}")
+
+
+def payload_of(jws: str) -> dict:
+    part = jws.split(".")[1]
+    return orjson.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def test_ten_thousand_events_from_five_interleaved_emitters(server_process: ServerProcess) -> None:
+    server = server_process.start()
+    emitters = []
+    for index in range(5):
+        key, kid = register(server.url, f"gw-{index}", tenant=("acme", "globex")[index % 2])
+        emitters.append(Emitter(server.url, f"gw-{index}", ("acme", "globex")[index % 2], key, kid, batch_size=400))
+    rng = random.Random(1)
+    sent: dict[str, str] = {}
+
+    def run(emitter: Emitter, count: int) -> None:
+        for _ in range(count):
+            fields = invocation(resource={"type": "ticket", "id": f"T-{rng.randrange(999)}", "tenant": emitter.tenant})
+            event = emitter.emit(**fields)
+            sent[event.event_id] = event.event_hash
+        emitter.flush()
+
+    threads = [threading.Thread(target=run, args=(emitter, 2000)) for emitter in emitters]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for emitter in emitters:
+        assert emitter.head[0] == 2000
+        emitter.close()
+
+    rows = wait_for_lake(server.data_dir, 10_000, timeout=5.0)  # queries see events within 5 s of the ack
+    assert len(rows) == 10_000
+    assert Counter(row[0] for row in rows) == {f"gw-{i}": 2000 for i in range(5)}
+    assert {row[2]: row[3] for row in rows} == sent
+    previous: dict[str, str] = {}
+    for emitter, seq, _, digest, prev_hash, jws in rows:
+        assert event_hash(canonicalize(payload_of(jws))) == digest
+        assert prev_hash == previous.get(emitter, "0" * 64), (emitter, seq)
+        previous[emitter] = digest
+    tenants = dict(read_lake(server.data_dir, "DISTINCT emitter, tenant"))
+    assert tenants["gw-1"] == "globex"
+    assert tenants["gw-2"] == "acme"
+    assert server.stop() == 0
+
+
+def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
+    server.start()
+    emitters = {f"gw-{i}": register(server.url, f"gw-{i}") for i in range(3)}
+    chains = {name: chain(name, 4000, key, kid)[0] for name, (key, kid) in emitters.items()}
+    acked: dict[str, set[int]] = {name: set() for name in emitters}
+    rng = random.Random(9)
+
+    def load(name: str, url: str, stop: threading.Event) -> None:
+        with httpx.Client(base_url=url, timeout=5) as client:
+            head = client.get(f"/v1/emitters/{name}/head", headers=ADMIN).json()["seq"]
+            position = head
+            while not stop.is_set() and position < len(chains[name]):
+                batch = chains[name][position : position + 40]
+                try:
+                    body = client.post("/v1/events", json={"events": batch}).json()
+                except (httpx.TransportError, ValueError):
+                    return
+                for offset, result in enumerate(body["results"]):
+                    assert result["status"] in ("accepted", "duplicate"), result
+                    acked[name].add(position + offset + 1)
+                position += len(batch)
+
+    for round_number in range(5):
+        stop = threading.Event()
+        threads = [threading.Thread(target=load, args=(name, server.url, stop)) for name in emitters]
+        for thread in threads:
+            thread.start()
+        time.sleep(rng.uniform(0.4, 1.2))
+        server.kill()
+        stop.set()
+        for thread in threads:
+            thread.join()
+        assert any(acked.values()), f"round {round_number}: nothing was acknowledged before the kill"
+        server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
+        server.start()
+        for name in emitters:
+            head = httpx.get(f"{server.url}/v1/emitters/{name}/head", headers=ADMIN).json()["seq"]
+            assert max(acked[name], default=0) <= head, f"round {round_number}: {name} lost acknowledged events"
+    assert server.stop() == 0
+    rows = [row for row in read_lake(server.data_dir, "emitter, seq, event_id") if row[0] != "custody.server"]
+    by_emitter: dict[str, list[int]] = {}
+    for emitter, seq, _ in rows:
+        by_emitter.setdefault(emitter, []).append(seq)
+    assert len({row[2] for row in rows}) == len(rows), "an event is in the lake twice"
+    for name, seqs in by_emitter.items():
+        assert seqs == list(range(1, len(seqs) + 1)), f"{name}: seqs not contiguous or repeated"
+        assert acked[name] <= set(seqs), f"{name}: acknowledged seqs missing from the lake"
+    assert sum(len(v) for v in acked.values()) > 500
+    assert not list((tmp_path / "data" / "wal").glob("*.wal")), "SIGTERM left events in the WAL"
+
+
+def _can_mount() -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    probe = Path("/tmp/custody-mount-probe")
+    probe.mkdir(exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(probe)], check=True)
+    return ok
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs root and mount(8) to make a full or read-only disk")
+
+
+@needs_mount
+def test_full_disk_gives_503_keeps_serving_and_resumes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(data)], check=True)
+    try:
+        server = ServerProcess(data, tmp_path / "server.log").start()
+        key, kid = register(server.url, "gw-1")
+        tokens, _ = chain("gw-1", 200, key, kid)
+        first = httpx.post(f"{server.url}/v1/events", json={"events": tokens[:50]}).json()
+        assert {r["status"] for r in first["results"]} == {"accepted"}
+        filler = data / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+        full = httpx.post(f"{server.url}/v1/events", json={"events": tokens[50:150]})
+        assert full.status_code == 503
+        error = full.json()["error"]
+        assert error["code"] == "storage_unavailable"
+        assert "No space left on device" in error["message"]
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        head = httpx.get(f"{server.url}/v1/emitters/gw-1/head", headers=ADMIN).json()
+        assert head["seq"] == 50, "a 503 request must acknowledge nothing"
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "custody_storage_failures_total 1.0" in metrics
+        filler.unlink()
+        resumed = httpx.post(f"{server.url}/v1/events", json={"events": tokens[50:150]}).json()
+        assert {r["status"] for r in resumed["results"]} == {"accepted"}
+        assert server.stop() == 0
+        assert [row[1] for row in read_lake(data, "emitter, seq") if row[0] == "gw-1"] == list(range(1, 151))
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+@needs_mount
+def test_read_only_wal_gives_503_and_resumes(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log").start()
+    key, kid = register(server.url, "gw-1")
+    tokens, _ = chain("gw-1", 30, key, kid)
+    assert httpx.post(f"{server.url}/v1/events", json={"events": tokens[:10]}).status_code == 200
+    time.sleep(0.6)  # the flusher closes the active segment; the next append opens a new file
+    wal = server.data_dir / "wal"
+    subprocess.run(["mount", "--bind", str(wal), str(wal)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(wal)], check=True)
+        response = httpx.post(f"{server.url}/v1/events", json={"events": tokens[10:20]})
+        assert response.status_code == 503
+        assert "Read-only file system" in response.json()["error"]["message"]
+        assert httpx.get(f"{server.url}/v1/emitters/gw-1/head", headers=ADMIN).json()["seq"] == 10
+    finally:
+        subprocess.run(["umount", str(wal)], check=True)
+    body = httpx.post(f"{server.url}/v1/events", json={"events": tokens[10:30]}).json()
+    assert {r["status"] for r in body["results"]} == {"accepted"}
+    assert server.stop() == 0
+    assert [row[1] for row in read_lake(server.data_dir, "emitter, seq") if row[0] == "gw-1"] == list(range(1, 31))
+
+
+def test_sigterm_flushes_and_a_second_server_cannot_share_the_data_dir(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", "--flush-interval", "3600").start()
+    key, kid = register(server.url, "gw-1")
+    tokens, _ = chain("gw-1", 25, key, kid)
+    httpx.post(f"{server.url}/v1/events", json={"events": tokens})
+    second = ServerProcess(tmp_path / "data", tmp_path / "second.log")
+    with pytest.raises(RuntimeError, match="in use by another custody process"):
+        second.start(timeout=30)
+    assert server.stop() == 0
+    assert len([row for row in read_lake(server.data_dir, "emitter") if row[0] == "gw-1"]) == 25
+
+
+def test_serve_refuses_to_start_without_an_admin_token(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "CUSTODY_ADMIN_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, "-m", "custody.cli", "serve", "--data-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert "CUSTODY_ADMIN_TOKEN is not set" in result.stderr
