@@ -93,8 +93,16 @@ class Registry:
                 raise CorruptState("the server stream exists but registers no server key")
             self._record(
                 "admin.server_key",
-                [{"action": "server_key", "emitter": SERVER_EMITTER, "tenant": SYSTEM_TENANT, "kind": "server",
-                  "kid": self.server_key.kid, "jwk": self.server_key.jwk}],
+                [
+                    {
+                        "action": "server_key",
+                        "emitter": SERVER_EMITTER,
+                        "tenant": SYSTEM_TENANT,
+                        "kind": "server",
+                        "kid": self.server_key.kid,
+                        "jwk": self.server_key.jwk,
+                    }
+                ],
             )
         elif self.server_key.kid not in server.kids:
             state = "was just created" if key_is_new else "is not the one the log registered"
@@ -129,8 +137,15 @@ class Registry:
             existing = emitters.get(emitter_id)
             changes: list[dict[str, Any]] = []
             if existing is None:
-                changes.append({"action": "emitter_registered", "emitter": emitter_id, "tenant": tenant,
-                                "kind": kind, "actor": actor})
+                changes.append(
+                    {
+                        "action": "emitter_registered",
+                        "emitter": emitter_id,
+                        "tenant": tenant,
+                        "kind": kind,
+                        "actor": actor,
+                    }
+                )
             elif (existing.tenant, existing.kind) != (tenant, kind):
                 raise Conflict(
                     f"emitter {emitter_id} is registered with tenant {existing.tenant!r} and kind {existing.kind!r};"
@@ -139,8 +154,9 @@ class Registry:
             for jwk in validated:
                 known = registered.get(jwk["kid"])
                 if known is None:
-                    changes.append({"action": "key_added", "emitter": emitter_id, "kid": jwk["kid"], "jwk": jwk,
-                                    "actor": actor})
+                    changes.append(
+                        {"action": "key_added", "emitter": emitter_id, "kid": jwk["kid"], "jwk": jwk, "actor": actor}
+                    )
                 elif known.emitter != emitter_id:
                     raise Conflict(f"kid {jwk['kid']!r} already belongs to emitter {known.emitter}")
                 elif public_jwk(known.jwk) != jwk:
@@ -217,8 +233,11 @@ class Registry:
             canonical = canonicalize(payload)
             digest = event_hash(canonical)
             jws = sign_compact(canonical, self.server_key.private_key, self.server_key.kid)
-            records.append(WalRecord(SERVER_EMITTER, head.seq + 1, digest, int(now.timestamp() * 1_000_000),
-                                     self.server_key.kid, jws))
+            records.append(
+                WalRecord(
+                    SERVER_EMITTER, head.seq + 1, digest, int(now.timestamp() * 1_000_000), self.server_key.kid, jws
+                )
+            )
             head = Head(head.seq + 1, digest)
         self.store.append(records)
         self.service.set_head(SERVER_EMITTER, head)
@@ -237,4 +256,3 @@ def _check_emitter_id(emitter_id: str) -> None:
 
 def _event_type(change: dict[str, Any]) -> str:
     return f"admin.{change['action']}"
-

@@ -115,7 +115,12 @@ class Event(_Strict):
     approval: Approval | None = None
     revoked_at: Timestamp | None = None
     reason: Text | None = None
-    attrs: Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], AttrValue], Field(max_length=256)] | None = None
+    attrs: (
+        Annotated[
+            dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], AttrValue], Field(max_length=256)
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _per_type_rules(self) -> Event:

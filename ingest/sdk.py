@@ -129,7 +129,9 @@ class Emitter:
             algorithm="EdDSA" if isinstance(self.key, Ed25519PrivateKey) else "ES256",
             headers={"kid": self.kid},
         )
-        response = self._request("GET", f"/v1/emitters/{self.emitter_id}/head", headers={"Authorization": f"Bearer {proof}"})
+        response = self._request(
+            "GET", f"/v1/emitters/{self.emitter_id}/head", headers={"Authorization": f"Bearer {proof}"}
+        )
         head = response.json()
         with self._state:
             if self._queue:
@@ -160,7 +162,9 @@ class Emitter:
         }
         canonical = canonicalize(payload)
         digest = event_hash(canonical)
-        signed = SignedEvent(payload["event_id"], self._seq + 1, digest, sign_compact(canonical, self.key, self.kid), fields)
+        signed = SignedEvent(
+            payload["event_id"], self._seq + 1, digest, sign_compact(canonical, self.key, self.kid), fields
+        )
         self._seq, self._hash = signed.seq, digest
         return signed
 
@@ -219,6 +223,3 @@ class Emitter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-

@@ -53,9 +53,8 @@ def run_demo(data_dir: Path, *, port: int, events: int, reset: bool, stay: bool)
         print(f"\nIngest API:  {url}   (OpenAPI: {url}/docs, metrics: {url}/metrics)")
         print(f"Admin token: {token}")
         print(f"Lake:        {data_dir / 'lake' / 'events'}")
-        print("Try:  .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"select tenant, agent, tool_name,"
-              f" decision_result, count(*) from read_parquet('{data_dir}/lake/events/**/*.parquet',"
-              " hive_partitioning=true) group by all order by 5 desc limit 10\\\"))\"")
+        print("Query it with DuckDB, e.g.:")
+        print(f'  .venv/bin/python -c "import duckdb; print(duckdb.sql(\\"{_example_query(data_dir)}\\"))"')
         if stay:
             print("\nServing until Ctrl-C.")
             server.wait()
@@ -68,10 +67,32 @@ def run_demo(data_dir: Path, *, port: int, events: int, reset: bool, stay: bool)
     return 0
 
 
+def _example_query(data_dir: Path) -> str:
+    source = f"read_parquet('{data_dir}/lake/events/**/*.parquet', hive_partitioning = true)"
+    return (
+        "SELECT tenant, agent, tool_name, decision_result, count(*) AS events"  # noqa: S608 (printed, not run)
+        f" FROM {source} GROUP BY ALL ORDER BY events DESC LIMIT 10"
+    )
+
+
+def _example_query(data_dir: Path) -> str:
+    source = f"read_parquet('{data_dir}/lake/events/**/*.parquet', hive_partitioning = true)"
+    return (
+        "SELECT tenant, agent, tool_name, decision_result, count(*) AS events"  # noqa: S608 (printed, never run)
+        f" FROM {source} GROUP BY ALL ORDER BY events DESC LIMIT 10"
+    )
+
+
 def _post_sample(url: str, token: str, data_dir: Path, count: int) -> None:
     keys_dir = data_dir / "demo-keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
     admin = {"Authorization": f"Bearer {token}"}
+    existing = httpx.get(f"{url}/v1/emitters", headers=admin)
+    existing.raise_for_status()
+    posted = sum(e["head"]["seq"] for e in existing.json() if e["emitter"] != "custody.server")
+    if posted:
+        print(f"the data dir already holds {posted} sample events; not posting them again")
+        return
     emitters = {}
     for gateway in GATEWAYS:
         key = generate_key()

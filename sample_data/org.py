@@ -59,25 +59,32 @@ def sample_events(count: int, *, seed: int = 7, end: datetime) -> Iterator[tuple
         granted = sorted(rng.sample(sorted({s for _, s, _ in TOOLS.values()}), 3))
         allowed = scope in granted
         occurred = start + timedelta(seconds=index * 86400 / max(count, 1))
-        yield gateway.emitter, {
-            "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-            "type": "tool.invocation",
-            "occurred_at": rfc3339(occurred),
-            "delegation": delegation,
-            "credential": {
-                "id": f"tok-{agent}-{rng.randrange(5)}",
-                "kind": "agent_token",
-                "client_id": agent,
-                "scopes": granted,
+        yield (
+            gateway.emitter,
+            {
+                "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "type": "tool.invocation",
+                "occurred_at": rfc3339(occurred),
+                "delegation": delegation,
+                "credential": {
+                    "id": f"tok-{agent}-{rng.randrange(5)}",
+                    "kind": "agent_token",
+                    "client_id": agent,
+                    "scopes": granted,
+                },
+                "tool": {"name": tool, "server": server},
+                "resource": {
+                    "type": resource_type,
+                    "id": f"{resource_type}-{rng.randrange(500)}",
+                    "tenant": gateway.tenant,
+                },
+                "decision": {
+                    "result": "allow" if allowed else "deny",
+                    "required_scope": scope,
+                    "policy": "default-deny",
+                    "reason": None if allowed else f"{scope} not granted",
+                },
+                "outcome": "success" if allowed else None,
+                "trace_id": f"trace-{index // 5}",
             },
-            "tool": {"name": tool, "server": server},
-            "resource": {"type": resource_type, "id": f"{resource_type}-{rng.randrange(500)}", "tenant": gateway.tenant},
-            "decision": {
-                "result": "allow" if allowed else "deny",
-                "required_scope": scope,
-                "policy": "default-deny",
-                "reason": None if allowed else f"{scope} not granted",
-            },
-            "outcome": "success" if allowed else None,
-            "trace_id": f"trace-{index // 5}",
-        }
+        )

@@ -83,9 +83,7 @@ def _check_string(text: str, path: str) -> None:
 
 def _utf16_ordered(value: Any) -> Any:
     if type(value) is dict:
-        return {
-            key: _utf16_ordered(value[key]) for key in sorted(value, key=lambda key: key.encode("utf-16-be"))
-        }
+        return {key: _utf16_ordered(value[key]) for key in sorted(value, key=lambda key: key.encode("utf-16-be"))}
     if type(value) is list:
         return [_utf16_ordered(item) for item in value]
     return value

@@ -200,7 +200,10 @@ class StateDB:
         kids: dict[str, list[str]] = {}
         for emitter, kid in kid_rows:
             kids.setdefault(emitter, []).append(kid)
-        return {row[0]: EmitterRecord(*row, kids=tuple(kids.get(row[0], ()))) for row in rows}
+        return {
+            emitter: EmitterRecord(emitter, tenant, kind, created_at, tuple(kids.get(emitter, ())))
+            for emitter, tenant, kind, created_at in rows
+        }
 
     def keys(self) -> dict[str, KeyRecord]:
         with self._lock:

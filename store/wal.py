@@ -98,7 +98,9 @@ class WriteAheadLog:
         if not repair:
             return
         if _looks_torn(data, offset):
-            log.warning("wal %s: cutting a torn record of %d bytes at offset %d (never acknowledged)", path, tail, offset)
+            log.warning(
+                "wal %s: cutting a torn record of %d bytes at offset %d (never acknowledged)", path, tail, offset
+            )
             with path.open("r+b") as handle:
                 handle.truncate(offset)
                 handle.flush()
@@ -110,7 +112,11 @@ class WriteAheadLog:
         copy.write_bytes(data)
         log.error(
             "wal %s: bad record at offset %d followed by %d more bytes; original kept at %s, using the %d good bytes",
-            path, offset, tail, copy, offset,
+            path,
+            offset,
+            tail,
+            copy,
+            offset,
         )
         with path.open("r+b") as handle:
             handle.truncate(offset)
@@ -161,7 +167,9 @@ class WriteAheadLog:
             os.ftruncate(fd, start)
             os.fsync(fd)
         except OSError as exc:
-            log.error("wal segment %d: could not cut back to %d bytes after a failed write: %s", self._active, start, exc)
+            log.error(
+                "wal segment %d: could not cut back to %d bytes after a failed write: %s", self._active, start, exc
+            )
         os.close(fd)
         self._fd = None
         self._active += 1
@@ -199,5 +207,5 @@ def _looks_torn(data: bytes, offset: int) -> bool:
     """A torn write leaves one incomplete frame at the very end; anything after a complete bad frame is not torn."""
     if offset + _FRAME.size > len(data):
         return True
-    length, _ = _FRAME.unpack_from(data, offset)
+    length: int = _FRAME.unpack_from(data, offset)[0]
     return offset + _FRAME.size + length > len(data)

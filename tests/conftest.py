@@ -117,8 +117,19 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         env = {**os.environ, "CUSTODY_ADMIN_TOKEN": ADMIN_TOKEN}
-        command = [sys.executable, "-m", "custody.cli", "serve", "--data-dir", str(self.data_dir),
-                   "--port", str(self.port), "--flush-interval", "0.2", *self.extra]
+        command = [
+            sys.executable,
+            "-m",
+            "custody.cli",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--port",
+            str(self.port),
+            "--flush-interval",
+            "0.2",
+            *self.extra,
+        ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + timeout
@@ -161,5 +172,5 @@ def read_lake(data_dir: Path, columns: str = "*") -> list[tuple[Any, ...]]:
     if not files:
         return []
     pattern = str(data_dir / "lake" / "events" / "**" / "*.parquet")
-    query = f"SELECT {columns} FROM read_parquet(?, hive_partitioning = true) ORDER BY emitter, seq"  # noqa: S608
+    query = f"SELECT {columns} FROM read_parquet(?, hive_partitioning = true) ORDER BY emitter, seq"
     return duckdb.execute(query, [pattern]).fetchall()

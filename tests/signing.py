@@ -20,7 +20,9 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def payload(emitter: str, seq: int = 1, prev_hash: str = ZERO_HASH, tenant: str = "acme", **fields: Any) -> dict[str, Any]:
+def payload(
+    emitter: str, seq: int = 1, prev_hash: str = ZERO_HASH, tenant: str = "acme", **fields: Any
+) -> dict[str, Any]:
     body = {
         "v": 1,
         "event_id": str(uuid.uuid4()),
@@ -53,8 +55,15 @@ def hash_of(body: dict[str, Any]) -> str:
     return event_hash(canonicalize(body))
 
 
-def chain(emitter: str, count: int, key: PrivateKey, kid: str, tenant: str = "acme", start: int = 1,
-          prev_hash: str = ZERO_HASH) -> tuple[list[str], list[dict[str, Any]]]:
+def chain(
+    emitter: str,
+    count: int,
+    key: PrivateKey,
+    kid: str,
+    tenant: str = "acme",
+    start: int = 1,
+    prev_hash: str = ZERO_HASH,
+) -> tuple[list[str], list[dict[str, Any]]]:
     """``count`` correctly chained events from seq ``start``."""
     tokens, bodies = [], []
     for seq in range(start, start + count):

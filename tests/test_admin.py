@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -62,10 +63,14 @@ def test_an_emitter_never_changes_tenant_or_kind(harness: Harness, body: dict, s
 
 def test_a_registered_key_is_never_replaced(harness: Harness) -> None:
     put(harness, "gw-1", {"tenant": "acme", "kind": "gateway", "keys": [public_jwk(generate_key(), "k1")]})
-    status, error = put(harness, "gw-1", {"tenant": "acme", "kind": "gateway", "keys": [public_jwk(generate_key(), "k1")]})
+    status, error = put(
+        harness, "gw-1", {"tenant": "acme", "kind": "gateway", "keys": [public_jwk(generate_key(), "k1")]}
+    )
     assert status == 409
     assert "keys are never replaced" in error["error"]["message"]
-    status, error = put(harness, "gw-2", {"tenant": "acme", "kind": "gateway", "keys": [public_jwk(generate_key(), "k1")]})
+    status, error = put(
+        harness, "gw-2", {"tenant": "acme", "kind": "gateway", "keys": [public_jwk(generate_key(), "k1")]}
+    )
     assert status == 409
     assert "already belongs to emitter gw-1" in error["error"]["message"]
     # The failed registration of gw-2 left no trace.
@@ -139,12 +144,15 @@ def test_admin_changes_are_a_signed_chained_stream_in_the_lake(harness: Harness)
     rows = read_lake(harness.data_dir, "emitter, seq, type, tenant, admin, prev_hash, event_hash")
     server_rows = [row for row in rows if row[0] == "custody.server"]
     assert [row[2] for row in server_rows] == [
-        "admin.server_key", "admin.emitter_registered", "admin.key_added", "admin.key_revoked",
+        "admin.server_key",
+        "admin.emitter_registered",
+        "admin.key_added",
+        "admin.key_revoked",
     ]
     assert {row[3] for row in server_rows} == {"_system"}
     assert '"reason":"rotated"' in server_rows[3][4]
     assert '"actor":"admin:' in server_rows[3][4]
-    for previous, row in zip(server_rows, server_rows[1:], strict=False):
+    for previous, row in itertools.pairwise(server_rows):
         assert row[5] == previous[6]
 
 
@@ -185,8 +193,11 @@ def test_registry_heads_and_keys_survive_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     key = generate_key()
     with TestClient(create_app(IngestServer(data, ADMIN_TOKEN, flush_interval=3600))) as client:
-        client.put("/v1/emitters/gw-1", json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "k1")]},
-                   headers=ADMIN)
+        client.put(
+            "/v1/emitters/gw-1",
+            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "k1")]},
+            headers=ADMIN,
+        )
         tokens, _ = chain("gw-1", 4, key, "k1")
         client.post("/v1/events", json={"events": tokens[:2]})
         client.post("/v1/emitters/gw-1/keys/k1/revoke", headers=ADMIN)
@@ -205,8 +216,11 @@ def test_state_is_rebuilt_from_the_lake_when_lost(tmp_path: Path) -> None:
     data = tmp_path / "data"
     key = generate_key()
     with TestClient(create_app(IngestServer(data, ADMIN_TOKEN, flush_interval=3600))) as client:
-        client.put("/v1/emitters/gw-1", json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "k1")]},
-                   headers=ADMIN)
+        client.put(
+            "/v1/emitters/gw-1",
+            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "k1")]},
+            headers=ADMIN,
+        )
         tokens, _ = chain("gw-1", 3, key, "k1")
         client.post("/v1/events", json={"events": tokens[:2]})
     for path in (data / "state").glob("state.sqlite*"):

@@ -79,7 +79,9 @@ def test_hs256_keyed_with_the_public_key_is_rejected(harness: Harness) -> None:
 @pytest.mark.parametrize("alg", ["RS256", "ES384", "EdDSA25519", "", None])
 def test_other_algs_are_rejected(harness: Harness, alg: Any) -> None:
     _, kid = harness.register("gw-1")
-    assert_rejected(harness, unsigned_token({"alg": alg, "kid": kid}, payload("gw-1")), "unsupported_alg", "alg must be")
+    assert_rejected(
+        harness, unsigned_token({"alg": alg, "kid": kid}, payload("gw-1")), "unsupported_alg", "alg must be"
+    )
 
 
 def test_alg_that_does_not_match_the_key_type_is_rejected(harness: Harness) -> None:
@@ -125,14 +127,18 @@ def test_revoked_key_is_rejected_and_other_keys_still_work(harness: Harness) -> 
     key, kid = harness.register("gw-1")
     tokens, bodies = chain("gw-1", 2, key, kid)
     assert only(harness.post(tokens[:1]))["status"] == "accepted"
-    response = harness.client.post(f"/v1/emitters/gw-1/keys/{kid}/revoke", json={"reason": "laptop stolen"},
-                                   headers=ADMIN)
+    response = harness.client.post(
+        f"/v1/emitters/gw-1/keys/{kid}/revoke", json={"reason": "laptop stolen"}, headers=ADMIN
+    )
     assert response.status_code == 200
     assert_rejected(harness, tokens[1], "key_revoked", f"key {kid!r} of gw-1 was revoked at")
     # A second key of the same emitter continues the chain.
     new_key = generate_key()
-    response = harness.client.put("/v1/emitters/gw-1", headers=ADMIN,
-                                  json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(new_key, "gw-1-k2")]})
+    response = harness.client.put(
+        "/v1/emitters/gw-1",
+        headers=ADMIN,
+        json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(new_key, "gw-1-k2")]},
+    )
     assert response.status_code == 200
     token = sign(payload("gw-1", 2, hash_of(bodies[0])), new_key, "gw-1-k2")
     assert only(harness.post([token]))["status"] == "accepted"
@@ -142,16 +148,24 @@ def test_revoked_key_is_rejected_and_other_keys_still_work(harness: Harness) -> 
 def test_key_of_emitter_a_cannot_post_as_emitter_b(harness: Harness) -> None:
     key_a, kid_a = harness.register("gw-a")
     harness.register("gw-b")
-    result = assert_rejected(harness, sign(payload("gw-b"), key_a, kid_a), "emitter_mismatch",
-                             f"payload emitter is 'gw-b', but key {kid_a!r} belongs to 'gw-a'")
+    result = assert_rejected(
+        harness,
+        sign(payload("gw-b"), key_a, kid_a),
+        "emitter_mismatch",
+        f"payload emitter is 'gw-b', but key {kid_a!r} belongs to 'gw-a'",
+    )
     assert result["event_id"] is not None
     assert stored_emitters(harness) == []
 
 
 def test_tenant_mismatch(harness: Harness) -> None:
     key, kid = harness.register("gw-1", tenant="acme")
-    assert_rejected(harness, sign(payload("gw-1", tenant="globex"), key, kid), "tenant_mismatch",
-                    "payload tenant is 'globex', but emitter 'gw-1' is registered to 'acme'")
+    assert_rejected(
+        harness,
+        sign(payload("gw-1", tenant="globex"), key, kid),
+        "tenant_mismatch",
+        "payload tenant is 'globex', but emitter 'gw-1' is registered to 'acme'",
+    )
 
 
 @pytest.mark.parametrize(
@@ -204,7 +218,7 @@ def test_non_canonical_payload_is_accepted_and_hashed_canonically(harness: Harne
     assert only(result)["status"] == "accepted"
     assert result["heads"]["gw-1"] == {"seq": 1, "hash": hash_of(body)}
     harness.flush()
-    assert read_lake(harness.data_dir, "event_hash") [-1] == (hash_of(body),)
+    assert read_lake(harness.data_dir, "event_hash")[-1] == (hash_of(body),)
 
 
 def test_chain_gap(harness: Harness) -> None:
@@ -220,8 +234,9 @@ def test_chain_conflict_on_prev_hash(harness: Harness) -> None:
     tokens, bodies = chain("gw-1", 1, key, kid)
     harness.post(tokens)
     wrong = sign(payload("gw-1", 2, "ab" * 32), key, kid)
-    assert_rejected(harness, wrong, "chain_conflict",
-                    f"does not link to the head: expected {hash_of(bodies[0])}, got {'ab' * 32}")
+    assert_rejected(
+        harness, wrong, "chain_conflict", f"does not link to the head: expected {hash_of(bodies[0])}, got {'ab' * 32}"
+    )
 
 
 def test_chain_conflict_on_a_stored_seq_with_other_content(harness: Harness) -> None:
@@ -274,8 +289,12 @@ def test_event_id_conflict_same_emitter_and_other_emitter(harness: Harness) -> N
     harness.post([sign(first, key, kid)])
     # Same event_id re-signed with other content (a retry that changed the event).
     changed = dict(first, outcome="error")
-    assert_rejected(harness, sign(changed, key, kid), "event_id_conflict",
-                    f"event_id {first['event_id']} is already stored as gw-1 seq 1 with hash {hash_of(first)}")
+    assert_rejected(
+        harness,
+        sign(changed, key, kid),
+        "event_id_conflict",
+        f"event_id {first['event_id']} is already stored as gw-1 seq 1 with hash {hash_of(first)}",
+    )
     # Same event_id from another emitter.
     other = payload("gw-2", event_id=first["event_id"])
     assert_rejected(harness, sign(other, key2, kid2), "event_id_conflict", "already stored as gw-1 seq 1")
@@ -290,8 +309,7 @@ def test_event_id_conflict_same_emitter_and_other_emitter(harness: Harness) -> N
 def test_clock_skew(harness: Harness) -> None:
     key, kid = harness.register("gw-1")
     future = rfc3339(datetime.now(UTC) + timedelta(minutes=6))
-    assert_rejected(harness, sign(payload("gw-1", occurred_at=future), key, kid), "clock_skew",
-                    "at most 300 s allowed")
+    assert_rejected(harness, sign(payload("gw-1", occurred_at=future), key, kid), "clock_skew", "at most 300 s allowed")
     near = rfc3339(datetime.now(UTC) + timedelta(minutes=4))
     assert only(harness.post([sign(payload("gw-1", occurred_at=near), key, kid)]))["status"] == "accepted"
 

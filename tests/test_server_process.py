@@ -29,8 +29,11 @@ pytestmark = pytest.mark.slow
 def register(url: str, emitter: str, tenant: str = "acme"):
     key = generate_key()
     kid = f"{emitter}-k1"
-    response = httpx.put(f"{url}/v1/emitters/{emitter}", headers=ADMIN,
-                         json={"tenant": tenant, "kind": "gateway", "keys": [public_jwk(key, kid)]})
+    response = httpx.put(
+        f"{url}/v1/emitters/{emitter}",
+        headers=ADMIN,
+        json={"tenant": tenant, "kind": "gateway", "keys": [public_jwk(key, kid)]},
+    )
     response.raise_for_status()
     return key, kid
 
@@ -39,8 +42,11 @@ def wait_for_lake(data_dir: Path, count: int, timeout: float = 10.0) -> list[tup
     deadline = time.monotonic() + timeout
     rows: list[tuple] = []
     while time.monotonic() < deadline:
-        rows = [row for row in read_lake(data_dir, "emitter, seq, event_id, event_hash, prev_hash, jws")
-                if row[0] != "custody.server"]
+        rows = [
+            row
+            for row in read_lake(data_dir, "emitter, seq, event_id, event_hash, prev_hash, jws")
+            if row[0] != "custody.server"
+        ]
         if len(rows) >= count:
             return rows
         time.sleep(0.1)
@@ -149,7 +155,10 @@ def _can_mount() -> bool:
         return False
     probe = Path("/tmp/custody-mount-probe")
     probe.mkdir(exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    ok = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True).returncode
+        == 0
+    )
     if ok:
         subprocess.run(["umount", str(probe)], check=True)
     return ok
@@ -229,7 +238,11 @@ def test_serve_refuses_to_start_without_an_admin_token(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key != "CUSTODY_ADMIN_TOKEN"}
     result = subprocess.run(
         [sys.executable, "-m", "custody.cli", "serve", "--data-dir", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 1
     assert "CUSTODY_ADMIN_TOKEN is not set" in result.stderr

@@ -1,0 +1,114 @@
+"""The write-ahead log and the lake writer on their own: torn tails, corruption, idempotent flushes."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from ingest.sdk import generate_key
+from store.errors import StorageUnavailable
+from store.lake import Lake
+from store.wal import WalRecord, WriteAheadLog
+from tests.signing import chain, hash_of
+
+KEY = generate_key()
+
+
+def records(count: int, emitter: str = "gw-1") -> list[WalRecord]:
+    tokens, bodies = chain(emitter, count, KEY, "k1")
+    now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
+    return [
+        WalRecord(emitter, body["seq"], hash_of(body), now_us, "k1", token)
+        for token, body in zip(tokens, bodies, strict=True)
+    ]
+
+
+def test_append_read_rotate_remove(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    batch = records(5)
+    assert wal.append(batch[:3]) == 1
+    assert wal.append(batch[3:]) == 1
+    assert wal.rotate() == 1
+    assert wal.rotate() is None  # nothing new: no empty segments
+    assert wal.append(batch[:1]) == 2
+    assert wal.read_segment(1) == batch
+    assert wal.segments() == [1, 2]
+    wal.remove(1)
+    assert wal.segments() == [2]
+    wal.close()
+
+
+def test_segment_numbers_continue_after_the_highest_flushed(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, first_segment=42)
+    assert wal.append(records(1)) == 42
+    wal.close()
+    assert WriteAheadLog(tmp_path, first_segment=10).active_segment == 43
+
+
+def test_a_torn_tail_is_cut_and_the_whole_records_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    wal = WriteAheadLog(tmp_path)
+    batch = records(4)
+    wal.append(batch)
+    wal.close()
+    path = tmp_path / "000000000001.wal"
+    data = path.read_bytes()
+    path.write_bytes(data + batch[0].encode()[:-7])  # a write that died half way
+    with caplog.at_level(logging.WARNING):
+        assert WriteAheadLog(tmp_path).read_segment(1, repair=True) == batch
+    assert "torn record" in caplog.text
+    assert path.read_bytes() == data
+
+
+def test_a_corrupt_record_in_the_middle_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    wal = WriteAheadLog(tmp_path)
+    batch = records(4)
+    wal.append(batch)
+    wal.close()
+    path = tmp_path / "000000000001.wal"
+    data = bytearray(path.read_bytes())
+    second = len(batch[0].encode())
+    data[second + 20] ^= 0xFF  # flip a byte inside record 2
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR):
+        kept = WriteAheadLog(tmp_path).read_segment(1, repair=True)
+    assert kept == batch[:1]
+    assert (tmp_path / "quarantine" / "000000000001.wal").read_bytes() == bytes(data)
+    assert f"bad record at offset {second}" in caplog.text
+
+
+def test_append_to_an_unwritable_directory_raises_storage_unavailable(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path / "wal")
+    (tmp_path / "wal").rmdir()
+    (tmp_path / "wal").write_text("not a directory")
+    with pytest.raises(StorageUnavailable, match="cannot open write-ahead log segment"):
+        wal.append(records(1))
+
+
+def test_lake_segment_write_is_idempotent_and_partitioned(tmp_path: Path) -> None:
+    lake = Lake(tmp_path / "lake")
+    batch = records(3) + records(2, emitter="gw-2")
+    assert lake.write_segment(7, batch) == 5
+    assert lake.write_segment(7, batch) == 0  # a crash after the rename, before the WAL delete
+    files = lake.files()
+    today = datetime.now(UTC).date().isoformat()
+    assert [path.relative_to(lake.events_dir).as_posix() for path in files] == [
+        f"tenant=acme/date={today}/seg-000000000007.parquet"
+    ]
+    table = pq.read_table(files[0])
+    assert table.column("emitter").to_pylist() == ["gw-1"] * 3 + ["gw-2"] * 2
+    assert "tenant" not in table.column_names  # partition keys live in the path
+    assert lake.highest_segment() == 7
+
+
+def test_unfinished_parquet_files_are_invisible_and_removed(tmp_path: Path) -> None:
+    lake = Lake(tmp_path / "lake")
+    partition = lake.events_dir / "tenant=acme" / "date=2026-11-29"
+    partition.mkdir(parents=True)
+    (partition / ".seg-000000000001.parquet.tmp").write_bytes(b"PAR1 half written")
+    assert lake.files() == []
+    assert lake.remove_temporary_files() == 1
+    assert not list(partition.iterdir())
