@@ -219,7 +219,7 @@ class Registry:
         occurred_at = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}Z"
         records = []
         for event_type, change in zip(types, changes, strict=True):
-            payload = {
+            payload: dict[str, Any] = {
                 "v": 1,
                 "event_id": str(uuid.uuid4()),
                 "type": event_type,
@@ -235,7 +235,13 @@ class Registry:
             jws = sign_compact(canonical, self.server_key.private_key, self.server_key.kid)
             records.append(
                 WalRecord(
-                    SERVER_EMITTER, head.seq + 1, digest, int(now.timestamp() * 1_000_000), self.server_key.kid, jws
+                    payload["event_id"],
+                    SERVER_EMITTER,
+                    head.seq + 1,
+                    digest,
+                    int(now.timestamp() * 1_000_000),
+                    self.server_key.kid,
+                    jws,
                 )
             )
             head = Head(head.seq + 1, digest)

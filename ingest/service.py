@@ -107,7 +107,9 @@ class IngestService:
             received_at_us = time.time_ns() // 1000
             self.store.append(
                 [
-                    WalRecord(item.emitter, item.seq, item.event_hash, received_at_us, item.kid, item.jws)
+                    WalRecord(
+                        item.event_id, item.emitter, item.seq, item.event_hash, received_at_us, item.kid, item.jws
+                    )
                     for item in accepted
                 ]
             )

@@ -75,14 +75,6 @@ def _example_query(data_dir: Path) -> str:
     )
 
 
-def _example_query(data_dir: Path) -> str:
-    source = f"read_parquet('{data_dir}/lake/events/**/*.parquet', hive_partitioning = true)"
-    return (
-        "SELECT tenant, agent, tool_name, decision_result, count(*) AS events"  # noqa: S608 (printed, never run)
-        f" FROM {source} GROUP BY ALL ORDER BY events DESC LIMIT 10"
-    )
-
-
 def _post_sample(url: str, token: str, data_dir: Path, count: int) -> None:
     keys_dir = data_dir / "demo-keys"
     keys_dir.mkdir(parents=True, exist_ok=True)

@@ -172,9 +172,9 @@ class Store:
         entries = []
         admin = []
         for record in records:
-            payload = decode_payload(record.jws)
-            entries.append(IndexEntry(payload["event_id"], record.emitter, record.seq, record.event_hash))
+            entries.append(IndexEntry(record.event_id, record.emitter, record.seq, record.event_hash))
             if record.emitter == SERVER_EMITTER:
+                payload = decode_payload(record.jws)
                 admin.append((payload["admin"], payload["occurred_at"]))
         with self._deferred_lock:
             entries = self._deferred_entries + entries

@@ -4,8 +4,8 @@ A log is a directory of numbered segment files. Each ``append`` writes one batch
 (group commit: one fsync per request, not per event); only then may the caller acknowledge the batch. The flusher
 ``rotate``s the active segment, turns closed segments into Parquet, then ``remove``s them.
 
-Frame: ``<u32 length><u32 crc32(body)><body>``, body = orjson ``[emitter, seq, event_hash, received_at_us, kid,
-jws]``. A torn frame at the end of a segment (a crash mid-write, never acknowledged) is cut off on recovery; a bad
+Frame: ``<u32 length><u32 crc32(body)><body>``, body = orjson ``[event_id, emitter, seq, event_hash, received_at_us,
+kid, jws]``. A torn frame at the end of a segment (a crash mid-write, never acknowledged) is cut off on recovery; a bad
 frame followed by more data is corruption, and the segment is moved to ``quarantine/`` rather than trusted.
 """
 
@@ -34,6 +34,7 @@ _SUFFIX = ".wal"
 
 @dataclass(frozen=True, slots=True)
 class WalRecord:
+    event_id: str
     emitter: str
     seq: int
     event_hash: str
@@ -42,7 +43,9 @@ class WalRecord:
     jws: str
 
     def encode(self) -> bytes:
-        body = orjson.dumps([self.emitter, self.seq, self.event_hash, self.received_at_us, self.kid, self.jws])
+        body = orjson.dumps(
+            [self.event_id, self.emitter, self.seq, self.event_hash, self.received_at_us, self.kid, self.jws]
+        )
         return _FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
@@ -86,8 +89,7 @@ class WriteAheadLog:
             body = data[offset + _FRAME.size : offset + _FRAME.size + length]
             if len(body) < length or zlib.crc32(body) != crc:
                 break
-            emitter, seq, event_hash, received_at_us, kid, jws = orjson.loads(body)
-            records.append(WalRecord(emitter, seq, event_hash, received_at_us, kid, jws))
+            records.append(WalRecord(*orjson.loads(body)))
             offset += _FRAME.size + length
         if offset < len(data):
             self._handle_bad_tail(path, data, offset, repair=repair)

@@ -104,6 +104,20 @@ def free_port() -> int:
         return port
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes() -> Iterator[None]:
+    """Whatever a test started and did not stop is killed and reaped when it ends, pass or fail."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
 class ServerProcess:
     """A real `custody serve` process on 127.0.0.1."""
 
@@ -132,6 +146,7 @@ class ServerProcess:
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        _STARTED.append(self.process)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -158,10 +173,7 @@ class ServerProcess:
 
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
-    process = ServerProcess(tmp_path / "data", tmp_path / "server.log")
-    yield process
-    if process.process is not None and process.process.poll() is None:
-        process.kill()
+    yield ServerProcess(tmp_path / "data", tmp_path / "server.log")
 
 
 def read_lake(data_dir: Path, columns: str = "*") -> list[tuple[Any, ...]]:

@@ -22,7 +22,7 @@ def records(count: int, emitter: str = "gw-1") -> list[WalRecord]:
     tokens, bodies = chain(emitter, count, KEY, "k1")
     now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
     return [
-        WalRecord(emitter, body["seq"], hash_of(body), now_us, "k1", token)
+        WalRecord(body["event_id"], emitter, body["seq"], hash_of(body), now_us, "k1", token)
         for token, body in zip(tokens, bodies, strict=True)
     ]
 
