@@ -172,8 +172,8 @@ class ServerProcess:
 
 
 @pytest.fixture
-def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
-    yield ServerProcess(tmp_path / "data", tmp_path / "server.log")
+def server_process(tmp_path: Path) -> ServerProcess:
+    return ServerProcess(tmp_path / "data", tmp_path / "server.log")
 
 
 def read_lake(data_dir: Path, columns: str = "*") -> list[tuple[Any, ...]]:
