@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-events", type=int, default=1000, help="events per request (default 1000)")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="bytes per request (8 MiB)")
     serve.add_argument("--flush-interval", type=float, default=1.0, help="seconds between lake flushes (default 1)")
+    serve.add_argument(
+        "--verify-workers",
+        type=int,
+        default=_default_verify_workers(),
+        help="processes verifying signatures in parallel; 0 verifies in the server process"
+        " (default: the number of usable cores, 0 on one core)",
+    )
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser(
@@ -65,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_verify_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if cores > 1 else 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     token = os.environ.get("CUSTODY_ADMIN_TOKEN")
     if not token:
@@ -73,7 +85,15 @@ def _serve(args: argparse.Namespace) -> int:
     from ingest.service import Limits
 
     limits = Limits(max_events=args.max_events, max_body_bytes=args.max_body_bytes)
-    serve(args.data_dir, token, host=args.host, port=args.port, limits=limits, flush_interval=args.flush_interval)
+    serve(
+        args.data_dir,
+        token,
+        host=args.host,
+        port=args.port,
+        limits=limits,
+        flush_interval=args.flush_interval,
+        verify_workers=args.verify_workers,
+    )
     return 0
 
 

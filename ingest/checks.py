@@ -19,7 +19,7 @@ from ingest.codes import ErrorCode
 from ingest.event import Event, describe_validation_error
 from ingest.jws import JwsError, parse_compact, verify_signature
 from ingest.keys import KeyRing
-from store.canonical import canonicalize, event_hash
+from store.canonical import canonicalize, canonicalize_checked, event_hash, needs_utf16_order
 from store.errors import CanonicalizationError
 
 __all__ = ["Rejected", "Verified", "check_event"]
@@ -27,7 +27,6 @@ __all__ = ["Rejected", "Verified", "check_event"]
 
 @dataclass(frozen=True, slots=True)
 class Verified:
-    payload: dict[str, Any]
     event_id: str
     emitter: str
     seq: int
@@ -81,12 +80,6 @@ def check_event(
     if not isinstance(payload, dict):
         return Rejected(ErrorCode.INVALID_PAYLOAD, "payload is not a JSON object", emitter=owner)
     event_id = payload.get("event_id") if isinstance(payload.get("event_id"), str) else None
-    try:
-        canonical = canonicalize(payload)
-    except CanonicalizationError as exc:
-        return Rejected(ErrorCode.INVALID_PAYLOAD, exc.message, event_id, owner)
-    if canonical != parsed.payload and _has_duplicate_keys(parsed.payload):
-        return Rejected(ErrorCode.INVALID_PAYLOAD, "payload repeats an object key", event_id, owner)
     if payload.get("emitter") != owner:
         return Rejected(
             ErrorCode.EMITTER_MISMATCH,
@@ -104,7 +97,12 @@ def check_event(
     try:
         event = Event.model_validate(payload)
     except ValidationError as exc:
-        return Rejected(ErrorCode.INVALID_PAYLOAD, describe_validation_error(exc), event_id, owner)
+        return Rejected(ErrorCode.INVALID_PAYLOAD, _explain(payload, exc), event_id, owner)
+    # The strict schema admitted only integers within +/-2**53 and valid strings, and every key is a fixed ASCII
+    # field name except those of attrs: the canonical form needs no walk over the values.
+    canonical = canonicalize_checked(payload, utf16_order=needs_utf16_order(event.attrs or ()))
+    if canonical != parsed.payload and _has_duplicate_keys(parsed.payload):
+        return Rejected(ErrorCode.INVALID_PAYLOAD, "payload repeats an object key", event_id, owner)
     occurred_at = event.occurred_at_datetime()
     if occurred_at > now + max_skew:
         return Rejected(
@@ -115,7 +113,6 @@ def check_event(
             owner,
         )
     return Verified(
-        payload=payload,
         event_id=event.event_id,
         emitter=owner,
         seq=event.seq,
@@ -124,6 +121,16 @@ def check_event(
         kid=parsed.kid,
         jws=str(token),
     )
+
+
+def _explain(payload: dict[str, Any], error: ValidationError) -> str:
+    """The JCS reason when there is one (a float, an integer beyond 2**53: clearer than a type error), else the
+    schema's problems."""
+    try:
+        canonicalize(payload)
+    except CanonicalizationError as exc:
+        return exc.message
+    return describe_validation_error(error)
 
 
 def _has_duplicate_keys(raw: bytes) -> bool:

@@ -35,7 +35,8 @@ Identifier = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
 Timestamp = Annotated[str, StringConstraints(pattern=_TIMESTAMP_PATTERN)]
 EventId = Annotated[str, StringConstraints(pattern=_UUID_PATTERN)]
 Hash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-AttrValue = Annotated[str, StringConstraints(max_length=4096)] | int | bool
+SafeInt = Annotated[int, Field(ge=-(2**53), le=2**53)]
+AttrValue = Annotated[str, StringConstraints(max_length=4096)] | SafeInt | bool
 
 _MAX_DELEGATION_DEPTH = 32
 
@@ -59,7 +60,7 @@ class Credential(_Strict):
     kind: Literal["agent_token", "user_session", "service_account", "api_key"]
     client_id: Name
     scopes: Scopes
-    expires_at: Timestamp | int | None = None
+    expires_at: Timestamp | SafeInt | None = None
 
 
 class Tool(_Strict):
@@ -94,7 +95,7 @@ class Approval(_Strict):
 
 
 class Event(_Strict):
-    v: Literal[1]
+    v: Annotated[int, Field(ge=1, le=1)]  # not Literal[1]: that admits true, since True == 1 in Python
     event_id: EventId
     type: Literal["tool.invocation", "agent.delegation", "task.approval", "credential.issued", "credential.revoked"]
     occurred_at: Timestamp

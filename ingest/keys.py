@@ -19,7 +19,7 @@ from ingest.jws import ALG_FOR_KTY, PublicKey
 from store.errors import InvalidInput
 from store.state import EmitterRecord, KeyRecord
 
-__all__ = ["KeyEntry", "KeyRing", "public_jwk", "validate_jwk"]
+__all__ = ["KeyEntry", "KeyRing", "KeySpec", "public_jwk", "validate_jwk"]
 
 _KID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ALLOWED_MEMBERS = {
@@ -82,27 +82,39 @@ class KeyEntry:
     revoked_at: str | None
 
 
+KeySpec = tuple[str, str, str, dict[str, Any], str | None]  # kid, emitter, tenant, public JWK, revoked_at
+
+
 class KeyRing:
-    """kid -> key entry, rebuilt from the registry; lookups are lock-free dict reads."""
+    """kid -> key entry, rebuilt from the registry; lookups are lock-free dict reads.
+
+    ``version`` changes on every load and ``specs`` is the picklable form, so verifier processes can hold a copy
+    and rebuild it only when it changed."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, KeyEntry] = {}
+        self.version = 0
+        self.specs: list[KeySpec] = []
 
     def load(self, emitters: dict[str, EmitterRecord], keys: dict[str, KeyRecord]) -> None:
-        entries = {}
-        for kid, record in keys.items():
-            emitter = emitters[record.emitter]
-            entries[kid] = KeyEntry(
-                kid=kid,
-                emitter=record.emitter,
-                tenant=emitter.tenant,
-                alg=ALG_FOR_KTY[record.jwk["kty"]],
-                key=_load(record.jwk),
-                revoked_at=record.revoked_at,
-            )
+        self.load_specs(
+            [
+                (kid, record.emitter, emitters[record.emitter].tenant, record.jwk, record.revoked_at)
+                for kid, record in keys.items()
+            ],
+            self.version + 1,
+        )
+
+    def load_specs(self, specs: list[KeySpec], version: int) -> None:
+        entries = {
+            kid: KeyEntry(kid, emitter, tenant, ALG_FOR_KTY[jwk["kty"]], _load(jwk), revoked_at)
+            for kid, emitter, tenant, jwk, revoked_at in specs
+        }
         with self._lock:
             self._entries = entries
+            self.specs = specs
+            self.version = version
 
     def get(self, kid: str) -> KeyEntry | None:
         return self._entries.get(kid)

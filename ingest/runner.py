@@ -25,9 +25,12 @@ def serve(
     port: int = 8700,
     limits: Limits | None = None,
     flush_interval: float = 1.0,
+    verify_workers: int = 0,
 ) -> None:
     try:
-        server = IngestServer(data_dir, admin_token, limits=limits, flush_interval=flush_interval)
+        server = IngestServer(
+            data_dir, admin_token, limits=limits, flush_interval=flush_interval, verify_workers=verify_workers
+        )
     except ValueError as exc:
         from store.errors import CustodyError
 

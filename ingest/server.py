@@ -11,6 +11,7 @@ from ingest.auth import AdminToken
 from ingest.keys import KeyRing
 from ingest.metrics import IngestMetrics
 from ingest.service import IngestService, Limits
+from ingest.verifiers import VerifierPool
 from store.engine import Store
 
 __all__ = ["IngestServer"]
@@ -26,6 +27,7 @@ class IngestServer:
         *,
         limits: Limits | None = None,
         flush_interval: float = 1.0,
+        verify_workers: int = 0,
     ) -> None:
         self.data_dir = data_dir
         self.admin = AdminToken(admin_token)
@@ -34,6 +36,8 @@ class IngestServer:
         self.keys = KeyRing()
         self.metrics = IngestMetrics(self.store.flush_stats)
         self.ready = False
+        self.verify_workers = verify_workers
+        self.verifiers: VerifierPool | None = None
         self.service: IngestService
         self.registry: Registry
 
@@ -41,7 +45,8 @@ class IngestServer:
         """Recover (rebuild state if needed, replay the WAL into the lake), then start flushing."""
         self.store.open(progress)
         server_key, created = ServerKey.load_or_create(self.store.state_dir / "server_key.pem")
-        self.service = IngestService(self.store, self.keys, self.limits)
+        self.verifiers = VerifierPool(self.verify_workers) if self.verify_workers > 0 else None
+        self.service = IngestService(self.store, self.keys, self.limits, self.verifiers)
         self.registry = Registry(self.service, self.keys, server_key)
         self.registry.start(created)
         self.store.start_flusher()
@@ -49,4 +54,6 @@ class IngestServer:
 
     def close(self) -> None:
         self.ready = False
+        if self.verifiers is not None:
+            self.verifiers.close()
         self.store.close()

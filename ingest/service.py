@@ -19,6 +19,7 @@ from typing import Any
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode, Status
 from ingest.keys import KeyRing
+from ingest.verifiers import VerifierPool
 from store.engine import Store
 from store.state import Head
 from store.wal import WalRecord
@@ -68,10 +69,11 @@ class BatchOutcome:
 
 
 class IngestService:
-    def __init__(self, store: Store, keys: KeyRing, limits: Limits) -> None:
+    def __init__(self, store: Store, keys: KeyRing, limits: Limits, verifiers: VerifierPool | None = None) -> None:
         self.store = store
         self.keys = keys
         self.limits = limits
+        self.verifiers = verifiers
         self._heads: dict[str, Head] = store.state.heads()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -89,16 +91,11 @@ class IngestService:
 
     def ingest(self, tokens: Sequence[object], *, now: datetime | None = None) -> BatchOutcome:
         now = now or datetime.now(UTC)
-        checked = [
-            check_event(
-                token,
-                self.keys,
-                now=now,
-                max_event_bytes=self.limits.max_event_bytes,
-                max_skew=self.limits.max_clock_skew,
-            )
-            for token in tokens
-        ]
+        size, skew = self.limits.max_event_bytes, self.limits.max_clock_skew
+        if self.verifiers is not None:
+            checked = self.verifiers.check(tokens, self.keys, now=now, max_event_bytes=size, max_skew=skew)
+        else:
+            checked = [check_event(token, self.keys, now=now, max_event_bytes=size, max_skew=skew) for token in tokens]
         emitters = sorted({item.emitter for item in checked if item.emitter is not None})
         with ExitStack() as stack:
             for emitter in emitters:

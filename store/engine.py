@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import multiprocessing
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ import pyarrow.parquet as pq
 from store.errors import CustodyError, StorageUnavailable
 from store.lake import Lake, decode_payload
 from store.state import IndexEntry, StateDB
-from store.wal import WalRecord, WriteAheadLog
+from store.wal import WalRecord, WriteAheadLog, read_records
 
 __all__ = ["SERVER_EMITTER", "SYSTEM_TENANT", "FlushStats", "Store"]
 
@@ -53,6 +56,15 @@ class FlushStats:
         return 0.0 if self.oldest_unflushed_at is None else time.monotonic() - self.oldest_unflushed_at
 
 
+def write_segment_file(wal_path: Path, lake_root: Path, segment: int) -> int:
+    """Read a closed WAL segment and write it to the lake; runs in the lake-writer process."""
+    return Lake(lake_root).write_segment(segment, read_records(wal_path)[0])
+
+
+def _new_writer() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+
 class Store:
     def __init__(self, data_dir: Path, *, flush_interval: float = 1.0) -> None:
         self.data_dir = data_dir
@@ -63,6 +75,7 @@ class Store:
         self._lock_fd: int | None = None
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._writer: ProcessPoolExecutor | None = None
         self._pending: list[tuple[int, int, float]] = []  # (segment, events, monotonic time of first append)
         self._pending_lock = threading.Lock()
         self._deferred_lock = threading.Lock()
@@ -85,6 +98,9 @@ class Store:
         self._replay(progress)
 
     def start_flusher(self) -> None:
+        """Flush every ``flush_interval`` seconds from a thread; Parquet encoding runs in a child process so that
+        it never competes with the ack path for the GIL."""
+        self._writer = _new_writer()
         self._flusher = threading.Thread(target=self._flush_loop, name="custody-flusher", daemon=True)
         self._flusher.start()
 
@@ -97,6 +113,9 @@ class Store:
             self.flush()
         except CustodyError as exc:
             log.error("final flush failed, events stay in the write-ahead log: %s", exc)
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         self.wal.close()
         self.state.close()
         if self._lock_fd is not None:
@@ -212,9 +231,8 @@ class Store:
         for segment in self.wal.segments():
             if segment >= self.wal.active_segment:
                 continue
-            records = self.wal.read_segment(segment)
             try:
-                written += self.lake.write_segment(segment, records)
+                written += self._write_segment(segment)
                 self.wal.remove(segment)
             except OSError as exc:
                 self.flush_stats.last_error = f"segment {segment}: {exc}"
@@ -225,6 +243,18 @@ class Store:
             self.flush_stats.segments_flushed += 1
         self.flush_stats.last_error = None
         return written
+
+    def _write_segment(self, segment: int) -> int:
+        """Turn one closed WAL segment into Parquet in the lake-writer process (in this one when there is none)."""
+        wal_path = self.wal.path(segment)
+        if self._writer is None:
+            return write_segment_file(wal_path, self.lake.root, segment)
+        try:
+            return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment).result()
+        except BrokenProcessPool:
+            log.error("the lake writer process died; starting a new one")
+            self._writer = _new_writer()
+            return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment).result()
 
     def _update_stats(self) -> None:
         self.flush_stats.unflushed_events = sum(count for _, count, _ in self._pending)

@@ -84,7 +84,7 @@ class Lake:
     def _write_atomic(self, directory: Path, final: Path, table: pa.Table) -> None:
         created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        temporary = directory / f".{final.name}.tmp"
+        temporary = directory / f".{final.name}.{os.getpid()}.tmp"  # two writers of one segment never share it
         try:
             pq.write_table(table, temporary, compression="zstd", row_group_size=128 * 1024)
             fd = os.open(temporary, os.O_RDONLY)
@@ -112,7 +112,7 @@ class Lake:
 
     def remove_temporary_files(self) -> int:
         removed = 0
-        for path in self.events_dir.glob("tenant=*/date=*/.*.tmp"):
+        for path in self.events_dir.glob("tenant=*/date=*/.seg-*.tmp"):
             path.unlink(missing_ok=True)
             removed += 1
         if removed:

@@ -78,6 +78,11 @@ class EmitterRecord:
     kids: tuple[str, ...] = field(default=())
 
 
+def _id_bytes(event_id: str) -> bytes:
+    """The 16 bytes of a lowercase, hyphenated UUID (the protocol's only form), without building a UUID object."""
+    return bytes.fromhex(event_id.replace("-", ""))
+
+
 class StateDB:
     """Thread-safe access to the derived state. Every write is one transaction."""
 
@@ -115,7 +120,7 @@ class StateDB:
         found: dict[str, IndexEntry] = {}
         with self._lock:
             for start in range(0, len(event_ids), 500):
-                chunk = [uuid.UUID(event_id).bytes for event_id in event_ids[start : start + 500]]
+                chunk = [_id_bytes(event_id) for event_id in event_ids[start : start + 500]]
                 marks = ",".join("?" * len(chunk))
                 query = f"SELECT event_id, emitter, seq, event_hash FROM events WHERE event_id IN ({marks})"  # noqa: S608
                 for raw_id, emitter, seq, digest in self._conn.execute(query, chunk):
@@ -147,7 +152,7 @@ class StateDB:
                 self._conn.executemany(
                     "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)",
                     [
-                        (uuid.UUID(entry.event_id).bytes, entry.emitter, entry.seq, bytes.fromhex(entry.event_hash))
+                        (_id_bytes(entry.event_id), entry.emitter, entry.seq, bytes.fromhex(entry.event_hash))
                         for entry in entries
                     ],
                 )

@@ -24,7 +24,7 @@ import orjson
 
 from store.errors import StorageUnavailable
 
-__all__ = ["WalRecord", "WriteAheadLog", "fsync_directory"]
+__all__ = ["WalRecord", "WriteAheadLog", "fsync_directory", "read_records"]
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +78,10 @@ class WriteAheadLog:
 
     def read_segment(self, number: int, *, repair: bool = False) -> list[WalRecord]:
         """Every whole record of a segment. With ``repair``, a torn tail is truncated away on disk."""
-        path = self._path(number)
-        data = path.read_bytes()
-        records: list[WalRecord] = []
-        offset = 0
-        while offset < len(data):
-            if offset + _FRAME.size > len(data):
-                break
-            length, crc = _FRAME.unpack_from(data, offset)
-            body = data[offset + _FRAME.size : offset + _FRAME.size + length]
-            if len(body) < length or zlib.crc32(body) != crc:
-                break
-            records.append(WalRecord(*orjson.loads(body)))
-            offset += _FRAME.size + length
-        if offset < len(data):
-            self._handle_bad_tail(path, data, offset, repair=repair)
+        path = self.path(number)
+        records, good = read_records(path)
+        if repair and good < path.stat().st_size:
+            self._handle_bad_tail(path, path.read_bytes(), good, repair=True)
         return records
 
     def _handle_bad_tail(self, path: Path, data: bytes, offset: int, *, repair: bool) -> None:
@@ -150,7 +139,7 @@ class WriteAheadLog:
 
     def _open_active(self) -> int:
         if self._fd is None:
-            path = self._path(self._active)
+            path = self.path(self._active)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 os.fsync(fd)
@@ -192,7 +181,7 @@ class WriteAheadLog:
         return self._active
 
     def remove(self, number: int) -> None:
-        self._path(number).unlink(missing_ok=True)
+        self.path(number).unlink(missing_ok=True)
         fsync_directory(self.directory)
 
     def close(self) -> None:
@@ -201,8 +190,23 @@ class WriteAheadLog:
                 os.close(self._fd)
                 self._fd = None
 
-    def _path(self, number: int) -> Path:
+    def path(self, number: int) -> Path:
         return self.directory / f"{number:012d}{_SUFFIX}"
+
+
+def read_records(path: Path) -> tuple[list[WalRecord], int]:
+    """The whole records at the start of a segment file, and how many bytes they span."""
+    data = path.read_bytes()
+    records: list[WalRecord] = []
+    offset = 0
+    while offset + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, offset)
+        body = data[offset + _FRAME.size : offset + _FRAME.size + length]
+        if len(body) < length or zlib.crc32(body) != crc:
+            break
+        records.append(WalRecord(*orjson.loads(body)))
+        offset += _FRAME.size + length
+    return records, offset
 
 
 def _looks_torn(data: bytes, offset: int) -> bool:

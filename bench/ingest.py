@@ -1,0 +1,212 @@
+"""Ingest benchmark: a real `custody serve` and a load generator posting pre-signed batches from many emitters.
+
+Prints, from one run: the in-process ceiling (raw cryptography verify + orjson parse + JCS hash + one fsync per
+batch, one process, one core), the server's accepted (durable) events/s on one core and on both, ack latency
+p50/p99 at half of the measured maximum, and the server's RSS.
+
+    .venv/bin/python bench/ingest.py [--emitters 16] [--events 3000] [--batch 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import http.client
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Server, machine
+from ingest.jws import sign_compact
+from ingest.sdk import generate_key, public_jwk, rfc3339
+from store.canonical import ZERO_HASH, canonicalize, event_hash
+
+TOKEN = "bench-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def presign(emitters: int, events: int) -> dict[str, tuple[Ed25519PrivateKey, list[str]]]:
+    from datetime import UTC, datetime
+
+    stamp = rfc3339(datetime.now(UTC))
+    chains = {}
+    for index in range(emitters):
+        name = f"bench-gw-{index:03d}"
+        key = generate_key()
+        assert isinstance(key, Ed25519PrivateKey)
+        previous = ZERO_HASH
+        tokens = []
+        for seq in range(1, events + 1):
+            payload = {
+                "v": 1,
+                "event_id": f"{index:08x}-0000-4000-8000-{seq:012x}",
+                "type": "tool.invocation",
+                "occurred_at": stamp,
+                "emitter": name,
+                "tenant": f"t{index % 3}",
+                "seq": seq,
+                "prev_hash": previous,
+                "delegation": {"sub": f"user{seq % 50}@example.com", "act": {"sub": f"agent-{seq % 7}"}},
+                "credential": {
+                    "id": f"tok-{seq % 11}",
+                    "kind": "agent_token",
+                    "client_id": f"agent-{seq % 7}",
+                    "scopes": ["tickets:read", "tickets:write"],
+                },
+                "tool": {"name": "read_ticket", "server": "helpdesk-mcp"},
+                "resource": {"type": "ticket", "id": f"T-{seq}", "tenant": f"t{index % 3}"},
+                "decision": {"result": "allow", "required_scope": "tickets:read", "policy": "default"},
+                "outcome": "success",
+                "trace_id": f"trace-{seq // 10}",
+            }
+            canonical = canonicalize(payload)
+            previous = event_hash(canonical)
+            tokens.append(sign_compact(canonical, key, f"{name}-k1"))
+        chains[name] = (key, tokens)
+    return chains
+
+
+def ceiling(chains: dict[str, tuple[Ed25519PrivateKey, list[str]]], batch: int, directory: Path) -> float:
+    """One process, one thread: verify, parse, hash, append + fsync per batch."""
+    public = {name: key.public_key() for name, (key, _) in chains.items()}
+    batches = [
+        (name, tokens[i : i + batch]) for name, (_, tokens) in chains.items() for i in range(0, len(tokens), batch)
+    ]
+    fd = os.open(directory / "ceiling.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    count = 0
+    started = time.perf_counter()
+    for name, tokens in batches:
+        out = []
+        for token in tokens:
+            header, body, signature = token.split(".")
+            public[name].verify(base64.urlsafe_b64decode(signature + "=="), f"{header}.{body}".encode())
+            payload = orjson.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            digest = hashlib.sha256(canonicalize(payload)).hexdigest()
+            out.append(orjson.dumps([digest, token]))
+        os.write(fd, b"\n".join(out))
+        os.fsync(fd)
+        count += len(tokens)
+    elapsed = time.perf_counter() - started
+    os.close(fd)
+    return count / elapsed
+
+
+def register(url: str, chains: dict[str, tuple[Ed25519PrivateKey, list[str]]]) -> None:
+    for index, (name, (key, _)) in enumerate(chains.items()):
+        httpx.put(
+            f"{url}/v1/emitters/{name}",
+            headers=ADMIN,
+            timeout=30,
+            json={"tenant": f"t{index % 3}", "kind": "gateway", "keys": [public_jwk(key, f"{name}-k1")]},
+        ).raise_for_status()
+
+
+def post_all(url: str, chains: dict, batch: int, clients: int, rate: float | None = None) -> tuple[float, list[float]]:
+    """Post every chain in batches from ``clients`` threads; optionally at ``rate`` events/s in total."""
+    port = int(url.rsplit(":", 1)[1])
+    names = list(chains)
+    work = [names[i::clients] for i in range(clients)]
+    latencies: list[float] = []
+    lock = threading.Lock()
+    accepted = [0]
+    interval = None if rate is None else batch * clients / rate  # seconds between requests of one client
+
+    def client(mine: list[str], offset: float) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        bodies = []
+        for name in mine:
+            tokens = chains[name][1]
+            bodies += [orjson.dumps({"events": tokens[i : i + batch]}) for i in range(0, len(tokens), batch)]
+        next_at = time.perf_counter() + offset
+        for body in bodies:
+            if interval is not None:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                next_at += interval
+            sent = time.perf_counter()
+            connection.request("POST", "/v1/events", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            data = orjson.loads(response.read())
+            elapsed = time.perf_counter() - sent
+            ok = sum(1 for r in data["results"] if r["status"] == "accepted")
+            assert ok == len(data["results"]), data["results"][:2]
+            with lock:
+                latencies.append(elapsed)
+                accepted[0] += ok
+        connection.close()
+
+    threads = [
+        threading.Thread(target=client, args=(mine, (interval or 0) * i / clients)) for i, mine in enumerate(work)
+    ]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return accepted[0] / (time.perf_counter() - started), latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--emitters", type=int, default=16)
+    parser.add_argument("--events", type=int, default=3000, help="events per emitter")
+    parser.add_argument("--batch", type=int, default=500, help="events per request at full load")
+    parser.add_argument("--latency-batch", type=int, default=20, help="events per request in the latency run")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent connections")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    print(f"pre-signing {args.emitters} x {args.events} events ...", flush=True)
+    chains = presign(args.emitters, args.events)
+    total = args.emitters * args.events
+    with tempfile.TemporaryDirectory(prefix="custody-bench-") as tmp:
+        root = Path(tmp)
+        limit = ceiling(chains, args.batch, root)
+        print(f"in-process ceiling (1 process, 1 core, fsync per {args.batch}): {limit:,.0f} events/s")
+        results = {}
+        for label, cpus, extra in (("1 core", "0", ("--verify-workers", "0")), ("2 cores", None, ())):
+            server = Server(root / f"data-{label[0]}", TOKEN, cpus=cpus, extra=extra)
+            register(server.url, chains)
+            rate, latencies = post_all(server.url, chains, args.batch, args.clients)
+            rss, peak, with_helpers = server.rss_mib()
+            server.stop()
+            results[label] = rate
+            print(
+                f"server on {label}: {rate:,.0f} events/s accepted ({total:,} events, batches of {args.batch},"
+                f" {args.clients} connections); request p50 {percentile(latencies, 50) * 1000:.0f} ms,"
+                f" p99 {percentile(latencies, 99) * 1000:.0f} ms; RSS {rss:.0f} MiB (peak {peak:.0f} MiB,"
+                f" {with_helpers:.0f} MiB with helper processes)"
+            )
+        scaling = results["2 cores"] / results["1 core"]
+        print(f"1 core / ceiling: {results['1 core'] / limit:.0%};  2 cores / 1 core: {scaling:.2f}x")
+        half = results["2 cores"] / 2
+        server = Server(root / "data-latency", TOKEN)
+        register(server.url, chains)
+        rate, latencies = post_all(server.url, chains, args.latency_batch, args.clients, rate=half)
+        rss, peak, with_helpers = server.rss_mib()
+        server.stop()
+        print(
+            f"at half load ({half:,.0f} events/s offered, {rate:,.0f} achieved, batches of {args.latency_batch}):"
+            f" ack latency p50 {percentile(latencies, 50) * 1000:.1f} ms,"
+            f" p99 {percentile(latencies, 99) * 1000:.1f} ms; RSS {rss:.0f} MiB (peak {peak:.0f} MiB,"
+            f" {with_helpers:.0f} MiB with helper processes)"
+        )
+
+
+if __name__ == "__main__":
+    main()
