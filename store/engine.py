@@ -62,7 +62,14 @@ def write_segment_file(wal_path: Path, lake_root: Path, segment: int) -> int:
 
 
 def _new_writer() -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
+    )
+
+
+def _lower_priority() -> None:
+    """The lake writer yields the CPU to acknowledgements: a flush may wait, an ack should not."""
+    os.nice(10)
 
 
 class Store:
