@@ -49,7 +49,7 @@ def run_demo(data_dir: Path, *, port: int, events: int, reset: bool, stay: bool)
     server = subprocess.Popen(command)
     try:
         wait_healthy(url, server)
-        _post_sample(url, token, data_dir, events)
+        _post_sample(url, token, events)
         print(f"\nIngest API:  {url}   (OpenAPI: {url}/docs, metrics: {url}/metrics)")
         print(f"Admin token: {token}")
         print(f"Lake:        {data_dir / 'lake' / 'events'}")
@@ -75,9 +75,7 @@ def _example_query(data_dir: Path) -> str:
     )
 
 
-def _post_sample(url: str, token: str, data_dir: Path, count: int) -> None:
-    keys_dir = data_dir / "demo-keys"
-    keys_dir.mkdir(parents=True, exist_ok=True)
+def _post_sample(url: str, token: str, count: int) -> None:
     admin = {"Authorization": f"Bearer {token}"}
     existing = httpx.get(f"{url}/v1/emitters", headers=admin)
     existing.raise_for_status()
