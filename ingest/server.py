@@ -28,11 +28,12 @@ class IngestServer:
         limits: Limits | None = None,
         flush_interval: float = 1.0,
         verify_workers: int = 0,
+        writer_process: bool = True,
     ) -> None:
         self.data_dir = data_dir
         self.admin = AdminToken(admin_token)
         self.limits = limits or Limits()
-        self.store = Store(data_dir, flush_interval=flush_interval)
+        self.store = Store(data_dir, flush_interval=flush_interval, writer_process=writer_process)
         self.keys = KeyRing()
         self.metrics = IngestMetrics(self.store.flush_stats)
         self.ready = False

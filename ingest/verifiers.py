@@ -26,6 +26,9 @@ class VerifierPool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        # Start (and import into) every worker now, so the first requests after a start do not wait for them.
+        for future in [self._pool.submit(_warm_up) for _ in range(workers)]:
+            future.result()
 
     def check(
         self, tokens: Sequence[object], keys: KeyRing, *, now: datetime, max_event_bytes: int, max_skew: timedelta
@@ -46,6 +49,10 @@ class VerifierPool:
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
+
+
+def _warm_up() -> None:
+    """Runs once per worker at start; importing this module imported everything a check needs."""
 
 
 def _check_chunk(

@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import orjson
+import pyarrow as pa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -30,14 +31,16 @@ from ingest.keys import KeyRing
 from store.canonical import ZERO_HASH, canonicalize, event_hash
 from store.engine import SERVER_EMITTER
 from store.errors import CanonicalizationError, CustodyError
-from store.schema import EVENT_SCHEMA, event_row, partition_of
+from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.state import StateDB
 
 __all__ = ["IntegrityProblem", "IntegrityReport", "verify_lake"]
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = [name for name in EVENT_SCHEMA.names if name != "jws"]
+_COLUMNS = [name for name in EVENT_SCHEMA.names if name not in ("jws", "received_at")]  # received_at: not signed
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -76,34 +79,39 @@ def verify_lake(data_dir: Path, *, progress: Callable[[int], None] | None = None
     registry: dict[str, tuple[str, dict[str, Any], str, str | None]] = {}  # kid -> emitter, jwk, added, revoked
     tenants: dict[str, str] = {}
     previous: tuple[str, int, str] | None = None  # emitter, seq, computed hash of the last row
-    for row in _rows(data_dir):
-        report.events += 1
-        if progress is not None and report.events % 10_000 == 0:
+    for batch in _batches(data_dir):
+        rows = batch.to_pylist()
+        recomputed: list[tuple[int, Signed]] = []
+        for index, row in enumerate(rows):
+            emitter, seq = row["emitter"], row["seq"]
+            if previous is None or previous[0] != emitter:
+                if previous is not None:
+                    report.emitters[previous[0]] = previous[1]
+                previous = (emitter, 0, ZERO_HASH)
+            problems, signed = _check_row(row, keys, server_key, previous)
+            report.problems.extend(problems)
+            if signed is not None:
+                recomputed.append((index, signed))
+                if emitter == SERVER_EMITTER and not problems:
+                    _fold_admin(signed.payload, registry, tenants)
+                    specs = [
+                        (kid, owner, tenants.get(owner, ""), jwk, revoked)
+                        for kid, (owner, jwk, _, revoked) in registry.items()
+                    ]
+                    keys.load_specs(specs, keys.version + 1)
+            previous = (emitter, seq, row["event_hash"] if signed is None else signed.event_hash)
+        report.problems.extend(_check_columns(rows, recomputed))
+        report.events += len(rows)
+        if progress is not None:
             progress(report.events)
-        emitter, seq = row["emitter"], row["seq"]
-        if previous is None or previous[0] != emitter:
-            if previous is not None:
-                report.emitters[previous[0]] = previous[1]
-            previous = (emitter, 0, ZERO_HASH)
-        problems, computed, payload = _check_row(row, keys, server_key, previous)
-        report.problems.extend(problems)
-        if emitter == SERVER_EMITTER and payload is not None and not problems:
-            _fold_admin(payload, registry, tenants)
-            keys.load_specs(
-                [
-                    (kid, owner, tenants.get(owner, ""), jwk, revoked)
-                    for kid, (owner, jwk, _, revoked) in registry.items()
-                ],
-                keys.version + 1,
-            )
-        previous = (emitter, seq, computed or row["event_hash"])
     if previous is not None:
         report.emitters[previous[0]] = previous[1]
     report.problems.extend(_compare_heads(data_dir, report.emitters))
+    report.problems.sort(key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check))
     return report
 
 
-def _rows(data_dir: Path) -> Iterator[dict[str, Any]]:
+def _batches(data_dir: Path) -> Iterator[pa.RecordBatch]:
     files = list((data_dir / "lake" / "events").glob("tenant=*/date=*/*.parquet"))
     if not files:
         return
@@ -115,22 +123,22 @@ def _rows(data_dir: Path) -> Iterator[dict[str, Any]]:
         " ORDER BY emitter = $server DESC, emitter, seq",  # the server stream first: it registers the keys
         params={"pattern": pattern, "server": SERVER_EMITTER},
     ).to_arrow_reader(50_000)
-    for batch in reader:
-        yield from batch.to_pylist()
+    yield from reader
 
 
 def _check_row(
     row: dict[str, Any], keys: KeyRing, server_key: Any, previous: tuple[str, int, str]
-) -> tuple[list[IntegrityProblem], str | None, dict[str, Any] | None]:
-    emitter, seq, event_id = row["emitter"], row["seq"], row["event_id"]
-    where = {"emitter": emitter, "seq": seq, "event_id": event_id, "file": _short(row["filename"])}
+) -> tuple[list[IntegrityProblem], Signed | None]:
+    """Hash, key, signature and chain of one row; the Signed event recomputed from its JWS, if it parses."""
+    emitter = row["emitter"]
+    where = _where(row)
     problems: list[IntegrityProblem] = []
     try:
         parsed = parse_compact(row["jws"])
         payload = orjson.loads(parsed.payload)
         computed = event_hash(canonicalize(payload))
     except (JwsError, orjson.JSONDecodeError, CanonicalizationError, TypeError) as exc:
-        return [IntegrityProblem("jws", "a parseable signed event", str(exc), **where)], None, None
+        return [IntegrityProblem("jws", "a parseable signed event", str(exc), **where)], None
     if computed != row["event_hash"]:
         problems.append(IntegrityProblem("event_hash", computed, str(row["event_hash"]), **where))
     if emitter == SERVER_EMITTER:
@@ -161,7 +169,6 @@ def _check_row(
         problems.append(
             IntegrityProblem("signature", f"a valid {parsed.alg} signature by {parsed.kid}", "invalid", **where)
         )
-    problems.extend(_check_columns(row, payload, parsed.kid, computed, where))
     _, previous_seq, previous_hash = previous
     if payload.get("seq") != previous_seq + 1:
         problems.append(IntegrityProblem("chain_seq", f"seq {previous_seq + 1}", f"seq {payload.get('seq')}", **where))
@@ -171,29 +178,70 @@ def _check_row(
                 "chain_link", f"prev_hash {previous_hash}", f"prev_hash {payload.get('prev_hash')}", **where
             )
         )
-    return problems, computed, payload
+    received_us = 0 if row["received_at"] is None else (row["received_at"] - _EPOCH) // _MICROSECOND
+    return problems, Signed(payload, row["jws"], parsed.kid, computed, received_us)
 
 
-def _check_columns(
-    row: dict[str, Any], payload: dict[str, Any], kid: str, computed: str, where: dict[str, Any]
-) -> list[IntegrityProblem]:
-    try:
-        expected = event_row(payload, jws=row["jws"], kid=kid, event_hash=computed, received_at=row["received_at"])
-        tenant, day = partition_of(payload)
-    except (KeyError, TypeError, ValueError) as exc:
-        return [IntegrityProblem("payload", "a payload of the protocol", f"{type(exc).__name__}: {exc}", **where)]
-    problems = []
-    for name in _COLUMNS:
-        if name == "received_at":
-            continue
-        if not _same(expected[name], row[name]):
-            problems.append(IntegrityProblem(f"column {name}", repr(expected[name]), repr(row[name]), **where))
-    if row["tenant"] != tenant or _as_date(row["date"]) != day:
-        problems.append(
-            IntegrityProblem(
-                "partition", f"tenant={tenant}/date={day}", f"tenant={row['tenant']}/date={row['date']}", **where
+def _where(row: dict[str, Any]) -> dict[str, Any]:
+    return {"emitter": row["emitter"], "seq": row["seq"], "event_id": row["event_id"], "file": _short(row["filename"])}
+
+
+def _check_columns(rows: list[dict[str, Any]], recomputed: list[tuple[int, Signed]]) -> list[IntegrityProblem]:
+    """Every typed column and the partition of each row against the same columns rebuilt from its payload."""
+    problems: list[IntegrityProblem] = []
+    usable: list[tuple[int, Signed]] = []
+    for index, signed in recomputed:
+        try:
+            tenant, day = partition_of(signed.payload)
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(
+                IntegrityProblem(
+                    "payload", "a payload of the protocol", f"{type(exc).__name__}: {exc}", **_where(rows[index])
+                )
             )
-        )
+            continue
+        row = rows[index]
+        if row["tenant"] != tenant or _as_date(row["date"]) != day:
+            problems.append(
+                IntegrityProblem(
+                    "partition",
+                    f"tenant={tenant}/date={day}",
+                    f"tenant={row['tenant']}/date={row['date']}",
+                    **_where(row),
+                )
+            )
+        usable.append((index, signed))
+    try:
+        expected = event_table(signed for _, signed in usable)
+    except (KeyError, TypeError, ValueError, pa.ArrowException):
+        return problems + _check_columns_one_by_one(rows, usable)
+    for name in _COLUMNS:
+        for (index, _), value in zip(usable, expected.column(name).to_pylist(), strict=True):
+            if not _same(value, rows[index][name]):
+                problems.append(
+                    IntegrityProblem(f"column {name}", repr(value), repr(rows[index][name]), **_where(rows[index]))
+                )
+    return problems
+
+
+def _check_columns_one_by_one(rows: list[dict[str, Any]], usable: list[tuple[int, Signed]]) -> list[IntegrityProblem]:
+    """A batch with a payload Arrow cannot type: find it, and check the others."""
+    problems = []
+    for index, signed in usable:
+        try:
+            expected = event_table([signed]).to_pylist()[0]
+        except (KeyError, TypeError, ValueError, pa.ArrowException) as exc:
+            problems.append(
+                IntegrityProblem(
+                    "payload", "a payload of the protocol", f"{type(exc).__name__}: {exc}", **_where(rows[index])
+                )
+            )
+            continue
+        problems += [
+            IntegrityProblem(f"column {name}", repr(expected[name]), repr(rows[index][name]), **_where(rows[index]))
+            for name in _COLUMNS
+            if not _same(expected[name], rows[index][name])
+        ]
     return problems
 
 

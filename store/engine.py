@@ -73,7 +73,7 @@ def _lower_priority() -> None:
 
 
 class Store:
-    def __init__(self, data_dir: Path, *, flush_interval: float = 1.0) -> None:
+    def __init__(self, data_dir: Path, *, flush_interval: float = 1.0, writer_process: bool = True) -> None:
         self.data_dir = data_dir
         self.flush_interval = flush_interval
         self.lake = Lake(data_dir / "lake")
@@ -83,6 +83,8 @@ class Store:
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         self._writer: ProcessPoolExecutor | None = None
+        self._flushing_in_background = False
+        self._writer_process = writer_process
         self._pending: list[tuple[int, int, float]] = []  # (segment, events, monotonic time of first append)
         self._pending_lock = threading.Lock()
         self._deferred_lock = threading.Lock()
@@ -107,7 +109,7 @@ class Store:
     def start_flusher(self) -> None:
         """Flush every ``flush_interval`` seconds from a thread; Parquet encoding runs in a child process so that
         it never competes with the ack path for the GIL."""
-        self._writer = _new_writer()
+        self._flushing_in_background = self._writer_process
         self._flusher = threading.Thread(target=self._flush_loop, name="custody-flusher", daemon=True)
         self._flusher.start()
 
@@ -116,6 +118,7 @@ class Store:
         self._stop.set()
         if self._flusher is not None:
             self._flusher.join()
+        self._flushing_in_background = False  # the last flush runs here: no process to start for it
         try:
             self.flush()
         except CustodyError as exc:
@@ -254,8 +257,10 @@ class Store:
     def _write_segment(self, segment: int) -> int:
         """Turn one closed WAL segment into Parquet in the lake-writer process (in this one when there is none)."""
         wal_path = self.wal.path(segment)
-        if self._writer is None:
+        if not self._flushing_in_background:
             return write_segment_file(wal_path, self.lake.root, segment)
+        if self._writer is None:
+            self._writer = _new_writer()  # started on first use: most short-lived servers never need it
         try:
             return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment).result()
         except BrokenProcessPool:

@@ -14,7 +14,6 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.schema import EVENT_SCHEMA, event_row, partition_of
+from store.schema import Signed, event_table, partition_of
 from store.wal import WalRecord, fsync_directory
 
-__all__ = ["Lake", "decode_payload", "rows_from_records"]
+__all__ = ["Lake", "decode_payload", "signed_events"]
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +38,10 @@ def decode_payload(jws: str) -> dict[str, Any]:
     return payload
 
 
-def rows_from_records(records: Iterable[WalRecord]) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(tenant, date, row) for each record, the row recomputed from the record's signed payload."""
+def signed_events(records: Iterable[WalRecord]) -> Iterator[Signed]:
+    """Each record's signed payload with what the lake stores beside it."""
     for record in records:
-        payload = decode_payload(record.jws)
-        tenant, day = partition_of(payload)
-        received_at = datetime.fromtimestamp(record.received_at_us / 1_000_000, tz=UTC)
-        row = event_row(payload, jws=record.jws, kid=record.kid, event_hash=record.event_hash, received_at=received_at)
-        yield tenant, day.isoformat(), row
+        yield Signed(decode_payload(record.jws), record.jws, record.kid, record.event_hash, record.received_at_us)
 
 
 class Lake:
@@ -62,23 +57,24 @@ class Lake:
 
     def write_segment(self, segment: int, records: list[WalRecord]) -> int:
         """Write a WAL segment's records as Parquet, one file per partition; return the rows newly written."""
-        by_partition: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        by_partition: dict[tuple[str, str], list[Signed]] = defaultdict(list)
         seen: set[tuple[str, int]] = set()
-        for tenant, day, row in rows_from_records(records):
-            key = (row["emitter"], row["seq"])
+        for event in signed_events(records):
+            key = (event.payload["emitter"], event.payload["seq"])
             if key in seen:
                 continue
             seen.add(key)
-            by_partition[(tenant, day)].append(row)
+            tenant, when = partition_of(event.payload)
+            by_partition[(tenant, when.isoformat())].append(event)
         written = 0
-        for (tenant, day), rows in sorted(by_partition.items()):
+        for (tenant, day), events in sorted(by_partition.items()):
             directory = self.events_dir / f"tenant={tenant}" / f"date={day}"
             final = directory / f"seg-{segment:012d}.parquet"
             if final.exists():
                 continue
-            rows.sort(key=lambda row: (row["emitter"], row["seq"]))
-            self._write_atomic(directory, final, pa.Table.from_pylist(rows, schema=EVENT_SCHEMA))
-            written += len(rows)
+            events.sort(key=lambda event: (event.payload["emitter"], event.payload["seq"]))
+            self._write_atomic(directory, final, event_table(events))
+            written += len(events)
         return written
 
     def _write_atomic(self, directory: Path, final: Path, table: pa.Table) -> None:

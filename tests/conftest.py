@@ -88,7 +88,10 @@ class Harness:
 
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[Harness]:
-    server = IngestServer(tmp_path / "data", ADMIN_TOKEN, limits=Limits(max_events=50), flush_interval=3600)
+    # In-process flushes (no lake-writer process): real server processes in test_server_process.py use it.
+    server = IngestServer(
+        tmp_path / "data", ADMIN_TOKEN, limits=Limits(max_events=50), flush_interval=3600, writer_process=False
+    )
     with TestClient(create_app(server)) as client:
         yield Harness(client, server, tmp_path / "data")
 

@@ -14,7 +14,7 @@ from ingest.sdk import generate_key
 from query.integrity import IntegrityReport, verify_lake
 from store.canonical import canonicalize, event_hash
 from store.lake import decode_payload
-from store.schema import EVENT_SCHEMA, event_row
+from store.schema import EVENT_SCHEMA, Signed, event_table
 from tests.conftest import ADMIN, REPO, Harness
 from tests.signing import chain, sign
 
@@ -124,7 +124,8 @@ def test_a_file_resigned_with_another_key_is_caught(lake: Harness, registered_ki
                 payload["prev_hash"] = previous
             digest = event_hash(canonicalize(payload))
             jws = sign(payload, evil, kid)
-            out.append(event_row(payload, jws=jws, kid=kid, event_hash=digest, received_at=row["received_at"]))
+            received_us = int(row["received_at"].timestamp()) * 1_000_000 + row["received_at"].microsecond
+            out.append(event_table([Signed(payload, jws, kid, digest, received_us)]).to_pylist()[0])
             previous = digest
         return out
 
@@ -151,3 +152,35 @@ def test_the_cli_prints_fail_lines_and_exits_1(lake: Harness) -> None:
     assert broken.returncode == 1
     assert "FAIL: gw-1 seq 6" in broken.stdout
     assert "chain_seq: expected seq 1, found seq 6" in broken.stdout
+
+
+def test_timestamps_in_every_form_land_typed_and_verify(harness: Harness) -> None:
+    from datetime import UTC, datetime
+
+    from tests.conftest import invocation, read_lake
+    from tests.signing import payload
+
+    key, kid = harness.register("gw-t")
+    credential = dict(invocation()["credential"], expires_at=1_900_000_000)  # epoch seconds
+    first = payload("gw-t", occurred_at="2026-11-28T23:59:59.123456Z", credential=credential)
+    second = payload(
+        "gw-t",
+        2,
+        event_hash(canonicalize(first)),
+        occurred_at="2026-11-29T00:00:00Z",
+        type="credential.revoked",
+        revoked_at="2026-11-29T00:00:00.5Z",
+        reason="leaked",
+        tool=None,
+        decision=None,
+    )
+    body = harness.post([sign(first, key, kid), sign(second, key, kid)])
+    assert [r["status"] for r in body["results"]] == ["accepted", "accepted"], body
+    harness.flush()
+    rows = read_lake(harness.data_dir, "emitter, date, occurred_at, credential_expires_at, revoked_at")
+    mine = [row[1:] for row in rows if row[0] == "gw-t"]
+    assert [str(row[0]) for row in mine] == ["2026-11-28", "2026-11-29"]
+    assert mine[0][1] == datetime(2026, 11, 28, 23, 59, 59, 123456, tzinfo=UTC)
+    assert mine[0][2] == datetime.fromtimestamp(1_900_000_000, tz=UTC)
+    assert mine[1][3] == datetime(2026, 11, 29, 0, 0, 0, 500000, tzinfo=UTC)
+    assert verify_lake(harness.data_dir).ok

@@ -102,7 +102,7 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
     server.start()
     emitters = {f"gw-{i}": register(server.url, f"gw-{i}") for i in range(3)}
-    chains = {name: chain(name, 4000, key, kid)[0] for name, (key, kid) in emitters.items()}
+    chains = {name: chain(name, 6000, key, kid)[0] for name, (key, kid) in emitters.items()}
     acked: dict[str, set[int]] = {name: set() for name in emitters}
     rng = random.Random(9)
 
@@ -124,14 +124,18 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     for round_number in range(5):
         stop = threading.Event()
         threads = [threading.Thread(target=load, args=(name, server.url, stop)) for name in emitters]
+        before = sum(len(seqs) for seqs in acked.values())
         for thread in threads:
             thread.start()
-        time.sleep(rng.uniform(0.4, 1.2))
+        deadline = time.monotonic() + 30
+        while sum(len(seqs) for seqs in acked.values()) == before and time.monotonic() < deadline:
+            time.sleep(0.02)  # the kill must land while events are being acknowledged
+        time.sleep(rng.uniform(0.1, 0.8))
         server.kill()
         stop.set()
         for thread in threads:
             thread.join()
-        assert any(acked.values()), f"round {round_number}: nothing was acknowledged before the kill"
+        assert sum(len(seqs) for seqs in acked.values()) > before, f"round {round_number}: no ack before the kill"
         server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
         server.start()
         for name in emitters:
