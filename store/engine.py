@@ -110,6 +110,9 @@ class Store:
         """Flush every ``flush_interval`` seconds from a thread; Parquet encoding runs in a child process so that
         it never competes with the ack path for the GIL."""
         self._flushing_in_background = self._writer_process
+        if self._writer_process:
+            self._writer = _new_writer()
+            self._writer.submit(int).result()  # start it now, not in the middle of the first flush
         self._flusher = threading.Thread(target=self._flush_loop, name="custody-flusher", daemon=True)
         self._flusher.start()
 
@@ -260,7 +263,7 @@ class Store:
         if not self._flushing_in_background:
             return write_segment_file(wal_path, self.lake.root, segment)
         if self._writer is None:
-            self._writer = _new_writer()  # started on first use: most short-lived servers never need it
+            self._writer = _new_writer()
         try:
             return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment).result()
         except BrokenProcessPool:

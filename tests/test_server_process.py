@@ -53,6 +53,13 @@ def wait_for_lake(data_dir: Path, count: int, timeout: float = 10.0) -> list[tup
     raise AssertionError(f"{len(rows)} events in the lake after {timeout} s, expected {count}")
 
 
+def wait_until_flushed(server: ServerProcess, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{server.url}/healthz").json()["unflushed_events"]:
+        assert time.monotonic() < deadline, "the flusher did not catch up"
+        time.sleep(0.05)
+
+
 def payload_of(jws: str) -> dict:
     part = jws.split(".")[1]
     return orjson.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
@@ -209,7 +216,7 @@ def test_read_only_wal_gives_503_and_resumes(tmp_path: Path) -> None:
     key, kid = register(server.url, "gw-1")
     tokens, _ = chain("gw-1", 30, key, kid)
     assert httpx.post(f"{server.url}/v1/events", json={"events": tokens[:10]}).status_code == 200
-    time.sleep(0.6)  # the flusher closes the active segment; the next append opens a new file
+    wait_until_flushed(server)  # the flusher closed the active segment: the next append opens a new file
     wal = server.data_dir / "wal"
     subprocess.run(["mount", "--bind", str(wal), str(wal)], check=True)
     try:
