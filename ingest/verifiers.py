@@ -18,7 +18,7 @@ from ingest.keys import KeyRing, KeySpec
 
 __all__ = ["VerifierPool"]
 
-_MIN_CHUNK = 16
+_MIN_CHUNK = 8
 _worker_ring: KeyRing | None = None
 
 
