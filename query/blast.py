@@ -1,0 +1,299 @@
+"""Blast radius: what an identity could reach and what it touched (identity), and what a compromise reached
+downstream (forward taint).
+
+Identity blast radius of an agent or credential over a window: scopes granted (from the credentials it held and
+the delegations it received) vs scopes used (``required_scope`` of its allowed calls), tools it could reach
+(every tool whose required scope it holds, from the tool -> scope map observed in the lake) vs tools it used,
+resources, tenants and users, and the agents it delegated to, transitively, with their own reach.
+
+Forward taint from a compromised agent, credential, user session or trace at time T: every later event where it
+appears (anywhere in the delegation chain, or as the credential, or the trace), every descendant of those
+(``parent_event_id``), and the later events of every agent it delegated to, transitively.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+
+from query.lake import LakeReader
+from query.search import event_dicts
+from store.errors import InvalidInput
+
+__all__ = ["IdentityBlastRadius", "Taint", "forward_taint", "identity_blast_radius"]
+
+Subject = Literal["agent", "credential", "user", "trace"]
+_MAX_DEPTH = 16
+
+
+@dataclass
+class IdentityBlastRadius:
+    subject: str
+    kind: str
+    scopes_granted: list[str]
+    scopes_used: dict[str, int]
+    scopes_unused: list[str]
+    tools_reachable: list[str]
+    tools_used: dict[str, int]
+    resources: list[dict[str, Any]]
+    tenants: list[str]
+    users: list[str]
+    delegates: list[dict[str, Any]] = field(default_factory=list)
+    events: int = 0
+
+    @property
+    def headline(self) -> str:
+        reach, used = len(self.tools_reachable), len(self.tools_used)
+        return (
+            f"{self.kind} {self.subject}: could reach {reach} tools, used {used};"
+            f" {len(self.scopes_unused)} of {len(self.scopes_granted)} granted scopes never used"
+        )
+
+
+def identity_blast_radius(
+    reader: LakeReader,
+    kind: Literal["agent", "credential"],
+    subject: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    tenant: str | None = None,
+    _seen: frozenset[str] = frozenset(),
+) -> IdentityBlastRadius:
+    if kind not in ("agent", "credential"):
+        raise InvalidInput(f"identity blast radius is for an agent or a credential, not {kind!r}")
+    acting = "agent = $subject" if kind == "agent" else "credential_id = $subject"
+    window = "($since IS NULL OR occurred_at >= $since) AND ($until IS NULL OR occurred_at < $until)"
+    scope = "($tenant IS NULL OR tenant = $tenant)"
+    params = {"subject": subject, "since": since, "until": until, "tenant": tenant}
+    with reader.connect() as connection:
+
+        def rows(sql: str) -> list[tuple[Any, ...]]:
+            return connection.execute(sql, params).fetchall()
+
+        held = "credential_client_id = $subject" if kind == "agent" else "credential_id = $subject"
+        granted = {
+            scope_name
+            for (scopes,) in rows(
+                f"SELECT credential_scopes FROM events WHERE ({held} OR {acting}) AND {scope}"
+                f" AND {window} AND credential_scopes IS NOT NULL"
+            )
+            for scope_name in scopes
+        }
+        if kind == "agent":
+            granted |= {
+                scope_name
+                for (scopes,) in rows(
+                    f"SELECT delegate_scopes FROM events WHERE type = 'agent.delegation'"
+                    f" AND delegate_agent = $subject AND {scope} AND {window}"
+                )
+                for scope_name in scopes or []
+            }
+        calls = f"type = 'tool.invocation' AND {acting} AND {scope} AND {window}"
+        used = dict(
+            rows(
+                f"SELECT decision_required_scope, count(*) FROM events WHERE {calls}"
+                " AND decision_result = 'allow' AND decision_required_scope IS NOT NULL GROUP BY 1"
+            )
+        )
+        tools_used = dict(
+            rows(
+                f"SELECT tool_server || '/' || tool_name, count(*) FROM events WHERE {calls}"
+                " AND decision_result = 'allow' GROUP BY 1"
+            )
+        )
+        tool_scopes = rows(
+            f"SELECT DISTINCT tool_server || '/' || tool_name, decision_required_scope FROM events"
+            f" WHERE type = 'tool.invocation' AND decision_required_scope IS NOT NULL AND {scope}"
+        )
+        resources = [
+            {"tenant": r[0], "type": r[1], "id": r[2], "count": r[3], "first": _iso(r[4]), "last": _iso(r[5])}
+            for r in rows(
+                f"SELECT resource_tenant, resource_type, resource_id, count(*), min(occurred_at),"
+                f" max(occurred_at) FROM events WHERE {calls} AND decision_result = 'allow'"
+                " AND resource_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3"
+            )
+        ]
+        users = [
+            r[0]
+            for r in rows(
+                f'SELECT DISTINCT "user" FROM events WHERE {acting} AND {scope} AND {window}'
+                ' AND "user" IS NOT NULL ORDER BY 1'
+            )
+        ]
+        delegate_names = [
+            r[0]
+            for r in rows(
+                f"SELECT DISTINCT delegate_agent FROM events WHERE type ="
+                f" 'agent.delegation' AND {acting} AND {scope} AND {window} ORDER BY 1"
+            )
+        ]
+        events = rows(f"SELECT count(*) FROM events WHERE {acting} AND {scope} AND {window}")[0][0]
+    reachable = sorted({tool for tool, needed in tool_scopes if needed in granted})
+    result = IdentityBlastRadius(
+        subject=subject,
+        kind=kind,
+        scopes_granted=sorted(granted),
+        scopes_used=dict(sorted(used.items())),
+        scopes_unused=sorted(granted - set(used)),
+        tools_reachable=reachable,
+        tools_used=dict(sorted(tools_used.items())),
+        resources=resources,
+        tenants=sorted({resource["tenant"] for resource in resources if resource["tenant"]}),
+        users=users,
+        events=int(events),
+    )
+    if kind == "agent" and len(_seen) < _MAX_DEPTH:
+        for name in delegate_names:
+            if name in _seen or name == subject:
+                continue
+            reach = identity_blast_radius(
+                reader, "agent", name, since=since, until=until, tenant=tenant, _seen=_seen | {subject}
+            )
+            result.delegates.append(
+                {
+                    "agent": name,
+                    "headline": reach.headline,
+                    "tools_reachable": reach.tools_reachable,
+                    "tools_used": reach.tools_used,
+                    "delegates": reach.delegates,
+                }
+            )
+    return result
+
+
+@dataclass
+class Taint:
+    subject: str
+    kind: str
+    since: str
+    events: list[dict[str, Any]]
+    summary: dict[str, list[dict[str, Any]]]
+
+    def as_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "subject": self.subject,
+                "kind": self.kind,
+                "since": self.since,
+                "summary": self.summary,
+                "events": self.events,
+            },
+            option=orjson.OPT_INDENT_2,
+        )
+
+    def as_csv(self) -> str:
+        columns = [
+            "occurred_at",
+            "event_id",
+            "tenant",
+            "emitter",
+            "seq",
+            "type",
+            "user",
+            "agent",
+            "delegation_chain",
+            "credential_id",
+            "tool_name",
+            "resource_tenant",
+            "resource_type",
+            "resource_id",
+            "decision_result",
+            "outcome",
+            "parent_event_id",
+            "trace_id",
+            "event_hash",
+        ]
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for event in self.events:
+            writer.writerow([" > ".join(event[c] or []) if c == "delegation_chain" else event.get(c) for c in columns])
+        return out.getvalue()
+
+
+def forward_taint(
+    reader: LakeReader, kind: Subject, subject: str, since: datetime, *, tenant: str | None = None
+) -> Taint:
+    seed_condition = {
+        "agent": "list_contains(delegation_chain, ?)",
+        "credential": "credential_id = ?",
+        "user": "credential_kind = 'user_session' AND \"user\" = ?",
+        "trace": "trace_id = ?",
+    }.get(kind)
+    if seed_condition is None:
+        raise InvalidInput(f"taint starts from an agent, credential, user or trace, not {kind!r}")
+    found: dict[str, dict[str, Any]] = {}
+    with reader.connect() as connection:
+
+        def select(condition: str, params: list[Any]) -> list[dict[str, Any]]:
+            return event_dicts(
+                connection.execute(
+                    f"SELECT * EXCLUDE (jws) FROM events WHERE {condition} AND occurred_at >= ?"
+                    " AND (? IS NULL OR tenant = ?)",
+                    [*params, since, tenant, tenant],
+                )
+            )
+
+        agents_done: set[str] = set()
+        frontier = select(seed_condition, [subject])
+        agents = [subject] if kind == "agent" else []
+        while frontier or agents:
+            for event in frontier:
+                found.setdefault(event["event_id"], event)
+            delegated = {
+                e["delegate_agent"] for e in frontier if e["type"] == "agent.delegation" and e["delegate_agent"]
+            }
+            agents = sorted((delegated | set(agents)) - agents_done)
+            agents_done.update(agents)
+            ids = [e["event_id"] for e in frontier]
+            frontier = [e for e in select("list_contains(?, parent_event_id)", [ids]) if e["event_id"] not in found]
+            for agent in agents:
+                frontier += [
+                    e for e in select("list_contains(delegation_chain, ?)", [agent]) if e["event_id"] not in found
+                ]
+            agents = []
+    events = sorted(found.values(), key=lambda e: (e["occurred_at"], e["emitter"], e["seq"]))
+    return Taint(subject, kind, _iso(since) or "", events, _summarise(events))
+
+
+def _summarise(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    keys: dict[str, Callable[[dict[str, Any]], Any]] = {
+        "tool": lambda e: e.get("tool_name") and f"{e['tool_server']}/{e['tool_name']}",
+        "resource": lambda e: (
+            e.get("resource_id") and f"{e['resource_tenant']}/{e['resource_type']}/{e['resource_id']}"
+        ),
+        "tenant": lambda e: e.get("resource_tenant") or e.get("tenant"),
+        "user": lambda e: e.get("user"),
+        "agent": lambda e: e.get("agent"),
+        "decision": lambda e: e.get("decision_result"),
+    }
+    summary = {}
+    for name, key in keys.items():
+        groups: dict[str, dict[str, Any]] = {}
+        for event in events:
+            value = key(event)
+            if not value:
+                continue
+            group = groups.setdefault(
+                value, {name: value, "events": 0, "first": event["occurred_at"], "last": event["occurred_at"]}
+            )
+            group["events"] += 1
+            group["first"] = min(group["first"], event["occurred_at"])
+            group["last"] = max(group["last"], event["occurred_at"])
+        summary[name] = sorted(groups.values(), key=lambda g: (-g["events"], g[name]))
+    return summary
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return str(value)
