@@ -75,7 +75,9 @@ def identity_blast_radius(
     with reader.connect() as connection:
 
         def rows(sql: str) -> list[tuple[Any, ...]]:
-            return connection.execute(sql, params).fetchall()
+            return connection.execute(
+                sql, {name: value for name, value in params.items() if f"${name}" in sql}
+            ).fetchall()
 
         held = "credential_client_id = $subject" if kind == "agent" else "credential_id = $subject"
         granted = {

@@ -81,7 +81,8 @@ _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
         ["ASI03"],
         """SELECT tool_server || '/' || tool_name, list(event_id ORDER BY occurred_at), min(occurred_at),
                max(occurred_at), list_sort(list_distinct(list(agent)))
-        FROM scoped_for($tenant) WHERE type = 'tool.invocation' AND decision_result = 'allow' AND decision_required_scope IS NULL
+        FROM scoped_for($tenant)
+        WHERE type = 'tool.invocation' AND decision_result = 'allow' AND decision_required_scope IS NULL
         GROUP BY 1 ORDER BY 1""",
     ),
     "action_after_revocation": (
