@@ -10,7 +10,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
+
+import orjson
 
 from custody import __version__
 from store.errors import CustodyError
@@ -68,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(run=_verify)
 
+    _forensics_commands(commands)
+
     demo = commands.add_parser(
         "demo",
         help="start a server on a data dir and post the sample events through the SDK",
@@ -80,6 +86,197 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--exit", action="store_true", help="stop after posting instead of serving until Ctrl-C")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def lake_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--data-dir", type=Path, required=True)
+        command.add_argument("--tenant", help="only this tenant's events")
+        command.add_argument("--json", action="store_true", help="print JSON instead of text")
+        return command
+
+    events = lake_command("events", "search the timeline, newest first")
+    for name in ("user", "agent", "credential", "tool", "resource", "decision", "outcome", "emitter", "type", "trace"):
+        events.add_argument(f"--{name}")
+    events.add_argument("--since", type=_timestamp, help="RFC 3339 time")
+    events.add_argument("--until", type=_timestamp, help="RFC 3339 time")
+    events.add_argument("--limit", type=int, default=50)
+    events.add_argument("--cursor", help="next_cursor of the previous page")
+    events.set_defaults(run=_events)
+
+    path = lake_command("path", "the delegation path and task tree of one event")
+    path.add_argument("event_id")
+    path.set_defaults(run=_path)
+
+    blast = lake_command("blast-radius", "what an agent or credential could reach and what it touched")
+    who = blast.add_mutually_exclusive_group(required=True)
+    who.add_argument("--agent")
+    who.add_argument("--credential")
+    blast.add_argument("--since", type=_timestamp)
+    blast.add_argument("--until", type=_timestamp)
+    blast.set_defaults(run=_blast)
+
+    taint = lake_command("taint", "everything a compromised agent, credential, user session or trace reached after T")
+    start = taint.add_mutually_exclusive_group(required=True)
+    for name in ("agent", "credential", "user", "trace"):
+        start.add_argument(f"--{name}")
+    taint.add_argument("--since", type=_timestamp, required=True, help="when the compromise began (RFC 3339)")
+    taint.add_argument("--csv", type=Path, help="write the evidence events as CSV here")
+    taint.add_argument("--evidence-json", type=Path, help="write summary and events as JSON here")
+    taint.set_defaults(run=_taint)
+
+    found = lake_command("findings", "borrowed sessions, shared credentials, unregistered tools, ...")
+    found.add_argument("--max-delegation-depth", type=int, default=3)
+    found.add_argument("--unused-days", type=int, default=30)
+    found.set_defaults(run=_findings)
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _print_json(value: object) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_DATETIME, default=str).decode())
+
+
+def _events(args: argparse.Namespace) -> int:
+    from query.lake import LakeReader
+    from query.search import EventFilter, search
+
+    names = (
+        "tenant",
+        "user",
+        "agent",
+        "credential",
+        "tool",
+        "resource",
+        "decision",
+        "outcome",
+        "emitter",
+        "type",
+        "trace",
+        "since",
+        "until",
+    )
+    where = EventFilter(**{name: getattr(args, name) for name in names})
+    page = search(LakeReader(args.data_dir), where, limit=args.limit, cursor=args.cursor)
+    if args.json:
+        _print_json({"total": page.total, "next_cursor": page.next_cursor, "events": page.events})
+        return 0
+    for event in page.events:
+        chain = " > ".join(event["delegation_chain"] or [])
+        target = f"{event['tool_name'] or event['type']} {event['resource_id'] or ''}".strip()
+        print(
+            f"{event['occurred_at']}  {event['event_id']}  {event['tenant']}  [{chain}]  {target}"
+            f"  {event['decision_result'] or ''}"
+        )
+    print(
+        f"{len(page.events)} of {page.total} events"
+        + (f"; next: --cursor {page.next_cursor}" if page.next_cursor else "")
+    )
+    return 0
+
+
+def _path(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from query.lake import LakeReader
+    from query.paths import delegation_path
+
+    path = delegation_path(LakeReader(args.data_dir), args.event_id, tenant=args.tenant)
+    if args.json:
+        _print_json(
+            {
+                "event": path.event,
+                "approval": path.approval,
+                "ancestors": path.ancestors,
+                "descendants": path.descendants,
+                "truncated": path.truncated,
+                "nodes": [asdict(node) for node in path.nodes],
+                "edges": [asdict(edge) for edge in path.edges],
+            }
+        )
+    else:
+        print(path.text())
+    return 0
+
+
+def _blast(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from query.blast import identity_blast_radius
+    from query.lake import LakeReader
+
+    kind: Literal["agent", "credential"] = "agent" if args.agent else "credential"
+    reach = identity_blast_radius(
+        LakeReader(args.data_dir),
+        kind,
+        args.agent or args.credential,
+        since=args.since,
+        until=args.until,
+        tenant=args.tenant,
+    )
+    if args.json:
+        _print_json({**asdict(reach), "headline": reach.headline})
+        return 0
+    print(reach.headline)
+    print(f"scopes granted: {', '.join(reach.scopes_granted) or '-'}")
+    print(f"scopes used:    {', '.join(f'{s} ({n})' for s, n in reach.scopes_used.items()) or '-'}")
+    print(f"scopes unused:  {', '.join(reach.scopes_unused) or '-'}")
+    print(f"tools reachable: {', '.join(reach.tools_reachable) or '-'}")
+    print(f"tools used:      {', '.join(f'{t} ({n})' for t, n in reach.tools_used.items()) or '-'}")
+    print(f"tenants: {', '.join(reach.tenants) or '-'}; users: {', '.join(reach.users) or '-'}")
+    print(f"resources: {len(reach.resources)}; delegated to: {', '.join(d['agent'] for d in reach.delegates) or '-'}")
+    return 0
+
+
+def _taint(args: argparse.Namespace) -> int:
+    from query.blast import forward_taint
+    from query.lake import LakeReader
+
+    kinds: tuple[Literal["agent", "credential", "user", "trace"], ...] = ("agent", "credential", "user", "trace")
+    kind = next(name for name in kinds if getattr(args, name))
+    taint = forward_taint(LakeReader(args.data_dir), kind, getattr(args, kind), args.since, tenant=args.tenant)
+    if args.csv:
+        args.csv.write_text(taint.as_csv(), encoding="utf-8")
+    if args.evidence_json:
+        args.evidence_json.write_bytes(taint.as_json())
+    if args.json:
+        print(taint.as_json().decode())
+        return 0
+    print(f"{kind} {taint.subject} since {taint.since}: {len(taint.events)} events")
+    for dimension, groups in taint.summary.items():
+        print(
+            f"  by {dimension}: "
+            + ", ".join(f"{g[dimension]} ({g['events']})" for g in groups[:10])
+            + (f", ... {len(groups) - 10} more" if len(groups) > 10 else "")
+        )
+    return 0
+
+
+def _findings(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from query.findings import FindingSettings, findings
+    from query.lake import LakeReader
+
+    settings = FindingSettings(max_delegation_depth=args.max_delegation_depth, unused_scope_days=args.unused_days)
+    found = findings(LakeReader(args.data_dir), tenant=args.tenant, settings=settings)
+    if args.json:
+        _print_json([{**asdict(f), "evidence_truncated": f.evidence_truncated} for f in found])
+        return 0
+    for finding in found:
+        print(
+            f"{finding.severity.upper():8} {finding.kind:24} {finding.title} [{', '.join(finding.owasp)}]"
+            f" {finding.evidence_total} events, first {finding.first_seen}"
+        )
+    print(f"{len(found)} findings")
+    return 0
 
 
 def _default_verify_workers() -> int:

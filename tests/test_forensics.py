@@ -164,7 +164,8 @@ def test_each_finding_fires_exactly_on_its_planted_incident(incident, kind: str)
     assert set(found) == set(EXPECTED[kind])
     for subject, evidence in EXPECTED[kind].items():
         finding = found[subject]
-        assert finding.owasp and finding.owasp[0] == "ASI03"
+        assert finding.owasp
+        assert finding.owasp[0] == "ASI03"
         assert finding.severity in ("critical", "high", "medium")
         if evidence is not None:
             assert names(s, finding.evidence) == evidence
@@ -207,3 +208,28 @@ def test_search_filters_count_and_pages(incident) -> None:
         search(reader, EventFilter(), cursor="not-a-cursor")
     with pytest.raises(InvalidInput, match="limit"):
         search(reader, EventFilter(), limit=0)
+
+
+def test_the_cli_faces(incident, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    reader, s = incident
+
+    def run(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "custody.cli", *args, "--data-dir", str(reader.data_dir)],
+                                capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "user alice@acme.example -> agent support-agent -> agent export-subagent" in run("path", s.id("export"))
+    assert run("blast-radius", "--agent", "support-agent").startswith(
+        "agent support-agent: could reach 3 tools, used 2; 2 of 4 granted scopes never used")
+    evidence = tmp_path / "taint.csv"
+    since = scenario.at(11)
+    assert "9 events" in run("taint", "--credential", "tok-support", "--since", since, "--csv", str(evidence))
+    assert len(evidence.read_text().splitlines()) == 10
+    assert "CRITICAL action_after_revocation" in run("findings")
+    assert orjson.loads(run("events", "--tenant", "globex", "--json"))["total"] == 2
