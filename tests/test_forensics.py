@@ -219,14 +219,21 @@ def test_the_cli_faces(incident, tmp_path) -> None:
     reader, s = incident
 
     def run(*args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "custody.cli", *args, "--data-dir", str(reader.data_dir)],
-                                capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "custody.cli", *args, "--data-dir", str(reader.data_dir)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 
     assert "user alice@acme.example -> agent support-agent -> agent export-subagent" in run("path", s.id("export"))
     assert run("blast-radius", "--agent", "support-agent").startswith(
-        "agent support-agent: could reach 3 tools, used 2; 2 of 4 granted scopes never used")
+        "agent support-agent: could reach 3 tools, used 2; 2 of 4 granted scopes never used"
+    )
     evidence = tmp_path / "taint.csv"
     since = scenario.at(11)
     assert "9 events" in run("taint", "--credential", "tok-support", "--since", since, "--csv", str(evidence))
