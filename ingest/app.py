@@ -15,15 +15,14 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.auth import bearer, verify_head_proof
+from ingest.envelope import ErrorEnvelope, error_response, install_error_envelope
 from ingest.server import IngestServer
-from store.errors import CustodyError, InvalidInput, StorageUnavailable, Unauthorized
+from store.errors import InvalidInput, StorageUnavailable, Unauthorized
 
 __all__ = ["create_app"]
 
@@ -38,16 +37,6 @@ class PayloadTooLarge(InvalidInput):
 class UnsupportedMediaType(InvalidInput):
     code = "unsupported_media_type"
     http_status = 415
-
-
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    details: list[str]
-
-
-class ErrorEnvelope(BaseModel):
-    error: ErrorBody
 
 
 class EventsRequest(BaseModel):
@@ -117,10 +106,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_response(status: int, code: str, message: str, details: list[str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "details": details or []}}, status_code=status)
-
-
 def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -139,24 +124,7 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
         lifespan=lifespan,
     )
 
-    @app.exception_handler(CustodyError)
-    async def custody_error(_: Request, exc: CustodyError) -> JSONResponse:
-        return error_response(exc.http_status, exc.code, exc.message, exc.details)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return error_response(400, "invalid_request", "the request does not have the expected shape", details)
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return error_response(500, "internal_error", "internal error; the server log has the details")
+    install_error_envelope(app)
 
     @app.post(
         "/v1/events",

@@ -26,7 +26,7 @@ from query.lake import LakeReader
 from query.search import event_dicts
 from store.errors import InvalidInput
 
-__all__ = ["IdentityBlastRadius", "Taint", "forward_taint", "identity_blast_radius"]
+__all__ = ["IdentityBlastRadius", "Subject", "Taint", "forward_taint", "identity_blast_radius"]
 
 Subject = Literal["agent", "credential", "user", "trace"]
 _MAX_DEPTH = 16

@@ -52,6 +52,7 @@ class IntegrityProblem:
     seq: int | None = None
     event_id: str | None = None
     file: str | None = None
+    tenant: str | None = None
 
     def describe(self) -> str:
         where = f"{self.emitter} seq {self.seq}" if self.emitter else "lake"
@@ -64,6 +65,7 @@ class IntegrityProblem:
 class IntegrityReport:
     events: int = 0
     emitters: dict[str, int] = field(default_factory=dict)
+    tenants: dict[str, str] = field(default_factory=dict)  # emitter -> tenant, as the lake's partitions say
     problems: list[IntegrityProblem] = field(default_factory=list)
 
     @property
@@ -84,6 +86,7 @@ def verify_lake(data_dir: Path, *, progress: Callable[[int], None] | None = None
         recomputed: list[tuple[int, Signed]] = []
         for index, row in enumerate(rows):
             emitter, seq = row["emitter"], row["seq"]
+            report.tenants.setdefault(emitter, row["tenant"])
             if previous is None or previous[0] != emitter:
                 if previous is not None:
                     report.emitters[previous[0]] = previous[1]
@@ -106,7 +109,7 @@ def verify_lake(data_dir: Path, *, progress: Callable[[int], None] | None = None
             progress(report.events)
     if previous is not None:
         report.emitters[previous[0]] = previous[1]
-    report.problems.extend(_compare_heads(data_dir, report.emitters))
+    report.problems.extend(_compare_heads(data_dir, report.emitters, report.tenants))
     report.problems.sort(key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check))
     return report
 
@@ -183,7 +186,13 @@ def _check_row(
 
 
 def _where(row: dict[str, Any]) -> dict[str, Any]:
-    return {"emitter": row["emitter"], "seq": row["seq"], "event_id": row["event_id"], "file": _short(row["filename"])}
+    return {
+        "emitter": row["emitter"],
+        "seq": row["seq"],
+        "event_id": row["event_id"],
+        "file": _short(row["filename"]),
+        "tenant": row["tenant"],
+    }
 
 
 def _check_columns(rows: list[dict[str, Any]], recomputed: list[tuple[int, Signed]]) -> list[IntegrityProblem]:
@@ -287,13 +296,14 @@ def _server_public_key(data_dir: Path) -> Any:
     return private.public_key()
 
 
-def _compare_heads(data_dir: Path, last_seqs: dict[str, int]) -> list[IntegrityProblem]:
+def _compare_heads(data_dir: Path, last_seqs: dict[str, int], tenants: dict[str, str]) -> list[IntegrityProblem]:
     path = data_dir / "state" / "state.sqlite"
     if not path.exists():
         return []
     state = StateDB(path)
     try:
         heads = state.heads()
+        registered = {emitter: record.tenant for emitter, record in state.emitters().items()}
     finally:
         state.close()
     problems = []
@@ -307,6 +317,7 @@ def _compare_heads(data_dir: Path, last_seqs: dict[str, int]) -> list[IntegrityP
                     f"events up to seq {found}",
                     emitter=emitter,
                     seq=found + 1,
+                    tenant=tenants.get(emitter) or registered.get(emitter),
                 )
             )
     return problems

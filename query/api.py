@@ -1,0 +1,186 @@
+"""HTTP read API over the forensics library: the same answers as the CLI, for the dashboard and for tools.
+
+Every endpoint needs ``Authorization: Bearer <token>`` (see ``query.tokens``). A tenant-bound token sees only its
+tenant on every endpoint: filters are forced to it, asking for another tenant is 403, and an event of another
+tenant is 404 (its existence is not revealed). Running verification is for ``admin`` and ``auditor`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from ingest.auth import bearer
+from ingest.envelope import ErrorEnvelope, install_error_envelope
+from query.blast import Subject, forward_taint, identity_blast_radius
+from query.findings import KINDS, findings
+from query.integrity import verify_lake
+from query.lake import LakeReader
+from query.paths import delegation_path
+from query.search import EventFilter, search
+from query.tokens import Forbidden, Principal, TokenStore
+from store.errors import InvalidInput
+
+__all__ = ["create_query_app"]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorEnvelope} for status in (400, 401, 403, 404)}
+
+
+def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    tokens: TokenStore = request.app.state.tokens
+    return tokens.authenticate(bearer(authorization))
+
+
+Caller = Annotated[Principal, Depends(_principal)]
+
+
+def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
+    reader = LakeReader(data_dir)
+    app = FastAPI(title="Custody read API", version="1", description="Forensics over the Custody lake.")
+    install_error_envelope(app)
+
+    app.state.tokens = tokens
+
+    @app.get("/v1/events", responses=_ERRORS)
+    async def events(
+        caller: Caller,
+        tenant: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        user: str | None = None,
+        agent: str | None = None,
+        credential: str | None = None,
+        tool: str | None = None,
+        resource: str | None = None,
+        decision: Literal["allow", "deny"] | None = None,
+        outcome: Literal["success", "error"] | None = None,
+        emitter: str | None = None,
+        type: str | None = None,
+        trace: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: str | None = None,
+    ) -> JSONResponse:
+        """Events newest first; ``agent`` matches any position in the delegation chain."""
+        where = EventFilter(
+            tenant=caller.scope(tenant),
+            since=since,
+            until=until,
+            user=user,
+            agent=agent,
+            credential=credential,
+            tool=tool,
+            resource=resource,
+            decision=decision,
+            outcome=outcome,
+            emitter=emitter,
+            type=type,
+            trace=trace,
+        )
+        page = await run_in_threadpool(search, reader, where, limit=limit, cursor=cursor)
+        return JSONResponse({"total": page.total, "next_cursor": page.next_cursor, "events": page.events})
+
+    @app.get("/v1/events/{event_id}/path", responses=_ERRORS)
+    async def path(caller: Caller, event_id: str) -> JSONResponse:
+        """The delegation path of an event and its task tree, as a graph and as text."""
+        found = await run_in_threadpool(delegation_path, reader, event_id, tenant=caller.scope(None))
+        return JSONResponse(
+            {
+                "event": found.event,
+                "approval": found.approval,
+                "ancestors": found.ancestors,
+                "descendants": found.descendants,
+                "truncated": found.truncated,
+                "text": found.text(),
+                "chain": [asdict(node) for node in found.chain()],
+                "nodes": [asdict(node) for node in found.nodes],
+                "edges": [asdict(edge) for edge in found.edges],
+            }
+        )
+
+    @app.get("/v1/blast-radius", responses=_ERRORS)
+    async def blast_radius(
+        caller: Caller,
+        agent: str | None = None,
+        credential: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        tenant: str | None = None,
+    ) -> JSONResponse:
+        """Granted vs used scopes, reachable vs used tools, resources, tenants, users, delegates."""
+        if (agent is None) == (credential is None):
+            raise InvalidInput("give exactly one of agent or credential")
+        kind: Literal["agent", "credential"] = "agent" if agent else "credential"
+        reach = await run_in_threadpool(
+            identity_blast_radius,
+            reader,
+            kind,
+            agent or credential or "",
+            since=since,
+            until=until,
+            tenant=caller.scope(tenant),
+        )
+        return JSONResponse({**asdict(reach), "headline": reach.headline})
+
+    @app.get("/v1/taint", responses=_ERRORS)
+    async def taint(
+        caller: Caller,
+        since: datetime,
+        agent: str | None = None,
+        credential: str | None = None,
+        user: str | None = None,
+        trace: str | None = None,
+        tenant: str | None = None,
+        format: Literal["json", "csv"] = "json",
+    ) -> Response:
+        """Everything reached after ``since`` by a compromised agent, credential, user session or trace."""
+        options: dict[Subject, str | None] = {"agent": agent, "credential": credential, "user": user, "trace": trace}
+        given = [(name, value) for name, value in options.items() if value]
+        if len(given) != 1:
+            raise InvalidInput("give exactly one of agent, credential, user or trace")
+        kind, subject = given[0]
+        result = await run_in_threadpool(forward_taint, reader, kind, subject or "", since, tenant=caller.scope(tenant))
+        if format == "csv":
+            return Response(result.as_csv(), media_type="text/csv")
+        return Response(result.as_json(), media_type="application/json")
+
+    @app.get("/v1/findings", responses=_ERRORS)
+    async def list_findings(
+        caller: Caller, tenant: str | None = None, kind: Annotated[list[str] | None, Query()] = None
+    ) -> JSONResponse:
+        """Findings by severity, each with its evidence event ids and OWASP references."""
+        unknown = set(kind or ()) - set(KINDS)
+        if unknown:
+            raise InvalidInput(f"unknown finding kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+        found = await run_in_threadpool(findings, reader, tenant=caller.scope(tenant), kinds=tuple(kind or KINDS))
+        return JSONResponse([{**asdict(f), "evidence_truncated": f.evidence_truncated} for f in found])
+
+    @app.post("/v1/verify", responses=_ERRORS)
+    async def verify(caller: Caller) -> JSONResponse:
+        """Verify the whole lake; a tenant-bound caller sees only the problems of its tenant's emitters."""
+        if caller.role not in ("admin", "auditor"):
+            raise Forbidden(f"verification is for admin and auditor tokens; {caller.name!r} is {caller.role}")
+        report = await run_in_threadpool(verify_lake, data_dir)
+        problems = [p for p in report.problems if caller.tenant is None or p.tenant == caller.tenant]
+        emitters = {
+            e: n for e, n in report.emitters.items() if caller.tenant is None or report.tenants.get(e) == caller.tenant
+        }
+        return JSONResponse(
+            {
+                "ok": not problems,
+                "events": sum(emitters.values()),
+                "emitters": emitters,
+                "problems": [{**asdict(p), "description": p.describe()} for p in problems],
+            }
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    return app

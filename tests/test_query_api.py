@@ -1,0 +1,150 @@
+"""The read API: every token kind against every endpoint, and nothing of another tenant, ever."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from query.api import create_query_app
+from query.tokens import TokenStore
+from tests import scenario
+from tests.conftest import Harness
+
+
+@pytest.fixture
+def api(harness: Harness, tmp_path: Path):
+    s = scenario.build(harness)
+    store = TokenStore(tmp_path / "tokens.json")
+    tokens = {
+        "admin": store.issue("root", "admin", None),
+        "analyst-acme": store.issue("ann", "analyst", "acme"),
+        "auditor-acme": store.issue("aud", "auditor", "acme"),
+        "analyst-globex": store.issue("gil", "analyst", "globex"),
+        "auditor-globex": store.issue("gab", "auditor", "globex"),
+    }
+    with TestClient(create_query_app(harness.data_dir, store)) as client:
+        yield client, tokens, s, harness
+
+
+def as_(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def event_ids_of_tenant(harness: Harness, tenant: str) -> set[str]:
+    from tests.conftest import read_lake
+
+    return {row[0] for row in read_lake(harness.data_dir, "event_id, tenant") if row[1] == tenant}
+
+
+ENDPOINTS = [
+    ("GET", "/v1/events", {}),
+    ("GET", "/v1/events", {"agent": "support-agent"}),
+    ("GET", "/v1/events/{export}/path", {}),
+    ("GET", "/v1/blast-radius", {"agent": "support-agent"}),
+    ("GET", "/v1/blast-radius", {"credential": "tok-sales"}),
+    ("GET", "/v1/taint", {"credential": "tok-support", "since": scenario.at(0)}),
+    ("GET", "/v1/taint", {"agent": "sales-agent", "since": scenario.at(0), "format": "csv"}),
+    ("GET", "/v1/findings", {}),
+    ("POST", "/v1/verify", {}),
+]
+
+
+@pytest.mark.parametrize("who", ["admin", "analyst-acme", "auditor-acme", "analyst-globex", "auditor-globex"])
+@pytest.mark.parametrize(("method", "path", "params"), ENDPOINTS)
+def test_tenant_isolation_matrix(api, who: str, method: str, path: str, params: dict[str, str]) -> None:
+    client, tokens, s, harness = api
+    response = client.request(method, path.format(export=s.id("export")), params=params, headers=as_(tokens[who]))
+    tenant = None if who == "admin" else who.split("-")[1]
+    if path == "/v1/verify" and who.startswith("analyst"):
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "forbidden"
+        return
+    if path.endswith("/path") and tenant == "globex":
+        assert response.status_code == 404  # the acme event is not revealed to exist
+        return
+    assert response.status_code == 200, response.text
+    if tenant is None:
+        return
+    other = "globex" if tenant == "acme" else "acme"
+    leaked = [event_id for event_id in event_ids_of_tenant(harness, other) if event_id in response.text]
+    assert leaked == [], f"{who} saw {len(leaked)} events of {other} on {path}"
+    body = response.json() if "json" in response.headers["content-type"] else None
+    if path == "/v1/events":
+        assert {e["tenant"] for e in body["events"]} <= {tenant}
+    if path == "/v1/verify":
+        assert set(body["emitters"]) == ({"gw-help", "gw-bill"} if tenant == "acme" else {"gw-globex"})
+
+
+def test_what_each_tenant_sees(api) -> None:
+    client, tokens, s, _ = api
+    acme = client.get("/v1/events", headers=as_(tokens["analyst-acme"])).json()
+    globex = client.get("/v1/events", headers=as_(tokens["analyst-globex"])).json()
+    everything = client.get("/v1/events", headers=as_(tokens["admin"])).json()
+    assert (acme["total"], globex["total"], everything["total"]) == (22, 2, 24)
+    reach = client.get("/v1/blast-radius", params={"agent": "support-agent"}, headers=as_(tokens["analyst-globex"]))
+    assert reach.json()["events"] == 0
+    findings = client.get("/v1/findings", headers=as_(tokens["analyst-globex"])).json()
+    assert [(f["kind"], f["subject"]) for f in findings] == [("cross_tenant", "sales-agent (globex -> acme)")]
+    path = client.get(f"/v1/events/{s.id('export')}/path", headers=as_(tokens["analyst-acme"])).json()
+    assert [node["label"] for node in path["chain"]][:3] == ["alice@acme.example", "support-agent", "export-subagent"]
+
+
+def test_asking_for_another_tenant_is_refused(api) -> None:
+    client, tokens, _, _ = api
+    for path, params in (
+        ("/v1/events", {"tenant": "globex"}),
+        ("/v1/findings", {"tenant": "globex"}),
+        ("/v1/blast-radius", {"agent": "sales-agent", "tenant": "globex"}),
+    ):
+        response = client.get(path, params=params, headers=as_(tokens["analyst-acme"]))
+        assert response.status_code == 403, path
+        assert "bound to tenant 'acme'" in response.json()["error"]["message"]
+
+
+def test_verify_for_a_tenant_shows_only_its_problems(api) -> None:
+    client, tokens, _, harness = api
+    victim = next(p for p in harness.server.store.lake.files() if "tenant=globex" in str(p))
+    victim.unlink()
+    acme = client.post("/v1/verify", headers=as_(tokens["auditor-acme"])).json()
+    globex = client.post("/v1/verify", headers=as_(tokens["auditor-globex"])).json()
+    admin = client.post("/v1/verify", headers=as_(tokens["admin"])).json()
+    assert acme["ok"] is True
+    assert globex["ok"] is False
+    assert {p["emitter"] for p in globex["problems"]} == {"gw-globex"}
+    assert admin["ok"] is False
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer nope", "Basic Zm9vOmJhcg=="])
+def test_no_token_or_a_wrong_one_is_401_everywhere(api, header: str | None) -> None:
+    client, _, s, _ = api
+    headers = {} if header is None else {"Authorization": header}
+    for method, path, params in ENDPOINTS:
+        response = client.request(method, path.format(export=s.id("export")), params=params, headers=headers)
+        assert response.status_code == 401, path
+        assert set(response.json()["error"]) == {"code", "message", "details"}
+
+
+def test_tokens_are_stored_hashed_and_can_be_revoked(api, tmp_path: Path) -> None:
+    client, tokens, _, _ = api
+    stored = (tmp_path / "tokens.json").read_text()
+    assert tokens["admin"] not in stored
+    assert oct((tmp_path / "tokens.json").stat().st_mode & 0o777) == "0o600"
+    TokenStore(tmp_path / "tokens.json").revoke("gil")
+    assert client.get("/v1/events", headers=as_(tokens["analyst-globex"])).status_code == 401
+
+
+def test_bad_parameters_use_the_envelope(api) -> None:
+    client, tokens, _, _ = api
+    for path, params in (
+        ("/v1/events", {"limit": 0}),
+        ("/v1/events", {"decision": "maybe"}),
+        ("/v1/events", {"cursor": "garbage"}),
+        ("/v1/blast-radius", {}),
+        ("/v1/taint", {"agent": "x"}),
+        ("/v1/findings", {"kind": "nonsense"}),
+    ):
+        response = client.get(path, params=params, headers=as_(tokens["admin"]))
+        assert response.status_code == 400, (path, params, response.text)
+        assert response.json()["error"]["code"] in ("invalid_request",)
