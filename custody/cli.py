@@ -74,6 +74,33 @@ def _parser() -> argparse.ArgumentParser:
 
     _forensics_commands(commands)
 
+    api = commands.add_parser(
+        "serve-query",
+        help="run the read API (events, paths, blast radius, taint, findings, verify) over a data dir",
+        description="Run the read API. Tokens come from --tokens FILE or CUSTODY_READ_TOKENS (see custody token).",
+    )
+    api.add_argument("--data-dir", type=Path, required=True)
+    api.add_argument("--tokens", type=Path, help="token file written by custody token issue")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8701)
+    api.set_defaults(run=_serve_query)
+
+    token = commands.add_parser("token", help="issue, list and revoke read-API tokens (stored hashed)")
+    token_commands = token.add_subparsers(required=True, metavar="ACTION")
+    issue = token_commands.add_parser("issue", help="create a token and print it once")
+    issue.add_argument("--file", type=Path, required=True)
+    issue.add_argument("--name", required=True)
+    issue.add_argument("--role", required=True, choices=["admin", "analyst", "auditor"])
+    issue.add_argument("--tenant", help="bind the token to one tenant")
+    issue.set_defaults(run=_token_issue)
+    listing = token_commands.add_parser("list", help="names, roles and tenants (never the tokens)")
+    listing.add_argument("--file", type=Path, required=True)
+    listing.set_defaults(run=_token_list)
+    revoke = token_commands.add_parser("revoke", help="remove a token; it stops working at once")
+    revoke.add_argument("--file", type=Path, required=True)
+    revoke.add_argument("--name", required=True)
+    revoke.set_defaults(run=_token_revoke)
+
     demo = commands.add_parser(
         "demo",
         help="start a server on a data dir and post the sample events through the SDK",
@@ -276,6 +303,52 @@ def _findings(args: argparse.Namespace) -> int:
             f" {finding.evidence_total} events, first {finding.first_seen}"
         )
     print(f"{len(found)} findings")
+    return 0
+
+
+def _serve_query(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from query.api import create_query_app
+    from query.tokens import TokenStore
+
+    if args.tokens is not None and not args.tokens.exists():
+        raise CustodyError(f"token file {args.tokens} does not exist; create one with custody token issue")
+    if args.tokens is None and not os.environ.get("CUSTODY_READ_TOKENS"):
+        raise CustodyError("no tokens: pass --tokens FILE or set CUSTODY_READ_TOKENS; the API has no open mode")
+    uvicorn.run(
+        create_query_app(args.data_dir, TokenStore(args.tokens)),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=False,
+    )
+    return 0
+
+
+def _token_issue(args: argparse.Namespace) -> int:
+    from query.tokens import TokenStore
+
+    secret = TokenStore(args.file).issue(args.name, args.role, args.tenant)
+    scope = f"tenant {args.tenant}" if args.tenant else "all tenants"
+    print(f"OK: token {args.name!r} ({args.role}, {scope}); it is shown only now:")
+    print(secret)
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from query.tokens import TokenStore
+
+    for entry in TokenStore(args.file).listing():
+        print(f"{entry['name']}\t{entry['role']}\t{entry.get('tenant') or '*'}\tissued {entry.get('issued_at')}")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from query.tokens import TokenStore
+
+    TokenStore(args.file).revoke(args.name)
+    print(f"OK: token {args.name!r} revoked")
     return 0
 
 

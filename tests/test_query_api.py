@@ -148,3 +148,81 @@ def test_bad_parameters_use_the_envelope(api) -> None:
         response = client.get(path, params=params, headers=as_(tokens["admin"]))
         assert response.status_code == 400, (path, params, response.text)
         assert response.json()["error"]["code"] in ("invalid_request",)
+
+
+def test_the_read_api_as_a_real_process(harness: Harness, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.conftest import REPO, free_port
+
+    scenario.build(harness)
+    tokens = tmp_path / "tokens.json"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "custody.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+
+    issued = cli("token", "issue", "--file", str(tokens), "--name", "ann", "--role", "analyst", "--tenant", "globex")
+    assert issued.returncode == 0, issued.stderr
+    secret = issued.stdout.strip().splitlines()[-1]
+    assert "ann\tanalyst\tglobex" in cli("token", "list", "--file", str(tokens)).stdout
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "CUSTODY_READ_TOKENS"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "custody.cli", "serve-query", "--data-dir", str(harness.data_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert "no open mode" in refused.stderr
+    with (tmp_path / "api.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "custody.cli",
+                "serve-query",
+                "--data-dir",
+                str(harness.data_dir),
+                "--tokens",
+                str(tokens),
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, (tmp_path / "api.log").read_text()
+                time.sleep(0.1)
+        body = httpx.get(f"{url}/v1/events", headers={"Authorization": f"Bearer {secret}"}).json()
+        assert body["total"] == 2
+        assert {event["tenant"] for event in body["events"]} == {"globex"}
+        assert cli("token", "revoke", "--file", str(tokens), "--name", "ann").returncode == 0
+        assert httpx.get(f"{url}/v1/events", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
