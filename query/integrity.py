@@ -34,7 +34,7 @@ from store.errors import CanonicalizationError, CustodyError
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.state import StateDB
 
-__all__ = ["IntegrityProblem", "IntegrityReport", "verify_lake"]
+__all__ = ["IntegrityProblem", "IntegrityReport", "compare_heads", "verify_lake"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def verify_lake(data_dir: Path, *, progress: Callable[[int], None] | None = None
             progress(report.events)
     if previous is not None:
         report.emitters[previous[0]] = previous[1]
-    report.problems.extend(_compare_heads(data_dir, report.emitters, report.tenants))
+    report.problems.extend(compare_heads(data_dir, report.emitters, report.tenants))
     report.problems.sort(key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check))
     return report
 
@@ -296,7 +296,8 @@ def _server_public_key(data_dir: Path) -> Any:
     return private.public_key()
 
 
-def _compare_heads(data_dir: Path, last_seqs: dict[str, int], tenants: dict[str, str]) -> list[IntegrityProblem]:
+def compare_heads(data_dir: Path, last_seqs: dict[str, int], tenants: dict[str, str]) -> list[IntegrityProblem]:
+    """Streams that end before the head the server recorded (truncation of the newest events)."""
     path = data_dir / "state" / "state.sqlite"
     if not path.exists():
         return []

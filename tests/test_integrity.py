@@ -184,3 +184,38 @@ def test_timestamps_in_every_form_land_typed_and_verify(harness: Harness) -> Non
     assert mine[0][2] == datetime.fromtimestamp(1_900_000_000, tz=UTC)
     assert mine[1][3] == datetime(2026, 11, 29, 0, 0, 0, 500000, tzinfo=UTC)
     assert verify_lake(harness.data_dir).ok
+
+
+def test_hash_chain_only_mode_catches_the_same_structural_damage(lake: Harness) -> None:
+    from query.chains import verify_chains
+
+    assert verify_chains(lake.data_dir).ok
+    rewrite(files_of(lake, "gw-1")[0], lambda rows: [r for r in rows if not (r["emitter"] == "gw-1" and r["seq"] == 3)])
+
+    def edit(rows):
+        rows[1]["event_hash"] = "f" * 64
+        return rows
+
+    rewrite(files_of(lake, "gw-2")[0], edit)
+    rewrite(files_of(lake, "gw-1")[1], lambda rows: [r for r in rows if r["seq"] < 10])
+    found = problems(verify_chains(lake.data_dir))
+    assert ("gw-1", 4, "chain_seq") in found
+    assert ("gw-2", 2, "event_hash") in found
+    assert ("gw-1", 10, "stream_end") in found
+
+
+def test_hash_chain_only_accepts_non_canonical_payloads(harness: Harness) -> None:
+    import orjson
+
+    from query.chains import verify_chains
+    from tests.signing import payload, sign_raw
+
+    key, kid = harness.register("gw-nc")
+    first = payload("gw-nc")
+    second = payload("gw-nc", 2, event_hash(canonicalize(first)))
+    tokens = [sign_raw(orjson.dumps(body, option=orjson.OPT_INDENT_2), key, kid) for body in (first, second)]
+    assert [r["status"] for r in harness.post(tokens)["results"]] == ["accepted", "accepted"]
+    harness.flush()
+    report = verify_chains(harness.data_dir)
+    assert report.ok, [p.describe() for p in report.problems]
+    assert verify_lake(harness.data_dir).ok
