@@ -79,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
 
     _forensics_commands(commands)
 
+    compact = commands.add_parser(
+        "compact",
+        help="merge each partition's small Parquet files into one (safe while the server and readers run)",
+    )
+    compact.add_argument("--data-dir", type=Path, required=True)
+    compact.add_argument("--min-files", type=int, default=8, help="only partitions with at least this many files")
+    compact.set_defaults(run=_compact)
+
     api = commands.add_parser(
         "serve-query",
         help="run the read API (events, paths, blast radius, taint, findings, verify) over a data dir",
@@ -308,6 +316,14 @@ def _findings(args: argparse.Namespace) -> int:
             f" {finding.evidence_total} events, first {finding.first_seen}"
         )
     print(f"{len(found)} findings")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from store.lake import Lake
+
+    removed = Lake(args.data_dir / "lake").compact(min_files=args.min_files, progress=print)
+    print(f"OK: {removed} files merged")
     return 0
 
 

@@ -26,7 +26,7 @@ WITH recomputed AS (
     SELECT emitter, seq, event_id, tenant, event_hash, prev_hash, jws, filename,
            sha256(from_base64(rpad(replace(replace(split_part(jws, '.', 2), '-', '+'), '_', '/'),
                   CAST(ceil(length(split_part(jws, '.', 2)) / 4) * 4 AS INTEGER), '='))) AS computed
-    FROM read_parquet($pattern, hive_partitioning = true, filename = true)
+    FROM read_parquet($files, hive_partitioning = true, filename = true)
 ),
 linked AS (
     SELECT *, lag(computed) OVER w AS previous_hash, lag(seq) OVER w AS previous_seq
@@ -45,16 +45,16 @@ ORDER BY emitter, seq
 def verify_chains(data_dir: Path) -> IntegrityReport:
     report = IntegrityReport()
     reader = LakeReader(data_dir)
-    if not any(reader.events_dir.glob("tenant=*/date=*/*.parquet")):
+    files = [str(path) for path in reader.files()]
+    if not files:
         return report
-    pattern = str(reader.events_dir / "**" / "*.parquet")
     with reader.connect() as connection:
         counts = connection.execute("SELECT emitter, max(seq), count(*), any_value(tenant) FROM all_events GROUP BY 1")
         for emitter, last, _, tenant in counts.fetchall():
             report.emitters[emitter] = last
             report.tenants[emitter] = tenant
         report.events = sum(row[0] for row in connection.execute("SELECT count(*) FROM all_events").fetchall())
-        suspects = connection.execute(_CHECK, {"pattern": pattern, "zero": ZERO_HASH}).fetchall()
+        suspects = connection.execute(_CHECK, {"files": files, "zero": ZERO_HASH}).fetchall()
     canonical: dict[tuple[str, int], str] = {}
     for (
         emitter,

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ingest.jws import JwsError, parse_compact, verify_signature
 from ingest.keys import KeyRing
+from query.lake import LakeReader
 from store.canonical import ZERO_HASH, canonicalize, event_hash
 from store.engine import SERVER_EMITTER
 from store.errors import CanonicalizationError, CustodyError
@@ -115,16 +116,15 @@ def verify_lake(data_dir: Path, *, progress: Callable[[int], None] | None = None
 
 
 def _batches(data_dir: Path) -> Iterator[pa.RecordBatch]:
-    files = list((data_dir / "lake" / "events").glob("tenant=*/date=*/*.parquet"))
+    files = [str(path) for path in LakeReader(data_dir).files()]
     if not files:
         return
-    pattern = str(data_dir / "lake" / "events" / "**" / "*.parquet")
     connection = duckdb.connect()
     connection.execute("SET TimeZone = 'UTC'")
     reader = connection.sql(
-        "SELECT *, filename FROM read_parquet($pattern, hive_partitioning = true, filename = true)"
+        "SELECT *, filename FROM read_parquet($files, hive_partitioning = true, filename = true)"
         " ORDER BY emitter = $server DESC, emitter, seq",  # the server stream first: it registers the keys
-        params={"pattern": pattern, "server": SERVER_EMITTER},
+        params={"files": files, "server": SERVER_EMITTER},
     ).to_arrow_reader(50_000)
     yield from reader
 

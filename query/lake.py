@@ -16,6 +16,7 @@ import duckdb
 import pyarrow as pa
 
 from store.engine import SYSTEM_TENANT
+from store.lake import live_files
 from store.schema import EVENT_SCHEMA
 
 __all__ = ["LakeReader"]
@@ -26,17 +27,21 @@ class LakeReader:
         self.data_dir = data_dir
         self.events_dir = data_dir / "lake" / "events"
 
+    def files(self) -> list[Path]:
+        """The live Parquet files (a compaction in progress never shows an event twice)."""
+        return live_files(self.events_dir.glob("tenant=*/date=*/*.parquet"))
+
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         connection = duckdb.connect(config={"threads": 2})
         try:
             connection.execute("SET TimeZone = 'UTC'")
-            if any(self.events_dir.glob("tenant=*/date=*/*.parquet")):
-                # The path comes from the operator's --data-dir, never from a request; quotes are doubled anyway.
-                pattern = str(self.events_dir / "**" / "*.parquet").replace("'", "''")
+            files = self.files()
+            if files:
+                # Paths come from the operator's --data-dir, never from a request; quotes are doubled anyway.
+                listed = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
                 connection.execute(
-                    "CREATE VIEW all_events AS SELECT * FROM"
-                    f" read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)"
+                    f"CREATE VIEW all_events AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true)"
                 )
             else:
                 empty = pa.table(

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,44 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.schema import Signed, event_table, partition_of
+from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.wal import WalRecord, fsync_directory
 
-__all__ = ["Lake", "decode_payload", "signed_events"]
+__all__ = ["Lake", "decode_payload", "live_files", "segment_range", "signed_events"]
 
 log = logging.getLogger(__name__)
 
 _SEGMENT_FILE = re.compile(r"^seg-(\d{12})\.parquet$")
+_COMPACT_FILE = re.compile(r"^compact-(\d{12})-(\d{12})\.parquet$")
+
+
+def segment_range(path: Path) -> tuple[int, int] | None:
+    """The WAL segments a lake file holds: ``seg-N`` holds N, ``compact-LO-HI`` holds LO..HI."""
+    if match := _SEGMENT_FILE.match(path.name):
+        return int(match.group(1)), int(match.group(1))
+    if match := _COMPACT_FILE.match(path.name):
+        return int(match.group(1)), int(match.group(2))
+    return None
+
+
+def live_files(paths: Iterable[Path]) -> list[Path]:
+    """The files a reader must read: a file whose segments a wider compacted file of the same partition holds is
+    left out (it is about to be deleted), so readers never count an event twice during a compaction."""
+    by_partition: dict[Path, list[tuple[Path, tuple[int, int]]]] = defaultdict(list)
+    for path in paths:
+        covered = segment_range(path)
+        if covered is not None:
+            by_partition[path.parent].append((path, covered))
+    live = []
+    for files in by_partition.values():
+        for path, (low, high) in files:
+            wider = any(
+                other != path and other_low <= low and high <= other_high and (other_low, other_high) != (low, high)
+                for other, (other_low, other_high) in files
+            )
+            if not wider:
+                live.append(path)
+    return sorted(live)
 
 
 def decode_payload(jws: str) -> dict[str, Any]:
@@ -70,7 +100,10 @@ class Lake:
         for (tenant, day), events in sorted(by_partition.items()):
             directory = self.events_dir / f"tenant={tenant}" / f"date={day}"
             final = directory / f"seg-{segment:012d}.parquet"
-            if final.exists():
+            if final.exists() or any(
+                (covered := segment_range(path)) and covered[0] <= segment <= covered[1]
+                for path in directory.glob("compact-*.parquet")
+            ):
                 continue
             events.sort(key=lambda event: (event.payload["emitter"], event.payload["seq"]))
             self._write_atomic(directory, final, event_table(events))
@@ -99,12 +132,8 @@ class Lake:
 
     def highest_segment(self) -> int:
         """The highest segment number that has a file in the lake (0 if none)."""
-        highest = 0
-        for path in self.events_dir.glob("tenant=*/date=*/seg-*.parquet"):
-            match = _SEGMENT_FILE.match(path.name)
-            if match:
-                highest = max(highest, int(match.group(1)))
-        return highest
+        ranges = [segment_range(path) for path in self.events_dir.glob("tenant=*/date=*/*.parquet")]
+        return max((r[1] for r in ranges if r), default=0)
 
     def remove_temporary_files(self) -> int:
         removed = 0
@@ -116,4 +145,31 @@ class Lake:
         return removed
 
     def files(self) -> list[Path]:
-        return sorted(self.events_dir.glob("tenant=*/date=*/*.parquet"))
+        """Every live Parquet file of the lake (see ``live_files``)."""
+        return live_files(self.events_dir.glob("tenant=*/date=*/*.parquet"))
+
+    def compact(self, *, min_files: int = 8, progress: Callable[[str], None] | None = None) -> int:
+        """Merge each partition holding at least ``min_files`` live files into one ``compact-LO-HI`` file, sorted
+        by (emitter, seq); return the files removed. Safe against readers (``live_files``) and crashes (the
+        merged file appears by rename; the small files are deleted only after it is durable)."""
+        removed = 0
+        partitions: dict[Path, list[Path]] = defaultdict(list)
+        for path in self.files():
+            partitions[path.parent].append(path)
+        for directory, paths in sorted(partitions.items()):
+            if len(paths) < min_files:
+                continue
+            ranges = [segment_range(path) for path in paths]
+            low = min(r[0] for r in ranges if r)
+            high = max(r[1] for r in ranges if r)
+            table = pa.concat_tables([pq.read_table(path, schema=EVENT_SCHEMA) for path in paths])
+            table = table.sort_by([("emitter", "ascending"), ("seq", "ascending")])
+            final = directory / f"compact-{low:012d}-{high:012d}.parquet"
+            self._write_atomic(directory, final, table)
+            for path in paths:
+                path.unlink()
+            fsync_directory(directory)
+            removed += len(paths)
+            if progress is not None:
+                progress(f"{directory.relative_to(self.events_dir)}: {len(paths)} files -> {final.name}")
+        return removed
