@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 
     compact = commands.add_parser(
         "compact",
-        help="merge each partition's small Parquet files into one (safe while the server and readers run)",
+        help="merge each partition's Parquet files into one (for lakes built elsewhere; a running server already"
+        " compacts in tiers as it flushes; run this with the server stopped)",
     )
     compact.add_argument("--data-dir", type=Path, required=True)
     compact.add_argument("--min-files", type=int, default=8, help="only partitions with at least this many files")

@@ -57,8 +57,12 @@ class FlushStats:
 
 
 def write_segment_file(wal_path: Path, lake_root: Path, segment: int) -> int:
-    """Read a closed WAL segment and write it to the lake; runs in the lake-writer process."""
-    return Lake(lake_root).write_segment(segment, read_records(wal_path)[0])
+    """Read a closed WAL segment, write it to the lake, and compact the partitions it touched (tiered); runs in
+    the lake-writer process."""
+    lake = Lake(lake_root)
+    written = lake.write_segment(segment, read_records(wal_path)[0])
+    lake.compact_tiers(lake.touched)
+    return written
 
 
 def _new_writer() -> ProcessPoolExecutor:

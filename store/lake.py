@@ -29,7 +29,7 @@ __all__ = ["Lake", "decode_payload", "live_files", "segment_range", "signed_even
 log = logging.getLogger(__name__)
 
 _SEGMENT_FILE = re.compile(r"^seg-(\d{12})\.parquet$")
-_COMPACT_FILE = re.compile(r"^compact-(\d{12})-(\d{12})\.parquet$")
+_COMPACT_FILE = re.compile(r"^compact-(?:L(\d+)-)?(\d{12})-(\d{12})\.parquet$")
 
 
 def segment_range(path: Path) -> tuple[int, int] | None:
@@ -37,8 +37,16 @@ def segment_range(path: Path) -> tuple[int, int] | None:
     if match := _SEGMENT_FILE.match(path.name):
         return int(match.group(1)), int(match.group(1))
     if match := _COMPACT_FILE.match(path.name):
-        return int(match.group(1)), int(match.group(2))
+        return int(match.group(2)), int(match.group(3))
     return None
+
+
+def _level(path: Path) -> int:
+    """0 for a segment file, k for ``compact-Lk-...``; a full compaction (no level) counts as the top."""
+    if _SEGMENT_FILE.match(path.name):
+        return 0
+    match = _COMPACT_FILE.match(path.name)
+    return int(match.group(1)) if match and match.group(1) else 99
 
 
 def live_files(paths: Iterable[Path]) -> list[Path]:
@@ -79,6 +87,7 @@ class Lake:
         self.root = root
         self.events_dir = root / "events"
         self.events_dir.mkdir(parents=True, exist_ok=True)
+        self.touched: list[Path] = []  # partitions the last write_segment wrote to
 
     @property
     def glob(self) -> str:
@@ -97,6 +106,7 @@ class Lake:
             tenant, when = partition_of(event.payload)
             by_partition[(tenant, when.isoformat())].append(event)
         written = 0
+        self.touched = [self.events_dir / f"tenant={tenant}" / f"date={day}" for tenant, day in by_partition]
         for (tenant, day), events in sorted(by_partition.items()):
             directory = self.events_dir / f"tenant={tenant}" / f"date={day}"
             final = directory / f"seg-{segment:012d}.parquet"
@@ -159,17 +169,41 @@ class Lake:
         for directory, paths in sorted(partitions.items()):
             if len(paths) < min_files:
                 continue
-            ranges = [segment_range(path) for path in paths]
-            low = min(r[0] for r in ranges if r)
-            high = max(r[1] for r in ranges if r)
-            table = pa.concat_tables([pq.read_table(path, schema=EVENT_SCHEMA) for path in paths])
-            table = table.sort_by([("emitter", "ascending"), ("seq", "ascending")])
-            final = directory / f"compact-{low:012d}-{high:012d}.parquet"
-            self._write_atomic(directory, final, table)
-            for path in paths:
-                path.unlink()
-            fsync_directory(directory)
+            final = self._merge(directory, paths, "compact")
             removed += len(paths)
             if progress is not None:
                 progress(f"{directory.relative_to(self.events_dir)}: {len(paths)} files -> {final.name}")
         return removed
+
+    def compact_tiers(self, directories: Iterable[Path], *, fanout: int = 16) -> int:
+        """Tiered compaction for the running server: in each partition, every ``fanout`` files of one level are
+        merged into one file of the next level, so a partition holds at most ``fanout - 1`` files per level and
+        each event is rewritten once per level (a day of one flush a second: 5 levels, < 80 files)."""
+        removed = 0
+        for directory in directories:
+            level = 0
+            while level < 10:
+                files = sorted(
+                    (path for path in live_files(directory.glob("*.parquet")) if _level(path) == level),
+                    key=lambda path: segment_range(path) or (0, 0),
+                )
+                if len(files) < fanout:
+                    level += 1
+                    continue
+                self._merge(directory, files[:fanout], f"compact-L{level + 1}")
+                removed += fanout
+        return removed
+
+    def _merge(self, directory: Path, paths: list[Path], prefix: str) -> Path:
+        """One sorted file holding ``paths``; written durably before they are deleted."""
+        ranges = [segment_range(path) for path in paths]
+        low = min(r[0] for r in ranges if r)
+        high = max(r[1] for r in ranges if r)
+        table = pa.concat_tables([pq.read_table(path, schema=EVENT_SCHEMA) for path in paths])
+        table = table.sort_by([("emitter", "ascending"), ("seq", "ascending")])
+        final = directory / f"{prefix}-{low:012d}-{high:012d}.parquet"
+        self._write_atomic(directory, final, table)
+        for path in paths:
+            path.unlink()
+        fsync_directory(directory)
+        return final

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pyarrow.parquet as pq
@@ -10,7 +11,7 @@ from query.chains import verify_chains
 from query.integrity import verify_lake
 from query.lake import LakeReader
 from query.search import EventFilter, search
-from store.lake import Lake, live_files
+from store.lake import Lake, live_files, segment_range
 from tests.conftest import Harness
 from tests.signing import chain
 from tests.test_wal_and_lake import records as make_records
@@ -77,3 +78,29 @@ def test_replaying_a_compacted_segment_writes_nothing(harness: Harness) -> None:
 def _range(paths) -> str:
     numbers = sorted(int(path.stem.split("-")[1]) for path in paths)
     return f"{numbers[0]:012d}-{numbers[-1]:012d}"
+
+
+def test_tiered_compaction_bounds_files_per_partition_and_keeps_every_event(tmp_path) -> None:
+    from tests.signing import chain as signed_chain
+    from tests.test_wal_and_lake import KEY
+
+    lake = Lake(tmp_path / "lake")
+    tokens, bodies = signed_chain("gw-1", 70, KEY, "k1")
+    from store.canonical import canonicalize, event_hash
+    from store.wal import WalRecord
+
+    records = [
+        WalRecord(b["event_id"], "gw-1", b["seq"], event_hash(canonicalize(b)), 0, "k1", t)
+        for t, b in zip(tokens, bodies, strict=True)
+    ]
+    for segment, record in enumerate(records, 1):  # one event per segment: the worst case
+        lake.write_segment(segment, [record])
+        lake.compact_tiers(lake.touched, fanout=4)
+    files = lake.files()
+    levels = [path.name.split("-")[1] if path.name.startswith("compact-") else "L0" for path in files]
+    assert all(levels.count(level) < 4 for level in set(levels)), levels
+    assert len(files) <= 9
+    seqs = sorted(seq for path in files for seq in pq.read_table(path).column("seq").to_pylist())
+    assert seqs == list(range(1, 71))
+    ranges = sorted(r for r in (segment_range(path) for path in files) if r)
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges)), ranges  # disjoint
