@@ -33,6 +33,7 @@ from query.chains import verify_chains
 from query.findings import findings
 from query.lake import LakeReader
 from query.paths import delegation_path
+from store.lake import Lake
 from store.schema import Signed, event_table
 
 HEADER = "eyJhbGciOiJFZERTQSIsImtpZCI6ImJlbmNoIn0"  # {"alg":"EdDSA","kid":"bench"}
@@ -132,6 +133,9 @@ def main() -> None:
         with multiprocessing.get_context("spawn").Pool(2) as pool:
             total = sum(pool.map(generate_emitters, jobs))
         print(f"generated {total:,} events in {time.perf_counter() - started:,.0f} s")
+        started = time.perf_counter()
+        merged = Lake(data_dir / "lake").compact(min_files=2)  # what the server's tiered compaction keeps up
+        print(f"compacted {merged:,} files in {time.perf_counter() - started:,.0f} s")
     files = list(events_dir.glob("**/*.parquet"))
     size = sum(path.stat().st_size for path in files)
     print(f"lake: {per_emitter * args.emitters:,} events, {len(files):,} files, {size / 2**30:.2f} GiB")

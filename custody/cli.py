@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--data-dir", type=Path, required=True)
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.add_argument(
+        "--incremental",
+        action="store_true",
+        help="re-check signatures and columns only for files new or changed since the last clean run (a"
+        " checkpoint signed by the server key); hashes and chains are always checked for the whole lake",
+    )
+    verify.add_argument(
         "--hash-chain-only",
         action="store_true",
         help="only hashes and chains, computed inside DuckDB (fast; no signatures, no column checks)",
@@ -409,6 +415,12 @@ def _verify(args: argparse.Namespace) -> int:
 
         report = verify_chains(args.data_dir)
         checks = "hashes, chains"
+    elif args.incremental:
+        from query.checkpoint import verify_since_checkpoint
+
+        with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
+            report, mode = verify_since_checkpoint(args.data_dir, progress=lambda done: bar.update(done - bar.n))
+        checks = f"hashes, signatures, columns, chains; {mode}"
     else:
         with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
             report = verify_lake(args.data_dir, progress=lambda done: bar.update(done - bar.n))

@@ -30,7 +30,7 @@ from ingest.jws import JwsError, parse_compact, verify_signature
 from ingest.keys import KeyRing
 from query.lake import LakeReader
 from store.canonical import ZERO_HASH, canonicalize, event_hash
-from store.engine import SERVER_EMITTER
+from store.engine import SERVER_EMITTER, SYSTEM_TENANT
 from store.errors import CanonicalizationError, CustodyError
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.state import StateDB
@@ -74,15 +74,37 @@ class IntegrityReport:
         return not self.problems
 
 
-def verify_lake(data_dir: Path, *, progress: Callable[[int], None] | None = None) -> IntegrityReport:
-    """Verify every event in ``<data_dir>/lake``; ``progress`` is called with the number of rows done so far."""
+def verify_lake(
+    data_dir: Path, *, progress: Callable[[int], None] | None = None, only_files: set[Path] | None = None
+) -> IntegrityReport:
+    """Verify every event in ``<data_dir>/lake``; ``progress`` is called with the number of rows done so far.
+
+    With ``only_files``, signatures and columns are checked for those files (and the server stream, which holds
+    the keys) only, and hashes and chains for the whole lake by ``verify_chains``: the incremental mode."""
+    if only_files is not None:
+        from query.chains import verify_chains
+
+        chains = verify_chains(data_dir)
+        report = _verify_rows(data_dir, progress, only_files, check_chains=False)
+        report.problems = sorted(
+            {(p.emitter, p.seq, p.check): p for p in [*chains.problems, *report.problems]}.values(),
+            key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check),
+        )
+        report.events, report.emitters, report.tenants = chains.events, chains.emitters, chains.tenants
+        return report
+    return _verify_rows(data_dir, progress, None, check_chains=True)
+
+
+def _verify_rows(
+    data_dir: Path, progress: Callable[[int], None] | None, only_files: set[Path] | None, *, check_chains: bool
+) -> IntegrityReport:
     report = IntegrityReport()
     server_key = _server_public_key(data_dir)
     keys = KeyRing()
     registry: dict[str, tuple[str, dict[str, Any], str, str | None]] = {}  # kid -> emitter, jwk, added, revoked
     tenants: dict[str, str] = {}
     previous: tuple[str, int, str] | None = None  # emitter, seq, computed hash of the last row
-    for batch in _batches(data_dir):
+    for batch in _batches(data_dir, only_files):
         rows = batch.to_pylist()
         recomputed: list[tuple[int, Signed]] = []
         for index, row in enumerate(rows):
@@ -92,7 +114,7 @@ def verify_lake(data_dir: Path, *, progress: Callable[[int], None] | None = None
                 if previous is not None:
                     report.emitters[previous[0]] = previous[1]
                 previous = (emitter, 0, ZERO_HASH)
-            problems, signed = _check_row(row, keys, server_key, previous)
+            problems, signed = _check_row(row, keys, server_key, previous if check_chains else None)
             report.problems.extend(problems)
             if signed is not None:
                 recomputed.append((index, signed))
@@ -110,13 +132,18 @@ def verify_lake(data_dir: Path, *, progress: Callable[[int], None] | None = None
             progress(report.events)
     if previous is not None:
         report.emitters[previous[0]] = previous[1]
-    report.problems.extend(compare_heads(data_dir, report.emitters, report.tenants))
+    if check_chains:
+        report.problems.extend(compare_heads(data_dir, report.emitters, report.tenants))
     report.problems.sort(key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check))
     return report
 
 
-def _batches(data_dir: Path) -> Iterator[pa.RecordBatch]:
-    files = [str(path) for path in LakeReader(data_dir).files()]
+def _batches(data_dir: Path, only_files: set[Path] | None = None) -> Iterator[pa.RecordBatch]:
+    files = [
+        str(path)
+        for path in LakeReader(data_dir).files()
+        if only_files is None or path in only_files or f"tenant={SYSTEM_TENANT}" in str(path)
+    ]
     if not files:
         return
     connection = duckdb.connect()
@@ -130,7 +157,7 @@ def _batches(data_dir: Path) -> Iterator[pa.RecordBatch]:
 
 
 def _check_row(
-    row: dict[str, Any], keys: KeyRing, server_key: Any, previous: tuple[str, int, str]
+    row: dict[str, Any], keys: KeyRing, server_key: Any, previous: tuple[str, int, str] | None
 ) -> tuple[list[IntegrityProblem], Signed | None]:
     """Hash, key, signature and chain of one row; the Signed event recomputed from its JWS, if it parses."""
     emitter = row["emitter"]
@@ -172,14 +199,13 @@ def _check_row(
         problems.append(
             IntegrityProblem("signature", f"a valid {parsed.alg} signature by {parsed.kid}", "invalid", **where)
         )
-    _, previous_seq, previous_hash = previous
-    if payload.get("seq") != previous_seq + 1:
-        problems.append(IntegrityProblem("chain_seq", f"seq {previous_seq + 1}", f"seq {payload.get('seq')}", **where))
-    elif payload.get("prev_hash") != previous_hash:
+    if previous is None:
+        pass
+    elif payload.get("seq") != previous[1] + 1:
+        problems.append(IntegrityProblem("chain_seq", f"seq {previous[1] + 1}", f"seq {payload.get('seq')}", **where))
+    elif payload.get("prev_hash") != previous[2]:
         problems.append(
-            IntegrityProblem(
-                "chain_link", f"prev_hash {previous_hash}", f"prev_hash {payload.get('prev_hash')}", **where
-            )
+            IntegrityProblem("chain_link", f"prev_hash {previous[2]}", f"prev_hash {payload.get('prev_hash')}", **where)
         )
     received_us = 0 if row["received_at"] is None else (row["received_at"] - _EPOCH) // _MICROSECOND
     return problems, Signed(payload, row["jws"], parsed.kid, computed, received_us)

@@ -219,3 +219,49 @@ def test_hash_chain_only_accepts_non_canonical_payloads(harness: Harness) -> Non
     report = verify_chains(harness.data_dir)
     assert report.ok, [p.describe() for p in report.problems]
     assert verify_lake(harness.data_dir).ok
+
+
+def test_incremental_verification_rechecks_only_what_changed_and_trusts_nothing_editable(lake: Harness) -> None:
+    from query.checkpoint import verify_since_checkpoint
+    from tests.signing import chain as signed_chain
+
+    report, mode = verify_since_checkpoint(lake.data_dir)
+    assert report.ok
+    assert mode == "full verification (no checkpoint yet)"
+    report, mode = verify_since_checkpoint(lake.data_dir)
+    assert report.ok
+    assert mode.startswith("incremental: signatures and columns of 0 new or changed of ")
+    assert report.events == 18  # hashes and chains still cover everything
+
+    key, kid = lake.register("gw-3")
+    lake.post(signed_chain("gw-3", 4, key, kid)[0])
+    lake.flush()
+    report, mode = verify_since_checkpoint(lake.data_dir)
+    assert report.ok, [p.describe() for p in report.problems]
+    assert mode.startswith("incremental: signatures and columns of 2 new or changed")  # gw-3's file, admin's
+
+    def edit(rows):
+        for row in rows:
+            if row["emitter"] == "gw-1" and row["seq"] == 2:
+                row["decision_result"] = "deny"
+        return rows
+
+    rewrite(files_of(lake, "gw-1")[0], edit)  # an old, already verified file
+    report, _ = verify_since_checkpoint(lake.data_dir)
+    assert problems(report) == [("gw-1", 2, "column decision_result")]
+
+
+def test_incremental_verification_catches_a_deleted_file_and_a_forged_checkpoint(lake: Harness) -> None:
+    from query.checkpoint import verify_since_checkpoint
+
+    assert verify_since_checkpoint(lake.data_dir)[0].ok
+    files_of(lake, "gw-1")[0].unlink()
+    report, _ = verify_since_checkpoint(lake.data_dir)
+    assert ("gw-1", 6, "chain_seq") in problems(report)
+
+    checkpoint = lake.data_dir / "state" / "verify-checkpoint.jws"
+    forged = sign({"v": 1, "created_at": "2026-01-01T00:00:00Z", "files": {}}, generate_key(), "x")
+    checkpoint.write_text(forged)
+    report, mode = verify_since_checkpoint(lake.data_dir)
+    assert mode == "full verification (checkpoint signature does not verify with the server key)"
+    assert report.problems[0].check == "checkpoint"
