@@ -33,7 +33,7 @@ class LakeReader:
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        connection = duckdb.connect(config={"threads": 2})
+        connection = duckdb.connect(config={"threads": 2, "memory_limit": "1GB"})
         try:
             connection.execute("SET TimeZone = 'UTC'")
             files = self.files()
