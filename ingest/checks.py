@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -144,7 +144,3 @@ def _has_duplicate_keys(raw: bytes) -> bool:
 
     json.loads(raw, object_pairs_hook=pairs)
     return duplicate
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

@@ -68,7 +68,6 @@ class WriteAheadLog:
         self._active = max([first_segment - 1, *existing]) + 1
         self._fd: int | None = None
         self._size = 0
-        self._count = 0
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -81,13 +80,13 @@ class WriteAheadLog:
         path = self.path(number)
         records, good = read_records(path)
         if repair and good < path.stat().st_size:
-            self._handle_bad_tail(path, path.read_bytes(), good, repair=True)
+            self._cut_bad_tail(path, path.read_bytes(), good)
         return records
 
-    def _handle_bad_tail(self, path: Path, data: bytes, offset: int, *, repair: bool) -> None:
+    def _cut_bad_tail(self, path: Path, data: bytes, offset: int) -> None:
+        """Truncate what follows the last whole record: silently-ish for a torn write, with a quarantined copy
+        and an error for anything else."""
         tail = len(data) - offset
-        if not repair:
-            return
         if _looks_torn(data, offset):
             log.warning(
                 "wal %s: cutting a torn record of %d bytes at offset %d (never acknowledged)", path, tail, offset
@@ -134,7 +133,6 @@ class WriteAheadLog:
                 self._abandon_tail(fd, start)
                 raise StorageUnavailable(f"cannot persist to the write-ahead log: {exc.strerror}") from exc
             self._size = start + len(frames)
-            self._count += 1
             return self._active
 
     def _open_active(self) -> int:
@@ -149,7 +147,6 @@ class WriteAheadLog:
                 raise
             self._fd = fd
             self._size = os.fstat(fd).st_size
-            self._count = 0
         return self._fd
 
     def _abandon_tail(self, fd: int, start: int) -> None:
