@@ -122,7 +122,7 @@ _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
     ),
     "deep_delegation": (
         "medium",
-        "delegation chains deeper than $max_depth agents, acting for {subject}",
+        "delegation chains deeper than {max_depth} agents, acting for {subject}",
         ["ASI03"],
         """SELECT "user", list(event_id ORDER BY occurred_at), min(occurred_at), max(occurred_at),
                max(delegation_depth)
@@ -130,7 +130,7 @@ _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
     ),
     "over_privileged": (
         "medium",
-        "{subject} holds scopes it has not used in $unused_days days",
+        "{subject} holds scopes it has not used in {unused_days} days",
         ["ASI03", "NHI5"],
         """WITH grants AS (
             SELECT agent, unnest(credential_scopes) AS scope, event_id, occurred_at
@@ -195,8 +195,11 @@ def findings(
             }
             bound = {name: value for name, value in values.items() if f"${name}" in sql}
             for subject, ids, first, last, detail in connection.execute(sql, bound).fetchall():
-                label = title.format(subject=subject).replace("$max_depth", str(settings.max_delegation_depth))
-                label = label.replace("$unused_days", str(settings.unused_scope_days))
+                label = title.format(
+                    subject=subject,
+                    max_depth=settings.max_delegation_depth,
+                    unused_days=settings.unused_scope_days,
+                )
                 results.append(
                     Finding(
                         kind=kind,

@@ -50,7 +50,6 @@ class FlushStats:
     unflushed_events: int = 0
     oldest_unflushed_at: float | None = None
     last_error: str | None = None
-    segments_flushed: int = 0
 
     def lag_seconds(self) -> float:
         return 0.0 if self.oldest_unflushed_at is None else time.monotonic() - self.oldest_unflushed_at
@@ -257,7 +256,6 @@ class Store:
             with self._pending_lock:
                 self._pending = [item for item in self._pending if item[0] != segment]
                 self._update_stats()
-            self.flush_stats.segments_flushed += 1
         self.flush_stats.last_error = None
         return written
 

@@ -19,15 +19,12 @@ import pyarrow.compute as pc
 
 __all__ = [
     "EVENT_SCHEMA",
-    "PARTITION_COLUMNS",
     "Signed",
     "delegation_chain",
     "event_table",
     "parse_timestamp",
     "partition_of",
 ]
-
-PARTITION_COLUMNS = ("tenant", "date")
 
 _TS = pa.timestamp("us", tz="UTC")
 _STRINGS = pa.list_(pa.string())

@@ -173,10 +173,6 @@ class StateDB:
             rows = self._conn.execute("SELECT emitter, seq, event_hash FROM heads").fetchall()
         return {emitter: Head(seq, digest) for emitter, seq, digest in rows}
 
-    def event_count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT count(*) FROM events").fetchone()[0])
-
     # -- registry ---------------------------------------------------------------------------------------------
 
     def _apply_admin(self, change: dict[str, Any], occurred_at: str) -> None:

@@ -189,20 +189,26 @@ def test_an_emitter_reads_its_own_head_with_a_signed_proof(harness: Harness) -> 
     assert get(head_proof(key, kid, "gw-1")).status_code == 401
 
 
+def serving(data: Path) -> TestClient:
+    """An in-process server over ``data``; use as a context manager (start and stop are a restart)."""
+    return TestClient(create_app(IngestServer(data, ADMIN_TOKEN, flush_interval=3600)))
+
+
+def register_gw1(client: TestClient, key) -> None:
+    body = {"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "k1")]}
+    assert client.put("/v1/emitters/gw-1", json=body, headers=ADMIN).status_code == 200
+
+
 def test_registry_heads_and_keys_survive_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     key = generate_key()
-    with TestClient(create_app(IngestServer(data, ADMIN_TOKEN, flush_interval=3600))) as client:
-        client.put(
-            "/v1/emitters/gw-1",
-            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "k1")]},
-            headers=ADMIN,
-        )
+    with serving(data) as client:
+        register_gw1(client, key)
         tokens, _ = chain("gw-1", 4, key, "k1")
         client.post("/v1/events", json={"events": tokens[:2]})
         client.post("/v1/emitters/gw-1/keys/k1/revoke", headers=ADMIN)
         server_key = (data / "state" / "server_key.pem").read_bytes()
-    with TestClient(create_app(IngestServer(data, ADMIN_TOKEN, flush_interval=3600))) as client:
+    with serving(data) as client:
         view = client.get("/v1/emitters/gw-1", headers=ADMIN).json()
         assert view["head"]["seq"] == 2
         assert view["keys"][0]["revoked_at"] is not None
@@ -215,17 +221,13 @@ def test_registry_heads_and_keys_survive_a_restart(tmp_path: Path) -> None:
 def test_state_is_rebuilt_from_the_lake_when_lost(tmp_path: Path) -> None:
     data = tmp_path / "data"
     key = generate_key()
-    with TestClient(create_app(IngestServer(data, ADMIN_TOKEN, flush_interval=3600))) as client:
-        client.put(
-            "/v1/emitters/gw-1",
-            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "k1")]},
-            headers=ADMIN,
-        )
+    with serving(data) as client:
+        register_gw1(client, key)
         tokens, _ = chain("gw-1", 3, key, "k1")
         client.post("/v1/events", json={"events": tokens[:2]})
     for path in (data / "state").glob("state.sqlite*"):
         path.unlink()
-    with TestClient(create_app(IngestServer(data, ADMIN_TOKEN, flush_interval=3600))) as client:
+    with serving(data) as client:
         assert client.get("/v1/emitters/gw-1", headers=ADMIN).json()["head"]["seq"] == 2
         statuses = [r["status"] for r in client.post("/v1/events", json={"events": tokens}).json()["results"]]
         assert statuses == ["duplicate", "duplicate", "accepted"]
@@ -233,7 +235,7 @@ def test_state_is_rebuilt_from_the_lake_when_lost(tmp_path: Path) -> None:
 
 def test_a_lost_server_key_stops_the_server_with_a_clear_error(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with TestClient(create_app(IngestServer(data, ADMIN_TOKEN, flush_interval=3600))):
+    with serving(data):
         pass
     (data / "state" / "server_key.pem").unlink()
     server = IngestServer(data, ADMIN_TOKEN, flush_interval=3600)
