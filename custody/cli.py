@@ -105,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8701)
     api.set_defaults(run=_serve_query)
 
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="run the incident-response dashboard (Streamlit) over a data dir",
+        description="Run the dashboard. Sign-in uses the read-API tokens of --tokens FILE or CUSTODY_READ_TOKENS.",
+    )
+    dashboard.add_argument("--data-dir", type=Path, required=True)
+    dashboard.add_argument("--tokens", type=Path, help="token file written by custody token issue")
+    dashboard.add_argument("--host", default="127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.set_defaults(run=_dashboard)
+
     token = commands.add_parser("token", help="issue, list and revoke read-API tokens (stored hashed)")
     token_commands = token.add_subparsers(required=True, metavar="ACTION")
     issue = token_commands.add_parser("issue", help="create a token and print it once")
@@ -340,10 +351,7 @@ def _serve_query(args: argparse.Namespace) -> int:
     from query.api import create_query_app
     from query.tokens import TokenStore
 
-    if args.tokens is not None and not args.tokens.exists():
-        raise CustodyError(f"token file {args.tokens} does not exist; create one with custody token issue")
-    if args.tokens is None and not os.environ.get("CUSTODY_READ_TOKENS"):
-        raise CustodyError("no tokens: pass --tokens FILE or set CUSTODY_READ_TOKENS; the API has no open mode")
+    _require_tokens(args.tokens)
     uvicorn.run(
         create_query_app(args.data_dir, TokenStore(args.tokens)),
         host=args.host,
@@ -352,6 +360,30 @@ def _serve_query(args: argparse.Namespace) -> int:
         access_log=False,
     )
     return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import dashboard
+
+    _require_tokens(args.tokens)
+    environment = {**os.environ, "CUSTODY_DATA_DIR": str(args.data_dir.resolve())}
+    if args.tokens is not None:
+        environment["CUSTODY_TOKEN_FILE"] = str(args.tokens.resolve())
+    app = Path(dashboard.__file__).parent / "app.py"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(app),
+        "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--global.developmentMode", "false",
+    ]  # fmt: skip
+    print(f"Dashboard: http://{args.host}:{args.port}  (data dir {args.data_dir})", flush=True)
+    os.execve(sys.executable, command, environment)  # noqa: S606 (fixed argv) Streamlit takes over: Ctrl-C stops it
+
+
+def _require_tokens(tokens: Path | None) -> None:
+    if tokens is not None and not tokens.exists():
+        raise CustodyError(f"token file {tokens} does not exist; create one with custody token issue")
+    if tokens is None and not os.environ.get("CUSTODY_READ_TOKENS"):
+        raise CustodyError("no tokens: pass --tokens FILE or set CUSTODY_READ_TOKENS; there is no open mode")
 
 
 def _token_issue(args: argparse.Namespace) -> int:
@@ -408,6 +440,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from query.checkpoint import record_run
     from query.integrity import verify_lake
 
     if args.hash_chain_only:
@@ -425,6 +458,7 @@ def _verify(args: argparse.Namespace) -> int:
         with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
             report = verify_lake(args.data_dir, progress=lambda done: bar.update(done - bar.n))
         checks = "hashes, signatures, columns, chains"
+        record_run(args.data_dir, report, "full verification")
     for problem in report.problems:
         print(f"FAIL: {problem.describe()}")
     if report.ok:

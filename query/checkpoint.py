@@ -11,7 +11,9 @@ unsigned checkpoint fails its signature and the run falls back to a full verific
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,10 @@ from query.integrity import IntegrityProblem, IntegrityReport, verify_lake
 from query.lake import LakeReader
 from store.canonical import canonicalize
 
-__all__ = ["record", "verify_since_checkpoint"]
+__all__ = ["last_run", "record", "record_run", "verify_since_checkpoint"]
 
 _NAME = "verify-checkpoint.jws"
+_LAST_RUN = "last-verify.json"
 
 
 def file_digests(data_dir: Path) -> dict[Path, str]:
@@ -75,7 +78,33 @@ def verify_since_checkpoint(
         mode = f"incremental: signatures and columns of {len(changed)} new or changed of {len(digests)} files"
     if report.ok:
         record(data_dir, digests)
+    record_run(data_dir, report, mode)
     return report, mode
+
+
+def record_run(data_dir: Path, report: IntegrityReport, mode: str) -> None:
+    """Keep the outcome of the latest verification for the dashboard (a display: the checkpoint is what is trusted)."""
+    body = {
+        "finished_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "mode": mode,
+        "ok": report.ok,
+        "events": report.events,
+        "emitters": report.emitters,
+        "problems": [asdict(problem) for problem in report.problems],
+    }
+    target = data_dir / "state" / _LAST_RUN
+    temporary = target.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
+    temporary.replace(target)
+
+
+def last_run(data_dir: Path) -> dict[str, Any] | None:
+    """The latest verification's outcome, or None if none ran (or its record is unreadable)."""
+    try:
+        body: dict[str, Any] = orjson.loads((data_dir / "state" / _LAST_RUN).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return body
 
 
 def _load(data_dir: Path) -> tuple[dict[str, str] | None, str]:

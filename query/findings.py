@@ -9,7 +9,7 @@ are; past ``MAX_EVIDENCE`` the list says so with ``evidence_truncated``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from query.lake import LakeReader
@@ -91,7 +91,7 @@ _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
         ["ASI03", "NHI1"],
         """WITH revoked AS (
             SELECT credential_id, min(coalesce(revoked_at, occurred_at)) AS at
-            FROM scoped_for($tenant) WHERE type = 'credential.revoked' GROUP BY credential_id)
+            FROM history_for($tenant) WHERE type = 'credential.revoked' GROUP BY credential_id)
         SELECT e.credential_id, list(e.event_id ORDER BY e.occurred_at), min(e.occurred_at), max(e.occurred_at),
                any_value(r.at)
         FROM scoped_for($tenant) e JOIN revoked r ON e.credential_id = r.credential_id
@@ -171,7 +171,11 @@ def findings(
     kinds: tuple[str, ...] = KINDS,
     settings: FindingSettings | None = None,
     now: datetime | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> list[Finding]:
+    """Findings over the events of ``tenant`` (all, if None) between ``since`` and ``until`` (open if None).
+    Revocations are looked up in the whole history, so a use in the window of a credential revoked earlier counts."""
     settings = settings or FindingSettings()
     params = {
         "tenant": tenant,
@@ -182,16 +186,28 @@ def findings(
     }
     results: list[Finding] = []
     with reader.connect() as connection:
+        # history_for: every event of the tenant (revocations before the window still count); scoped_for: the
+        # window too, its bounds rendered from datetime objects (_literal), so no caller text becomes SQL.
         connection.execute(
-            "CREATE TEMP MACRO scoped_for(wanted) AS TABLE SELECT * FROM events WHERE wanted IS NULL OR tenant = wanted"
+            "CREATE TEMP MACRO history_for(wanted) AS TABLE"
+            " SELECT * FROM events WHERE wanted IS NULL OR tenant = wanted"
         )
-        latest = connection.execute("SELECT max(occurred_at) FROM events").fetchone()
+        window = " AND ".join(
+            f"occurred_at {op} TIMESTAMPTZ '{_literal(bound)}' AND date {date_op} DATE '{_literal(bound)[:10]}'"
+            for op, date_op, bound in ((">=", ">=", since), ("<", "<=", until))
+            if bound is not None
+        )
+        connection.execute(
+            "CREATE TEMP MACRO scoped_for(wanted) AS TABLE SELECT * FROM history_for(wanted)"
+            + (f" WHERE {window}" if window else "")
+        )
+        latest = connection.execute("SELECT max(occurred_at) FROM scoped_for(NULL)").fetchone()
         reference = now or (latest[0] if latest and latest[0] else None)
         for kind in kinds:
             severity, title, owasp, sql = _QUERIES[kind]
             values = {
                 **params,
-                "unused_since": (reference or datetime.min) - timedelta(days=settings.unused_scope_days),
+                "unused_since": (reference or datetime.now(UTC)) - timedelta(days=settings.unused_scope_days),
             }
             bound = {name: value for name, value in values.items() if f"${name}" in sql}
             for subject, ids, first, last, detail in connection.execute(sql, bound).fetchall():
@@ -216,6 +232,15 @@ def findings(
                 )
     order = {"critical": 0, "high": 1, "medium": 2, "low": 3}
     return sorted(results, key=lambda f: (order[f.severity], f.kind, f.subject))
+
+
+def _literal(bound: datetime) -> str:
+    """A datetime as SQL literal text: only digits and ``-:+. T`` can come out of a datetime, never caller text."""
+    if not isinstance(bound, datetime):
+        raise TypeError(f"a window bound must be a datetime, got {type(bound).__name__}")
+    text = bound.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00:00")
+    assert set(text) <= set("0123456789-:+. "), text
+    return text
 
 
 def _iso(value: Any) -> str | None:

@@ -35,7 +35,7 @@ from store.errors import CanonicalizationError, CustodyError
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.state import StateDB
 
-__all__ = ["IntegrityProblem", "IntegrityReport", "compare_heads", "verify_lake"]
+__all__ = ["IntegrityProblem", "IntegrityReport", "compare_heads", "verify_event", "verify_lake"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,50 @@ def _verify_rows(
         report.problems.extend(compare_heads(data_dir, report.emitters, report.tenants))
     report.problems.sort(key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check))
     return report
+
+
+def verify_event(data_dir: Path, event_id: str, *, tenant: str | None = None) -> list[IntegrityProblem] | None:
+    """Every check of ``verify_lake`` for one event: hash, key, signature, columns, and its link to the event
+    before it in its emitter's chain. An empty list means it passed; None means there is no such event."""
+    server_key = _server_public_key(data_dir)
+    keys = KeyRing()
+    registry: dict[str, tuple[str, dict[str, Any], str, str | None]] = {}
+    tenants: dict[str, str] = {}
+    for batch in _batches(data_dir, only_files=set()):  # the server stream: it registers the keys
+        for row in batch.to_pylist():
+            problems, signed = _check_row(row, keys, server_key, None)
+            if signed is not None and not problems:
+                _fold_admin(signed.payload, registry, tenants)
+    specs = [(kid, owner, tenants.get(owner, ""), jwk, revoked) for kid, (owner, jwk, _, revoked) in registry.items()]
+    keys.load_specs(specs, keys.version + 1)
+    files = [str(path) for path in LakeReader(data_dir).files()]
+    if not files:
+        return None
+    connection = duckdb.connect()
+    try:
+        connection.execute("SET TimeZone = 'UTC'")
+        source = "read_parquet($files, hive_partitioning = true, filename = true)"
+        result = connection.execute(
+            f"SELECT *, filename FROM {source} WHERE event_id = $id AND ($tenant IS NULL OR tenant = $tenant)",
+            {"files": files, "id": event_id, "tenant": tenant},
+        )
+        rows = [dict(zip([c[0] for c in result.description], values, strict=True)) for values in result.fetchall()]
+        if not rows:
+            return None
+        row = rows[0]
+        before = connection.execute(
+            f"SELECT event_hash FROM {source} WHERE emitter = $emitter AND seq = $seq",
+            {"files": files, "emitter": row["emitter"], "seq": row["seq"] - 1},
+        ).fetchall()
+    finally:
+        connection.close()
+    previous_hash = ZERO_HASH if row["seq"] == 1 else (before[0][0] if before else "(no event)")
+    problems, signed = _check_row(row, keys, server_key, (row["emitter"], row["seq"] - 1, previous_hash))
+    if signed is not None:
+        problems += _check_columns([row], [(0, signed)])
+    if len(rows) > 1:
+        problems.append(IntegrityProblem("unique", "one row", f"{len(rows)} rows with this event_id", **_where(row)))
+    return problems
 
 
 def _batches(data_dir: Path, only_files: set[Path] | None = None) -> Iterator[pa.RecordBatch]:

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,20 @@ class Harness:
         self.server.store.flush()
 
 
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
+@contextmanager
+def open_harness(data_dir: Path) -> Iterator[Harness]:
     # In-process flushes (no lake-writer process): real server processes in test_server_process.py use it.
     server = IngestServer(
-        tmp_path / "data", ADMIN_TOKEN, limits=Limits(max_events=50), flush_interval=3600, writer_process=False
+        data_dir, ADMIN_TOKEN, limits=Limits(max_events=50), flush_interval=3600, writer_process=False
     )
     with TestClient(create_app(server)) as client:
-        yield Harness(client, server, tmp_path / "data")
+        yield Harness(client, server, data_dir)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    with open_harness(tmp_path / "data") as opened:
+        yield opened
 
 
 def now_rfc3339() -> str:

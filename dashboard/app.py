@@ -1,0 +1,36 @@
+"""The Custody dashboard: ``custody dashboard --data-dir DIR`` (or ``streamlit run dashboard/app.py``).
+
+This file is the router: sign-in first, then the pages the principal's role may use. Each page lives in
+``views/`` and reads the lake through ``dashboard.data`` (cached calls into ``query/``).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard.context import session, sign_in_form
+
+st.set_page_config(page_title="Custody", page_icon=":material/policy:", layout="wide")
+
+PAGES = {
+    "overview": st.Page("views/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+    "investigate": st.Page("views/investigate.py", title="Investigate", icon=":material/search:"),
+    "path": st.Page("views/path.py", title="Delegation path", icon=":material/account_tree:"),
+    "blast": st.Page("views/blast.py", title="Blast radius", icon=":material/crisis_alert:"),
+    "findings": st.Page("views/findings.py", title="Findings", icon=":material/report:"),
+    "integrity": st.Page("views/integrity.py", title="Integrity", icon=":material/verified:"),
+}
+
+# Every page is registered before sign-in, so a link pasted into a ticket (page and ?params) survives the sign-in.
+page = st.navigation(list(PAGES.values()))
+current = session()
+if current is None:
+    sign_in_form()
+    st.stop()
+with st.sidebar:
+    bound = f"tenant {current.tenant}" if current.tenant else "all tenants"
+    st.caption(f"Signed in as **{current.principal.name}** ({current.principal.role}, {bound})")
+    if st.button("Sign out", key="sign_out"):
+        st.session_state.clear()
+        st.rerun()
+page.run()

@@ -1,0 +1,109 @@
+"""The dashboard's queries: one cached call into ``query/`` each. Every function takes the tenant scope as an
+argument (None only for unbound principals), so the cache can never hand one tenant's result to another."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from dashboard.context import cached
+from query.blast import IdentityBlastRadius, Subject, Taint, forward_taint, identity_blast_radius
+from query.checkpoint import last_run
+from query.findings import Finding, findings
+from query.integrity import IntegrityProblem, verify_event
+from query.lake import LakeReader
+from query.overview import EmitterStatus, Overview, emitter_status, overview
+from query.paths import DelegationPath, delegation_path
+from query.search import EventFilter, Page, search
+
+__all__ = [
+    "blast_radius",
+    "choices",
+    "emitters",
+    "event_check",
+    "find_events",
+    "findings_in",
+    "last_verification",
+    "path_of",
+    "summary",
+    "taint_of",
+]
+
+# Columns an analyst picks from; names are fixed here, never taken from a request.
+_CHOICE_COLUMNS = {
+    "tenant": "tenant",
+    "user": '"user"',
+    "agent": "agent",
+    "credential": "credential_id",
+    "tool": "tool_name",
+    "decision": "decision_result",
+    "outcome": "outcome",
+    "trace": "trace_id",
+    "type": "type",
+}
+
+
+@cached
+def summary(data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None) -> Overview:
+    return overview(LakeReader(Path(data_dir)), since=since, until=until, tenant=tenant)
+
+
+@cached
+def findings_in(data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None) -> list[Finding]:
+    return findings(LakeReader(Path(data_dir)), tenant=tenant, since=since, until=until)
+
+
+@cached
+def find_events(data_dir: str, where: EventFilter, limit: int, cursor: str | None) -> Page:
+    return search(LakeReader(Path(data_dir)), where, limit=limit, cursor=cursor)
+
+
+@cached
+def choices(data_dir: str, tenant: str | None, column: str, since: datetime | None) -> list[str]:
+    """Distinct values of one column (for pickers), most frequent first, at most 500."""
+    expression = _CHOICE_COLUMNS[column]
+    with LakeReader(Path(data_dir)).connect() as connection:
+        rows = connection.execute(
+            f"SELECT {expression} FROM events WHERE {expression} IS NOT NULL AND ($tenant IS NULL OR tenant = $tenant)"
+            " AND ($since IS NULL OR occurred_at >= $since) GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 500",
+            {"tenant": tenant, "since": since},
+        ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+@cached
+def path_of(data_dir: str, tenant: str | None, event_id: str) -> DelegationPath:
+    return delegation_path(LakeReader(Path(data_dir)), event_id, tenant=tenant)
+
+
+@cached
+def event_check(data_dir: str, tenant: str | None, event_id: str) -> list[IntegrityProblem] | None:
+    return verify_event(Path(data_dir), event_id, tenant=tenant)
+
+
+@cached
+def taint_of(data_dir: str, tenant: str | None, kind: Subject, subject: str, since: datetime) -> Taint:
+    return forward_taint(LakeReader(Path(data_dir)), kind, subject, since, tenant=tenant)
+
+
+@cached
+def blast_radius(
+    data_dir: str, tenant: str | None, kind: str, subject: str, since: datetime | None
+) -> IdentityBlastRadius:
+    assert kind in ("agent", "credential")
+    return identity_blast_radius(LakeReader(Path(data_dir)), kind, subject, since=since, tenant=tenant)  # type: ignore[arg-type]
+
+
+@cached
+def emitters(data_dir: str, tenant: str | None) -> list[EmitterStatus]:
+    return emitter_status(LakeReader(Path(data_dir)), tenant=tenant)
+
+
+def last_verification(data_dir: str, tenant: str | None) -> dict[str, Any] | None:
+    """The latest verification, its problems narrowed to the tenant's own for a bound principal (not cached)."""
+    run = last_run(Path(data_dir))
+    if run is not None and tenant is not None:
+        run = {**run, "problems": [p for p in run["problems"] if p.get("tenant") == tenant]}
+        run["emitters"] = {}  # other tenants' emitter names are not the bound principal's to see
+    return run

@@ -1,0 +1,86 @@
+"""Findings: borrowed sessions, shared credentials, unregistered tools, use after revocation, cross-tenant reach and
+more, by severity and kind; each opens its evidence events."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data
+from dashboard.context import require_session, time_window
+from query.search import EventFilter
+
+SEVERITIES = ["critical", "high", "medium", "low"]
+
+current = require_session()
+root = str(current.data_dir)
+st.title("Findings")
+since, until = time_window()
+with st.spinner("Looking for findings..."):
+    found = data.findings_in(root, current.tenant, since, until)
+
+by_severity = Counter(f.severity for f in found)
+row = st.columns(4)
+for column, severity in zip(row, SEVERITIES, strict=True):
+    column.metric(severity.capitalize(), by_severity.get(severity, 0))
+
+kinds = sorted({f.kind for f in found})
+filters = st.columns(2)
+severity_pick = filters[0].multiselect("Severity", SEVERITIES, key="severity", bind="query-params")
+kind_pick = filters[1].multiselect("Kind", kinds, key="kind", bind="query-params")
+shown = [
+    f for f in found if (not severity_pick or f.severity in severity_pick) and (not kind_pick or f.kind in kind_pick)
+]
+if not found:
+    st.success("No findings in this window. Try a longer window, or the whole log ('all').")
+    st.stop()
+if not shown:
+    st.info("No finding matches these filters.")
+    st.stop()
+
+table = pd.DataFrame(
+    [
+        {
+            "severity": f.severity,
+            "kind": f.kind,
+            "title": f.title,
+            "owasp": ", ".join(f.owasp),
+            "evidence": f.evidence_total,
+            "first_seen": f.first_seen,
+            "last_seen": f.last_seen,
+        }
+        for f in shown
+    ]
+)
+st.dataframe(table, hide_index=True, key="findings_table")
+
+st.subheader("Evidence")
+index = st.selectbox(
+    "Finding", range(len(shown)), format_func=lambda i: f"[{shown[i].severity}] {shown[i].title}", key="finding"
+)
+finding = shown[index]
+st.markdown(f"**{finding.title}** ({', '.join(finding.owasp)}); {finding.evidence_total} evidence events")
+if finding.details.get("detail") is not None:
+    st.caption(f"Detail: {finding.details['detail']}")
+if finding.evidence_truncated:
+    st.warning(f"Showing the first {len(finding.evidence)} of {finding.evidence_total} evidence events.")
+evidence = data.find_events(
+    root, EventFilter(tenant=current.tenant, event_ids=tuple(finding.evidence)), min(len(finding.evidence), 1000), None
+)
+frame = pd.DataFrame(evidence.events)
+columns = ["occurred_at", "tenant", "type", "user", "agent", "tool_name", "resource_id", "decision_result", "event_id"]
+st.dataframe(frame[[c for c in columns if c in frame]], hide_index=True, key="evidence_table")
+if evidence.events:
+    chosen = st.selectbox(
+        "Open the path of an evidence event",
+        [e["event_id"] for e in evidence.events],
+        key="evidence_event",
+    )
+    st.page_link(
+        "views/path.py",
+        label=f"Delegation path of {chosen}",
+        icon=":material/account_tree:",
+        query_params={"event": chosen},
+    )

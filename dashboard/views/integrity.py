@@ -1,0 +1,84 @@
+"""Integrity: every emitter's chain as the lake holds it, the latest verification, and a button to verify now."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data
+from dashboard.context import require_session
+from query.checkpoint import verify_since_checkpoint
+
+current = require_session()
+root = str(current.data_dir)
+st.title("Integrity")
+
+streams = data.emitters(root, current.tenant)
+run = data.last_verification(root, current.tenant)
+failing = {p["emitter"] for p in run["problems"]} if run else set()
+
+st.subheader("Last verification")
+if run is None:
+    st.warning("The log has not been verified yet." + (" Run it below." if current.may_verify else ""))
+else:
+    if run["problems"]:
+        st.error(f"{run['finished_at']}: {len(run['problems'])} problems in {run['events']:,} events ({run['mode']})")
+    else:
+        st.success(f"{run['finished_at']}: {run['events']:,} events verified, no problems ({run['mode']})")
+    if current.tenant is not None and run.get("ok") is False and not run["problems"]:
+        st.info("The problems of that run concern other tenants' streams or the lake as a whole.")
+
+st.subheader("Emitters")
+if not streams:
+    st.info("No events in the lake yet. Gateways post them to the ingest API (`custody serve`).")
+else:
+    table = pd.DataFrame(
+        [
+            {
+                "emitter": s.emitter,
+                "tenant": s.tenant,
+                "events": s.events,
+                "first seq": s.first_seq,
+                "last seq": s.last_seq,
+                "seqs contiguous": s.contiguous,
+                "last verification": "problems" if s.emitter in failing else ("ok" if run else "not yet"),
+                "newest event": s.newest,
+            }
+            for s in streams
+        ]
+    )
+    st.dataframe(table, hide_index=True, key="emitters_table")
+
+if run and run["problems"]:
+    st.subheader("Problems")
+    st.dataframe(
+        pd.DataFrame(run["problems"])[["emitter", "seq", "event_id", "check", "expected", "actual", "file"]],
+        hide_index=True,
+        key="problems_table",
+    )
+
+st.subheader("Verify now")
+if not current.may_verify:
+    st.caption("Verification is for auditor and admin tokens.")
+    st.stop()
+st.caption(
+    "Recomputes every hash and chain link, and re-checks signatures and columns of every file new or changed since"
+    " the last clean run (a checkpoint signed by the server key); the first run checks everything."
+)
+if st.button("Verify the log", key="verify", type="primary"):
+    total = max(sum(s.events for s in streams), 1)
+    bar = st.progress(0.0, text="Verifying...")
+
+    def progress(done: int) -> None:
+        bar.progress(min(done / total, 1.0), text=f"Verified {done:,} of about {total:,} events")
+
+    report, mode = verify_since_checkpoint(current.data_dir, progress=progress)
+    bar.progress(1.0, text="Done")
+    problems = [asdict(p) for p in report.problems if current.tenant is None or p.tenant == current.tenant]
+    if problems:
+        st.error(f"{len(problems)} problems ({mode})")
+        st.dataframe(pd.DataFrame(problems), hide_index=True, key="verify_problems")
+    else:
+        st.success(f"No problems in {report.events:,} events ({mode})")

@@ -1,0 +1,90 @@
+"""Delegation path: user -> approval -> agents -> tool -> resource for one event, inside its task tree."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data
+from dashboard.context import require_session, show_error
+from dashboard.graphs import path_dot
+from store.errors import CustodyError
+
+current = require_session()
+st.title("Delegation path")
+
+
+def move_to_neighbour() -> None:
+    st.session_state["event"] = st.session_state["neighbour"]
+
+
+event_id = st.text_input(
+    "Event id", key="event", bind="query-params", placeholder="an event_id, e.g. from Investigate or Findings"
+).strip()
+if not event_id:
+    st.info("Paste an event id, or open an event on the Investigate or Findings page and follow its path link.")
+    st.page_link("views/investigate.py", label="Investigate", icon=":material/search:")
+    st.stop()
+
+try:
+    with st.spinner("Walking the task tree..."):
+        path = data.path_of(str(current.data_dir), current.tenant, event_id)
+except CustodyError as exc:
+    show_error(exc)
+    st.stop()
+
+chain = path.chain()
+st.markdown(" → ".join(f"**{node.kind}** `{node.label}`" for node in chain))
+event = path.event
+st.caption(
+    f"{event['type']} at {event['occurred_at']} by emitter {event['emitter']} (seq {event['seq']}); decision"
+    f" {event.get('decision_result') or 'n/a'}, outcome {event.get('outcome') or 'n/a'}; credential"
+    f" {event.get('credential_id') or 'none'} ({event.get('credential_kind') or 'n/a'})"
+)
+if path.truncated:
+    st.warning("The task tree is larger than the page draws; it was cut. The tables list what was read.")
+metrics = st.columns(4)
+metrics[0].metric("Ancestors", len(path.ancestors))
+metrics[1].metric("Descendants", len(path.descendants))
+metrics[2].metric("Nodes", len(path.nodes))
+metrics[3].metric("Agents in the chain", sum(1 for node in chain if node.kind == "agent"))
+
+st.graphviz_chart(path_dot(path), width="stretch")
+
+neighbours = {e["event_id"]: e for e in [*path.ancestors, *path.descendants]}
+if neighbours:
+    st.subheader("Move to a neighbour")
+    role = {e["event_id"]: "ancestor" for e in path.ancestors} | {e["event_id"]: "descendant" for e in path.descendants}
+    st.selectbox(
+        "Event in the task tree",
+        list(neighbours),
+        format_func=lambda i: (
+            f"{role[i]}: {neighbours[i]['occurred_at'][:19]} {neighbours[i].get('agent') or ''}"
+            f" {neighbours[i].get('tool_name') or neighbours[i]['type']} ({i})"
+        ),
+        key="neighbour",
+    )
+    st.button("Open its path", key="open_neighbour", on_click=move_to_neighbour)
+    table = pd.DataFrame([{"relation": role[i], **e} for i, e in neighbours.items()])
+    columns = ["relation", "occurred_at", "type", "agent", "tool_name", "resource_id", "decision_result", "event_id"]
+    st.dataframe(table[[c for c in columns if c in table]], hide_index=True, key="tree_table")
+else:
+    st.caption("This event has no ancestors or descendants.")
+
+with st.expander("As text (for a ticket)"):
+    st.code(path.text(), language=None)
+blast = st.columns(2)
+if event.get("agent"):
+    blast[0].page_link(
+        "views/blast.py",
+        label=f"Blast radius of {event['agent']} from this event on",
+        icon=":material/crisis_alert:",
+        query_params={"kind": "agent", "subject": event["agent"], "start": event["occurred_at"][:19]},
+    )
+if event.get("credential_id"):
+    blast[1].page_link(
+        "views/blast.py",
+        label=f"Blast radius of credential {event['credential_id']}",
+        icon=":material/key:",
+        query_params={"kind": "credential", "subject": event["credential_id"], "start": event["occurred_at"][:19]},
+    )

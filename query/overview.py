@@ -1,0 +1,125 @@
+"""The figures an analyst reads first: how much happened, who was active, what was denied, and how fresh the log is.
+
+``overview`` answers over a time window (and a tenant, when the reader is bound to one) in a single scan for the
+headline counts plus small grouped queries for the volume chart and the top lists. ``emitter_status`` lists every
+emitter's stream as the lake holds it: events, first and last seq, whether the seqs are contiguous (a cheap
+continuity check: a full verification is ``query.integrity``), and its newest event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from query.lake import LakeReader
+from query.search import event_dicts
+
+__all__ = ["EmitterStatus", "Overview", "emitter_status", "overview"]
+
+TOP = 10
+
+
+@dataclass
+class Overview:
+    events: int
+    emitters: int
+    agents: int
+    users: int
+    denied: int
+    newest: datetime | None
+    volume: list[dict[str, Any]] = field(default_factory=list)  # bucket, decision, events
+    bucket: str = "hour"
+    top_agents: list[dict[str, Any]] = field(default_factory=list)
+    top_tools: list[dict[str, Any]] = field(default_factory=list)
+
+    def newest_age(self, now: datetime) -> timedelta | None:
+        return None if self.newest is None else now - self.newest
+
+
+@dataclass(frozen=True)
+class EmitterStatus:
+    emitter: str
+    tenant: str
+    events: int
+    first_seq: int
+    last_seq: int
+    newest: str | None
+
+    @property
+    def contiguous(self) -> bool:
+        return self.first_seq == 1 and self.last_seq - self.first_seq + 1 == self.events
+
+
+def window_condition(since: datetime | None, until: datetime | None, tenant: str | None) -> tuple[str, dict[str, Any]]:
+    """Time window and tenant as SQL over ``events``; the ``date`` partition column lets DuckDB skip whole days."""
+    conditions: list[str] = ["TRUE"]
+    params: dict[str, Any] = {}
+    if since is not None:
+        conditions.append("occurred_at >= $since AND date >= CAST($since AS DATE)")
+        params["since"] = since
+    if until is not None:
+        conditions.append("occurred_at < $until AND date <= CAST($until AS DATE)")
+        params["until"] = until
+    if tenant is not None:
+        conditions.append("tenant = $tenant")
+        params["tenant"] = tenant
+    return " AND ".join(conditions), params
+
+
+def overview(
+    reader: LakeReader, *, since: datetime | None = None, until: datetime | None = None, tenant: str | None = None
+) -> Overview:
+    where, params = window_condition(since, until, tenant)
+    span = (until - since) if since and until else None
+    bucket = "hour" if span is not None and span <= timedelta(days=3) else "day"
+    with reader.connect() as connection:
+        # One pass over the window into a temporary table of the columns the figures need, then small queries on it.
+        connection.execute(
+            'CREATE TEMP TABLE scoped AS SELECT occurred_at, emitter, agent, "user", type, decision_result,'
+            f" tool_server, tool_name FROM events WHERE {where}",
+            params,
+        )
+        row = connection.execute(
+            'SELECT count(*), count(DISTINCT emitter), count(DISTINCT agent), count(DISTINCT "user"),'
+            " count(*) FILTER (WHERE decision_result = 'deny'), max(occurred_at) FROM scoped"
+        ).fetchone()
+        assert row is not None
+        volume = event_dicts(
+            connection.execute(
+                f"SELECT date_trunc('{bucket}', occurred_at) AS bucket,"
+                " CASE WHEN decision_result IN ('allow', 'deny') THEN decision_result ELSE 'other' END AS decision,"
+                " count(*) AS events FROM scoped GROUP BY ALL ORDER BY bucket, decision"
+            )
+        )
+        top_agents = event_dicts(
+            connection.execute(
+                "SELECT agent, count(*) AS events, count(*) FILTER (WHERE decision_result = 'deny') AS denied"
+                " FROM scoped WHERE agent IS NOT NULL GROUP BY agent ORDER BY events DESC, agent LIMIT $top",
+                {"top": TOP},
+            )
+        )
+        top_tools = event_dicts(
+            connection.execute(
+                "SELECT tool_server || '/' || tool_name AS tool, count(*) AS events,"
+                " count(*) FILTER (WHERE decision_result = 'deny') AS denied FROM scoped"
+                " WHERE tool_name IS NOT NULL GROUP BY 1 ORDER BY events DESC, tool LIMIT $top",
+                {"top": TOP},
+            )
+        )
+    events, emitters, agents, users, denied, newest = row
+    return Overview(events, emitters, agents, users, denied, newest, volume, bucket, top_agents, top_tools)
+
+
+def emitter_status(reader: LakeReader, *, tenant: str | None = None) -> list[EmitterStatus]:
+    """Every emitter's stream in the lake (the server's own stream only for an unbound reader)."""
+    with reader.connect() as connection:
+        rows = connection.execute(
+            "SELECT emitter, any_value(tenant), count(*), min(seq), max(seq), max(occurred_at)"
+            " FROM all_events WHERE ($tenant IS NULL OR tenant = $tenant) GROUP BY emitter ORDER BY emitter",
+            {"tenant": tenant},
+        ).fetchall()
+    return [
+        EmitterStatus(emitter, owner, count, first, last, newest.strftime("%Y-%m-%dT%H:%M:%SZ") if newest else None)
+        for emitter, owner, count, first, last, newest in rows
+    ]
