@@ -134,14 +134,22 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="start a server on a data dir and post the sample events through the SDK",
-        description="Start the ingest API on DATA_DIR and post sample events to it with the emitter SDK.",
+        help="the whole service on the demo organisation: ingest API, read API and dashboard, until Ctrl-C",
+        description="Start the ingest API, the read API and the dashboard on DATA_DIR, generate the demo"
+        " organisation (3 tenants, 30 days, planted incidents) and post it through the SDK; print the URLs, sign-in"
+        " tokens and a tour. A data dir that already holds it is reused.",
     )
     demo.add_argument("--data-dir", type=Path, default=Path("demo-data"), help="data dir (default ./demo-data)")
-    demo.add_argument("--port", type=int, default=8700, help="port (default 8700)")
-    demo.add_argument("--events", type=int, default=2000, help="how many sample events to post (default 2000)")
+    demo.add_argument("--port", type=int, default=8700, help="ingest API port (default 8700)")
+    demo.add_argument("--query-port", type=int, default=8701, help="read API port (default 8701)")
+    demo.add_argument("--dashboard-port", type=int, default=8501, help="dashboard port (default 8501)")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the organisation's activity (default 7)")
+    demo.add_argument("--days", type=int, default=30, help="days of activity (default 30)")
+    demo.add_argument(
+        "--tasks-per-day", type=int, default=1850, help="weekday tasks, about 6 events each (default 1850: ~250k)"
+    )
     demo.add_argument("--reset", action="store_true", help="delete the data dir first")
-    demo.add_argument("--exit", action="store_true", help="stop after posting instead of serving until Ctrl-C")
+    demo.add_argument("--exit", action="store_true", help="stop once everything is up instead of serving")
     demo.set_defaults(run=_demo)
     return parser
 
@@ -469,9 +477,20 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sample_data.demo import run_demo
+    from sample_data.demo import DemoSettings, run_demo
 
-    return run_demo(args.data_dir, port=args.port, events=args.events, reset=args.reset, stay=not args.exit)
+    settings = DemoSettings(
+        args.data_dir,
+        port=args.port,
+        query_port=args.query_port,
+        dashboard_port=args.dashboard_port,
+        seed=args.seed,
+        days=args.days,
+        tasks_per_day=args.tasks_per_day,
+        reset=args.reset,
+        stay=not args.exit,
+    )
+    return run_demo(settings)
 
 
 if __name__ == "__main__":

@@ -1,105 +1,241 @@
-"""``custody demo``: a server on a data dir with sample events posted through the SDK, until Ctrl-C."""
+"""``custody demo``: the ingest server, the read API and the dashboard on one data dir, with the demo organisation
+posted through the real HTTP API by the SDK (signed, chained), until Ctrl-C.
+
+Emitter keys are derived from the seed, so the same seed signs the same events into the same hashes. A data dir
+that already holds the organisation is reused as it is (``--reset`` starts empty); the run says which.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tqdm import tqdm
 
-from ingest.sdk import Emitter, generate_key, public_jwk
-from sample_data.org import GATEWAYS, sample_events
-from store.errors import CustodyError
+from ingest.sdk import Emitter, public_jwk
+from query.tokens import TokenStore
+from sample_data.activity import Generated, generate
+from sample_data.org import GATEWAYS, IDPS
+from store.errors import CustodyError, NotFound
 
-__all__ = ["run_demo", "wait_healthy"]
+__all__ = ["DemoSettings", "emitter_key", "post_generated", "run_demo", "wait_healthy"]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    data_dir: Path
+    port: int = 8700
+    query_port: int = 8701
+    dashboard_port: int = 8501
+    seed: int = 7
+    days: int = 30
+    tasks_per_day: int = 1850
+    reset: bool = False
+    stay: bool = True
+
+
+def emitter_key(seed: int, emitter: str) -> tuple[Ed25519PrivateKey, str]:
+    """The demo's key for an emitter: derived from the seed, so a rerun signs identical bytes."""
+    secret = hashlib.sha256(f"custody-demo/{seed}/{emitter}".encode()).digest()
+    return Ed25519PrivateKey.from_private_bytes(secret), f"{emitter}-demo-{seed}"
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise CustodyError(f"the server exited with code {process.returncode} before it was healthy")
+            raise CustodyError(f"{url}: the process exited with code {process.returncode} before it was healthy")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+            if httpx.get(url, timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.1)
-    raise CustodyError(f"the server at {url} was not healthy after {timeout:.0f} s")
+        time.sleep(0.2)
+    raise CustodyError(f"{url} was not healthy after {timeout:.0f} s")
 
 
-def run_demo(data_dir: Path, *, port: int, events: int, reset: bool, stay: bool) -> int:
-    token = os.environ.get("CUSTODY_ADMIN_TOKEN")
-    if not token:
+def post_generated(
+    url: str,
+    admin_token: str,
+    generated: Generated,
+    *,
+    progress: Callable[[int], None] | None = None,
+    client: httpx.Client | None = None,
+) -> int:
+    """Register every emitter of the organisation (its seed-derived key) and post its events in order, emitters in
+    parallel. Returns the number of events accepted; raises if any event is rejected. ``client``: an HTTP client to
+    use instead of new connections to ``url`` (the tests pass an in-process one)."""
+    admin = {"Authorization": f"Bearer {admin_token}"}
+    http = client or httpx.Client(base_url=url, timeout=30)
+    streams: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for emitter_id, fields in generated.events:
+        streams[emitter_id].append(fields)
+    emitters = {}
+    for gateway in (*GATEWAYS, *IDPS):
+        key, kid = emitter_key(generated.seed, gateway.emitter)
+        response = http.put(
+            f"/v1/emitters/{gateway.emitter}",
+            json={"tenant": gateway.tenant, "kind": gateway.kind, "keys": [public_jwk(key, kid)]},
+            headers=admin,
+        )
+        if response.status_code != 200:
+            raise CustodyError(f"registering {gateway.emitter}: HTTP {response.status_code}: {response.text}")
+        emitters[gateway.emitter] = Emitter(
+            url, gateway.emitter, gateway.tenant, key, kid, batch_size=250, client=client
+        )
+    lock, done = threading.Lock(), [0]
+
+    def post(emitter_id: str) -> int:
+        emitter = emitters[emitter_id]
+        with emitter:
+            emitter.recover_head()
+            for index, fields in enumerate(streams[emitter_id], 1):
+                emitter.emit(**fields)
+                if index % 250 == 0 and progress is not None:
+                    with lock:
+                        done[0] += 250
+                        progress(done[0])
+            emitter.flush()
+        with lock:
+            done[0] += len(streams[emitter_id]) % 250
+            if progress is not None:
+                progress(done[0])
+        return len(streams[emitter_id])
+
+    try:
+        with ThreadPoolExecutor(max_workers=4 if client is None else 1) as pool:
+            return sum(pool.map(post, sorted(streams)))
+    finally:
+        if client is None:
+            http.close()
+
+
+def run_demo(settings: DemoSettings) -> int:
+    admin_token = os.environ.get("CUSTODY_ADMIN_TOKEN")
+    if not admin_token:
         raise CustodyError("CUSTODY_ADMIN_TOKEN is not set")
-    if reset and data_dir.exists():
+    data_dir = settings.data_dir.resolve()
+    if settings.reset and data_dir.exists():
         shutil.rmtree(data_dir)
         print(f"reset: deleted {data_dir}")
     elif data_dir.exists():
-        print(f"reusing {data_dir} (pass --reset to start empty)")
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "custody.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
-    server = subprocess.Popen(command)
+        print(f"reusing {data_dir} (./demo --reset starts empty)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    children: list[subprocess.Popen[bytes]] = []
+    cli = [sys.executable, "-m", "custody.cli"]
+    ingest_url = f"http://127.0.0.1:{settings.port}"
     try:
-        wait_healthy(url, server)
-        _post_sample(url, token, events)
-        print(f"\nIngest API:  {url}   (OpenAPI: {url}/docs, metrics: {url}/metrics)")
-        print(f"Admin token: {token}")
-        print(f"Lake:        {data_dir / 'lake' / 'events'}")
-        print("Query it with DuckDB, e.g.:")
-        print(f'  .venv/bin/python -c "import duckdb; print(duckdb.sql(\\"{_example_query(data_dir)}\\"))"')
-        if stay:
-            print("\nServing until Ctrl-C.")
-            server.wait()
+        children.append(subprocess.Popen([*cli, "serve", "--data-dir", str(data_dir), "--port", str(settings.port)]))
+        wait_healthy(f"{ingest_url}/healthz", children[-1])
+        key_path = data_dir / "answer-key.json"
+        existing = _posted(ingest_url, admin_token)
+        if existing:
+            print(f"the data dir already holds {existing:,} events of the demo organisation; not posting them again")
+            answer_key = orjson.loads(key_path.read_bytes()) if key_path.exists() else None
+        else:
+            answer_key = _generate_and_post(settings, ingest_url, admin_token, key_path)
+        tokens = data_dir / "tokens.json"
+        analyst = _fresh_token(tokens, "demo-analyst", "analyst")
+        auditor = _fresh_token(tokens, "demo-auditor", "auditor")
+        query = [*cli, "serve-query", "--data-dir", str(data_dir), "--tokens", str(tokens)]
+        children.append(subprocess.Popen([*query, "--port", str(settings.query_port)]))
+        dashboard = [*cli, "dashboard", "--data-dir", str(data_dir), "--tokens", str(tokens)]
+        children.append(subprocess.Popen([*dashboard, "--port", str(settings.dashboard_port)]))
+        dashboard_url = f"http://127.0.0.1:{settings.dashboard_port}"
+        wait_healthy(f"http://127.0.0.1:{settings.query_port}/healthz", children[-2])
+        wait_healthy(f"{dashboard_url}/_stcore/health", children[-1])
+        _print_tour(settings, admin_token, analyst, auditor, answer_key, data_dir)
+        if settings.stay:
+            print("\nServing until Ctrl-C.", flush=True)
+            while all(child.poll() is None for child in children):
+                time.sleep(0.5)
+            raise CustodyError("a demo process exited on its own; stopping the others")
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
+        _stop(children)
     return 0
 
 
-def _example_query(data_dir: Path) -> str:
-    source = f"read_parquet('{data_dir}/lake/events/**/*.parquet', hive_partitioning = true)"
-    return (
-        "SELECT tenant, agent, tool_name, decision_result, count(*) AS events"  # noqa: S608 (printed, not run)
-        f" FROM {source} GROUP BY ALL ORDER BY events DESC LIMIT 10"
-    )
+def _posted(url: str, admin_token: str) -> int:
+    response = httpx.get(f"{url}/v1/emitters", headers={"Authorization": f"Bearer {admin_token}"}, timeout=30)
+    response.raise_for_status()
+    return sum(int(e["head"]["seq"]) for e in response.json() if e["emitter"] != "custody.server")
 
 
-def _post_sample(url: str, token: str, count: int) -> None:
-    admin = {"Authorization": f"Bearer {token}"}
-    existing = httpx.get(f"{url}/v1/emitters", headers=admin)
-    existing.raise_for_status()
-    posted = sum(e["head"]["seq"] for e in existing.json() if e["emitter"] != "custody.server")
-    if posted:
-        print(f"the data dir already holds {posted} sample events; not posting them again")
+def _generate_and_post(settings: DemoSettings, url: str, admin_token: str, key_path: Path) -> dict[str, Any]:
+    end = datetime.now(UTC).replace(second=0, microsecond=0)
+    print(f"generating {settings.days} days of the demo organisation (seed {settings.seed})...", flush=True)
+    generated = generate(settings.seed, end=end, days=settings.days, tasks_per_day=settings.tasks_per_day)
+    with tqdm(total=len(generated.events), desc="posting through the SDK", unit="event") as bar:
+        posted = post_generated(url, admin_token, generated, progress=lambda done: bar.update(done - bar.n))
+    print(f"posted {posted:,} signed, chained events from {len(GATEWAYS)} gateways and {len(IDPS)} IdPs")
+    temporary = key_path.with_suffix(".tmp")
+    temporary.write_bytes(orjson.dumps(generated.answer_key, option=orjson.OPT_INDENT_2))
+    temporary.replace(key_path)
+    return generated.answer_key
+
+
+def _fresh_token(path: Path, name: str, role: str) -> str:
+    """A new token under a fixed name (a token is shown only when issued, so a rerun issues it again)."""
+    store = TokenStore(path)
+    with contextlib.suppress(NotFound):
+        store.revoke(name)
+    return store.issue(name, role, None)
+
+
+def _print_tour(
+    settings: DemoSettings,
+    admin_token: str,
+    analyst: str,
+    auditor: str,
+    answer_key: dict[str, Any] | None,
+    data_dir: Path,
+) -> None:
+    dashboard = f"http://127.0.0.1:{settings.dashboard_port}"
+    print(f"\nDashboard:   {dashboard}")
+    print(f"  sign in as analyst: {analyst}")
+    print(f"  sign in as auditor: {auditor}")
+    print(f"Ingest API:  http://127.0.0.1:{settings.port}  (admin token {admin_token}; OpenAPI at /docs)")
+    print(f"Read API:    http://127.0.0.1:{settings.query_port}  (Bearer the analyst token; OpenAPI at /docs)")
+    print(f"Data dir:    {data_dir}  (answer key of the planted incidents: answer-key.json)")
+    if answer_key is None:
         return
-    emitters = {}
-    for gateway in GATEWAYS:
-        key = generate_key()
-        kid = f"{gateway.emitter}-{int(time.time())}"
-        response = httpx.put(
-            f"{url}/v1/emitters/{gateway.emitter}",
-            json={"tenant": gateway.tenant, "kind": "gateway", "keys": [public_jwk(key, kid)]},
-            headers=admin,
-        )
-        response.raise_for_status()
-        emitter = Emitter(url, gateway.emitter, gateway.tenant, key, kid)
-        emitter.recover_head()
-        emitters[gateway.emitter] = emitter
-    for emitter_id, fields in tqdm(
-        sample_events(count, end=datetime.now(UTC)), total=count, desc="posting sample events", unit="event"
-    ):
-        emitters[emitter_id].emit(**fields)
-    for emitter in emitters.values():
-        emitter.flush()
-        emitter.close()
+    injection = next(i for i in answer_key["incidents"] if i["name"] == "prompt_injection")
+    refund, start = injection["refund_events"][0], injection["time"][:19]
+    print("\nA short tour (a prompt injection was planted at " + injection["time"][:16].replace("T", " ") + " UTC):")
+    print(f"  1. The first refund after the malicious ticket, and who authorised it: {dashboard}/path?event={refund}")
+    blast = f"{dashboard}/blast?kind=agent&subject=support-agent&start={start}"
+    print(f"  2. Everything support-agent reached from then on: {blast}")
+    print(f"  3. The other planted incidents (borrowed session, shared key, ...): {dashboard}/findings?window=all")
+    print(f"  4. Prove the log was not altered (sign in as auditor): {dashboard}/integrity")
+    print(f"  5. Access review for auditors: .venv/bin/custody recert --data-dir {data_dir} --tenant acme --format pdf")
+
+
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
