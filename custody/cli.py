@@ -382,6 +382,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         sys.executable, "-m", "streamlit", "run", str(app),
         "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--global.developmentMode", "false",
+        "--client.toolbarMode", "minimal", "--server.runOnSave", "false",
     ]  # fmt: skip
     print(f"Dashboard: http://{args.host}:{args.port}  (data dir {args.data_dir})", flush=True)
     os.execve(sys.executable, command, environment)  # noqa: S606 (fixed argv) Streamlit takes over: Ctrl-C stops it

@@ -12,10 +12,12 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+import altair as alt
+
 from query.blast import Taint
 from query.paths import DelegationPath
 
-__all__ = ["MAX_LEAVES", "path_dot", "taint_dot"]
+__all__ = ["MAX_LEAVES", "path_dot", "scope_chart", "scope_rows", "taint_dot"]
 
 MAX_LEAVES = 25
 _STYLE = {
@@ -43,9 +45,13 @@ def path_dot(path: DelegationPath) -> str:
     for node in path.nodes:
         width = " penwidth=2.5" if node.id in focus else ""
         lines.append(f"  {quote(node.id)} [label={quote(f'{node.kind}: {node.label}')} {_STYLE[node.kind]}{width}];")
+    merged: dict[tuple[str, str, str], int] = defaultdict(int)  # one arrow per relation, however many events
     for edge in path.edges:
-        bold = " penwidth=2.5" if edge.source in focus and edge.target in focus else ""
-        lines.append(f"  {quote(edge.source)} -> {quote(edge.target)} [label={quote(edge.kind)}{bold}];")
+        merged[(edge.source, edge.target, edge.kind)] += 1
+    for (source, target, kind), count in merged.items():
+        bold = " penwidth=2.5" if source in focus and target in focus else ""
+        label = kind if count == 1 else f"{kind} x{count}"
+        lines.append(f"  {quote(source)} -> {quote(target)} [label={quote(label)}{bold}];")
     lines.append("}")
     return "\n".join(lines)
 
@@ -122,3 +128,33 @@ def _text(value: Any) -> str:
     if isinstance(value, list):
         return " > ".join(str(item) for item in value)
     return str(value)
+
+
+SCOPE_STATUS = {"granted, used": "#16a34a", "granted, never used": "#dc2626", "used, not granted": "#f59e0b"}
+
+
+def scope_rows(granted: list[str], used: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per scope: its status and its allowed calls (unused scopes are the over-privilege)."""
+    rows = [
+        {
+            "scope": scope,
+            "uses": used.get(scope, 0),
+            "status": "granted, used" if scope in used else "granted, never used",
+        }
+        for scope in granted
+    ]
+    rows += [{"scope": s, "uses": n, "status": "used, not granted"} for s, n in used.items() if s not in granted]
+    for row in rows:
+        row["label"] = "never used" if row["uses"] == 0 else str(row["uses"])
+    return rows
+
+
+def scope_chart(rows: Any) -> alt.LayerChart | alt.FacetChart:
+    """Granted vs used scopes as horizontal bars; a never-used scope shows as a red 'never used' at zero."""
+    colour = alt.Color(
+        "status:N", scale=alt.Scale(domain=list(SCOPE_STATUS), range=list(SCOPE_STATUS.values())), title=None
+    )
+    base = alt.Chart(rows).encode(y=alt.Y("scope:N", sort="-x", title=None), color=colour)
+    bars = base.mark_bar().encode(x=alt.X("uses:Q", title="allowed calls in the window"))
+    labels = base.mark_text(align="left", dx=4).encode(x="uses:Q", text="label:N")
+    return alt.layer(bars, labels).properties(height=max(80, 28 * len(rows)))

@@ -136,7 +136,7 @@ _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
             SELECT agent, unnest(credential_scopes) AS scope, event_id, occurred_at
             FROM scoped_for($tenant) WHERE agent IS NOT NULL AND credential_scopes IS NOT NULL),
         used AS (
-            SELECT DISTINCT agent, decision_required_scope AS scope FROM scoped_for($tenant)
+            SELECT DISTINCT agent, decision_required_scope AS scope FROM history_for($tenant)
             WHERE type = 'tool.invocation' AND decision_result = 'allow' AND decision_required_scope IS NOT NULL
               AND occurred_at >= $unused_since)
         SELECT g.agent, list(DISTINCT g.event_id), min(g.occurred_at), max(g.occurred_at),
@@ -175,7 +175,8 @@ def findings(
     until: datetime | None = None,
 ) -> list[Finding]:
     """Findings over the events of ``tenant`` (all, if None) between ``since`` and ``until`` (open if None).
-    Revocations are looked up in the whole history, so a use in the window of a credential revoked earlier counts."""
+    Revocations and scope use are looked up in the whole history: a use in the window of a credential revoked
+    earlier counts, and a scope granted in the window is unused only if nothing used it in ``unused_scope_days``."""
     settings = settings or FindingSettings()
     params = {
         "tenant": tenant,

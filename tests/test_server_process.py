@@ -257,31 +257,3 @@ def test_serve_refuses_to_start_without_an_admin_token(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "CUSTODY_ADMIN_TOKEN is not set" in result.stderr
-
-
-def test_the_demo_posts_sample_events_and_a_rerun_reuses_them(tmp_path: Path) -> None:
-    from tests.conftest import ADMIN_TOKEN, free_port
-
-    command = [
-        sys.executable,
-        "-m",
-        "custody.cli",
-        "demo",
-        "--data-dir",
-        str(tmp_path / "demo"),
-        "--port",
-        str(free_port()),
-        "--events",
-        "300",
-        "--exit",
-    ]
-    env = {**os.environ, "CUSTODY_ADMIN_TOKEN": ADMIN_TOKEN}
-    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "Ingest API:  http://127.0.0.1:" in first.stdout
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "reusing" in again.stdout
-    assert "already holds 300 sample events" in again.stdout
-    rows = [row for row in read_lake(tmp_path / "demo", "emitter") if row[0] != "custody.server"]
-    assert len(rows) == 300

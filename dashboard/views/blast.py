@@ -10,7 +10,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import require_session, show_error
-from dashboard.graphs import taint_dot
+from dashboard.graphs import scope_chart, scope_rows, taint_dot
 from store.errors import CustodyError
 
 KINDS = {"agent": "Agent", "credential": "Credential", "user": "User session", "trace": "Trace"}
@@ -74,15 +74,9 @@ if not taint.events:
 if reach is not None:
     st.subheader("Granted vs used")
     st.markdown(f"**{reach.headline}**")
-    scopes = pd.DataFrame(
-        [
-            {"scope": s, "uses": reach.scopes_used.get(s, 0), "used": s in reach.scopes_used}
-            for s in reach.scopes_granted
-        ]
-        + [{"scope": s, "uses": n, "used": True} for s, n in reach.scopes_used.items() if s not in reach.scopes_granted]
-    )
+    scopes = pd.DataFrame(scope_rows(reach.scopes_granted, reach.scopes_used))
     if not scopes.empty:
-        st.bar_chart(scopes, x="scope", y="uses", color="used", horizontal=True)
+        st.altair_chart(scope_chart(scopes), key="scope_chart")
     left, right = st.columns(2)
     left.metric("Tools reachable", len(reach.tools_reachable))
     right.metric("Tools used", len(reach.tools_used))

@@ -11,6 +11,15 @@ import streamlit as st
 from dashboard import data
 from dashboard.context import require_session, time_window
 
+
+def ago(seconds: float) -> str:
+    if seconds < 90 * 60:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{seconds / 86400:.1f} days ago"
+
+
 current = require_session()
 st.title("Overview")
 since, until = time_window()
@@ -34,7 +43,7 @@ columns[1].metric("Emitters", summary.emitters)
 columns[2].metric("Agents", summary.agents)
 columns[3].metric("Users", summary.users)
 columns[4].metric("Denied calls", f"{summary.denied:,}")
-columns[5].metric("Newest event", "none" if age is None else f"{int(age.total_seconds() // 60)} min ago")
+columns[5].metric("Newest event", "none" if age is None else ago(age.total_seconds()))
 links = st.columns(3)
 links[0].page_link("views/investigate.py", label="Open these events", icon=":material/search:")
 links[1].page_link(
@@ -62,10 +71,11 @@ with right:
 
 st.subheader(f"Events per {summary.bucket}, by decision")
 if summary.volume:
-    volume = pd.DataFrame(summary.volume).pivot_table(
+    volume = pd.DataFrame(summary.volume).assign(bucket=lambda frame: pd.to_datetime(frame["bucket"]))
+    volume = volume.pivot_table(
         index="bucket", columns="decision", values="events", aggfunc="sum", fill_value=0
-    )
-    st.bar_chart(volume, color=None)
+    ).reindex(columns=["allow", "deny", "other"], fill_value=0)
+    st.bar_chart(volume, color=["#2563eb", "#dc2626", "#9ca3af"])
 
 left, right = st.columns(2)
 with left:
