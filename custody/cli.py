@@ -17,6 +17,7 @@ from typing import Literal
 import orjson
 
 from custody import __version__
+from custody.recert_cli import add_recert
 from store.errors import CustodyError
 
 __all__ = ["main"]
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_verify)
 
     _forensics_commands(commands)
+    add_recert(commands)
 
     compact = commands.add_parser(
         "compact",

@@ -19,6 +19,7 @@ PAGES = {
     "blast": st.Page("views/blast.py", title="Blast radius", icon=":material/crisis_alert:"),
     "findings": st.Page("views/findings.py", title="Findings", icon=":material/report:"),
     "integrity": st.Page("views/integrity.py", title="Integrity", icon=":material/verified:"),
+    "recert": st.Page("views/recert.py", title="Access review", icon=":material/fact_check:"),
 }
 
 # Every page is registered before sign-in, so a link pasted into a ticket (page and ?params) survives the sign-in.

@@ -15,6 +15,8 @@ from query.integrity import IntegrityProblem, verify_event
 from query.lake import LakeReader
 from query.overview import EmitterStatus, Overview, emitter_status, overview
 from query.paths import DelegationPath, delegation_path
+from query.recert import Review, parse_window
+from query.reports import SignedReport, render, signed_review
 from query.search import EventFilter, Page, search
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "findings_in",
     "last_verification",
     "path_of",
+    "recert_file",
+    "recert_review",
     "summary",
     "taint_of",
 ]
@@ -93,6 +97,17 @@ def blast_radius(
 ) -> IdentityBlastRadius:
     assert kind in ("agent", "credential")
     return identity_blast_radius(LakeReader(Path(data_dir)), kind, subject, since=since, tenant=tenant)  # type: ignore[arg-type]
+
+
+@cached
+def recert_review(data_dir: str, tenant: str, window: str) -> tuple[Review, dict[str, Any], str]:
+    return signed_review(Path(data_dir), tenant, window_days=parse_window(window))
+
+
+@cached
+def recert_file(data_dir: str, tenant: str, window: str, form: str) -> SignedReport:
+    review, body, jws = recert_review(data_dir, tenant, window)
+    return SignedReport(review, form, render(body, jws, form))
 
 
 @cached

@@ -23,6 +23,8 @@ from query.findings import KINDS, findings
 from query.integrity import verify_lake
 from query.lake import LakeReader
 from query.paths import delegation_path
+from query.recert import parse_window
+from query.reports import build_report
 from query.search import EventFilter, search
 from query.tokens import Forbidden, Principal, TokenStore
 from store.errors import InvalidInput
@@ -177,6 +179,28 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
                 "emitters": emitters,
                 "problems": [{**asdict(p), "description": p.describe()} for p in problems],
             }
+        )
+
+    @app.get("/v1/recert", responses=_ERRORS)
+    async def recert(
+        caller: Caller,
+        tenant: str | None = None,
+        window: str = "90d",
+        format: Literal["csv", "json", "html", "pdf"] = "json",
+    ) -> Response:
+        """Access-recertification report of a tenant's agents, signed by the server key (auditor and admin)."""
+        if caller.role not in ("admin", "auditor"):
+            raise Forbidden(
+                f"recertification reports are for auditor and admin tokens; {caller.name!r} is {caller.role}"
+            )
+        scope = caller.scope(tenant)
+        if scope is None:
+            raise InvalidInput("tenant is required: a report covers one tenant's agents")
+        report = await run_in_threadpool(build_report, data_dir, scope, window_days=parse_window(window), form=format)
+        return Response(
+            report.content,
+            media_type=report.media_type,
+            headers={"Content-Disposition": f'attachment; filename="{report.filename}"'},
         )
 
     @app.get("/healthz")

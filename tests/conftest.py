@@ -196,3 +196,22 @@ def read_lake(data_dir: Path, columns: str = "*") -> list[tuple[Any, ...]]:
     pattern = str(data_dir / "lake" / "events" / "**" / "*.parquet")
     query = f"SELECT {columns} FROM read_parquet(?, hive_partitioning = true) ORDER BY emitter, seq"
     return duckdb.execute(query, [pattern]).fetchall()
+
+
+ORG_END = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)  # in the past: the API refuses events from the future
+
+
+@pytest.fixture(scope="session")
+def org(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The demo organisation, reduced (30 days, 60 tasks a weekday, ~9k events), posted through the in-process API
+    with the SDK; ``key`` is its answer key."""
+    from sample_data.activity import generate
+    from sample_data.demo import post_generated
+
+    generated = generate(7, end=ORG_END, days=30, tasks_per_day=60)
+    data = tmp_path_factory.mktemp("org") / "data"
+    with open_harness(data, max_events=1000) as harness:
+        posted = post_generated("http://testserver", ADMIN_TOKEN, generated, client=harness.client)
+        harness.flush()
+    assert posted == len(generated.events)
+    return {"data": data, "key": generated.answer_key, "generated": generated}

@@ -20,21 +20,9 @@ from query.lake import LakeReader
 from query.paths import delegation_path
 from sample_data.activity import generate
 from sample_data.demo import post_generated
-from tests.conftest import ADMIN_TOKEN, open_harness, read_lake
+from tests.conftest import ADMIN_TOKEN, ORG_END, open_harness, read_lake
 
-END = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)  # in the past: the API refuses events from the future
-SMALL = {"days": 30, "tasks_per_day": 60}
-
-
-@pytest.fixture(scope="module")
-def org(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    generated = generate(7, end=END, **SMALL)
-    data = tmp_path_factory.mktemp("org") / "data"
-    with open_harness(data, max_events=1000) as harness:
-        posted = post_generated("http://testserver", ADMIN_TOKEN, generated, client=harness.client)
-        harness.flush()
-    assert posted == len(generated.events)
-    return {"data": data, "key": generated.answer_key, "generated": generated}
+END = ORG_END
 
 
 def incident(org: dict[str, Any], name: str) -> dict[str, Any]:

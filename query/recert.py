@@ -1,0 +1,284 @@
+"""Access recertification: for each agent of a tenant, what it holds against what it uses, and what to do about it.
+
+Like an Entra ID access review or IAM Access Analyzer's unused-access findings, for agents and their delegation
+chains. One review per agent: owner, emitters, credentials held, scopes granted / used (count, last use) / unused,
+denied attempts, findings, delegations given and received, users it acted for and their approvals, and a
+recommendation with its justification:
+
+- ``revoke``: a critical finding names it (e.g. use of a revoked credential), or it made no allowed call in the window;
+- ``reduce``: it holds scopes it never used in the window: reduce to the used ones;
+- ``keep``: it uses everything it holds (high or medium findings are listed in the justification to investigate).
+
+The review is computed over one snapshot of the lake (one file list for every query), and states that position:
+every emitter's head (seq, hash) and the event count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from query.findings import Finding, findings
+from query.lake import LakeReader
+from store.errors import InvalidInput
+
+__all__ = ["AgentReview", "Review", "access_review", "parse_window"]
+
+REVIEWER_COLUMNS = ("decision", "reviewer", "date", "comment")
+
+
+@dataclass
+class AgentReview:
+    agent: str
+    owner: str | None
+    emitters: list[str]
+    credentials: list[dict[str, Any]]  # id, kind, issued, expires, revoked
+    scopes_granted: list[str]
+    scopes_used: list[dict[str, Any]]  # scope, count, last_used
+    scopes_unused: list[str]
+    denied: int
+    findings: list[dict[str, Any]]  # kind, severity, title
+    delegations_given: list[dict[str, Any]]  # agent, count, scopes
+    delegations_received: list[dict[str, Any]]  # agent, count, scopes
+    users: list[dict[str, Any]]  # user, events, approvals
+    recommendation: str
+    justification: str
+    review: dict[str, str] = field(default_factory=lambda: dict.fromkeys(REVIEWER_COLUMNS, ""))
+
+
+@dataclass
+class Review:
+    tenant: str
+    window_days: int
+    since: str
+    until: str
+    generated_at: str
+    events: int
+    heads: dict[str, dict[str, Any]]  # emitter -> {"seq", "hash"}
+    agents: list[AgentReview]
+
+    def summary(self) -> dict[str, int]:
+        counts = {"agents": len(self.agents), "keep": 0, "reduce": 0, "revoke": 0}
+        for agent in self.agents:
+            counts[agent.recommendation] += 1
+        counts["unused_scopes"] = sum(len(agent.scopes_unused) for agent in self.agents)
+        return counts
+
+
+class _Snapshot(LakeReader):
+    """A reader pinned to one file list, so every query of a review sees the same log."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self._files = super().files()
+
+    def files(self) -> list[Path]:
+        return self._files
+
+
+def parse_window(text: str) -> int:
+    """``90d`` -> 90 (days)."""
+    if not (text.endswith("d") and text[:-1].isdigit() and 0 < int(text[:-1]) <= 3650):
+        raise InvalidInput(f"window must be a number of days like 90d (1-3650), got {text!r}")
+    return int(text[:-1])
+
+
+def access_review(data_dir: Path, tenant: str, *, window_days: int = 90, now: datetime | None = None) -> Review:
+    reader = _Snapshot(data_dir)
+    until = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    since = until - timedelta(days=window_days)
+    params = {"tenant": tenant, "since": since, "until": until}
+    scoped = "tenant = $tenant AND occurred_at >= $since AND occurred_at < $until"
+    with reader.connect() as connection:
+
+        def rows(sql: str, **extra: Any) -> list[tuple[Any, ...]]:
+            bound = {**params, **extra}
+            return connection.execute(sql, {k: v for k, v in bound.items() if f"${k}" in sql}).fetchall()
+
+        heads = {
+            emitter: {"seq": seq, "hash": digest}
+            for emitter, seq, digest in rows(
+                "SELECT emitter, max(seq), arg_max(event_hash, seq) FROM events WHERE tenant = $tenant"
+                " GROUP BY emitter ORDER BY emitter"
+            )
+        }
+        total = rows("SELECT count(*) FROM events WHERE tenant = $tenant")[0][0]
+        names = [
+            r[0]
+            for r in rows(
+                f"SELECT DISTINCT name FROM (SELECT agent AS name FROM events WHERE {scoped} AND agent IS NOT NULL"
+                f" UNION SELECT delegate_agent FROM events WHERE {scoped} AND delegate_agent IS NOT NULL) ORDER BY 1"
+            )
+        ]
+        per_agent = {name: _agent_facts(rows, scoped, name) for name in names}
+        found = findings(reader, tenant=tenant, since=since, until=until)
+        finding_agents = {
+            index: {r[0] for r in rows(_FINDING_AGENTS, ids=finding.evidence)} | _named_in(finding, names)
+            for index, finding in enumerate(found)
+        }
+    agents = []
+    for name in names:
+        mine = [found[i] for i, members in finding_agents.items() if name in members]
+        agents.append(_review(name, per_agent[name], mine))
+    return Review(
+        tenant=tenant,
+        window_days=window_days,
+        since=_stamp(since),
+        until=_stamp(until),
+        generated_at=_stamp(until),
+        events=int(total),
+        heads=heads,
+        agents=agents,
+    )
+
+
+_FINDING_AGENTS = """
+    SELECT DISTINCT name FROM (
+        SELECT unnest(delegation_chain[2:]) AS name FROM events WHERE list_contains($ids, event_id)
+        UNION SELECT credential_client_id FROM events WHERE list_contains($ids, event_id)
+    ) WHERE name IS NOT NULL"""
+
+
+def _named_in(finding: Finding, names: list[str]) -> set[str]:
+    detail = finding.details.get("detail")
+    listed = set(detail) if isinstance(detail, list) else set()
+    return {name for name in names if name == finding.subject or name in listed}
+
+
+def _agent_facts(rows: Any, scoped: str, name: str) -> dict[str, Any]:
+    acting = f"{scoped} AND agent = $agent"
+    facts: dict[str, Any] = {}
+    owner = rows(
+        f"SELECT arg_max(\"user\", occurred_at) FROM events WHERE {scoped} AND type = 'credential.issued'"
+        " AND credential_client_id = $agent",
+        agent=name,
+    )
+    facts["owner"] = owner[0][0] if owner else None
+    facts["emitters"] = [
+        r[0] for r in rows(f"SELECT DISTINCT emitter FROM events WHERE {acting} ORDER BY 1", agent=name)
+    ]
+    facts["credentials"] = [
+        {"id": r[0], "kind": r[1], "issued": _iso(r[2]), "expires": _iso(r[3]), "revoked": _iso(r[4])}
+        for r in rows(
+            "SELECT c.credential_id, any_value(c.credential_kind),"
+            " coalesce(min(c.occurred_at) FILTER (WHERE c.type = 'credential.issued'), any_value(d.handed)),"
+            " max(c.credential_expires_at),"
+            " min(coalesce(c.revoked_at, c.occurred_at)) FILTER (WHERE c.type = 'credential.revoked')"
+            f" FROM (SELECT * FROM events WHERE {scoped}) c LEFT JOIN (SELECT delegate_credential_id,"
+            f" min(occurred_at) AS handed FROM events WHERE {scoped} GROUP BY 1) d"
+            " ON c.credential_id = d.delegate_credential_id"
+            " WHERE c.credential_id IS NOT NULL AND (c.credential_client_id = $agent OR c.agent = $agent)"
+            " GROUP BY 1 ORDER BY 3 NULLS LAST, 1",
+            agent=name,
+        )
+    ]
+    granted = {
+        scope
+        for (scopes,) in rows(
+            f"SELECT DISTINCT credential_scopes FROM events WHERE {scoped} AND credential_scopes IS NOT NULL"
+            " AND (agent = $agent OR (credential_client_id = $agent AND type = 'credential.issued'))",
+            agent=name,
+        )
+        for scope in scopes
+    }
+    granted |= {
+        scope
+        for (scopes,) in rows(
+            f"SELECT DISTINCT delegate_scopes FROM events WHERE {scoped} AND delegate_agent = $agent", agent=name
+        )
+        for scope in scopes or []
+    }
+    facts["granted"] = sorted(granted)
+    facts["used"] = [
+        {"scope": r[0], "count": r[1], "last_used": _iso(r[2])}
+        for r in rows(
+            f"SELECT decision_required_scope, count(*), max(occurred_at) FROM events WHERE {acting}"
+            " AND type = 'tool.invocation' AND decision_result = 'allow' AND decision_required_scope IS NOT NULL"
+            " GROUP BY 1 ORDER BY 1",
+            agent=name,
+        )
+    ]
+    facts["allowed"] = rows(
+        f"SELECT count(*) FROM events WHERE {acting} AND type = 'tool.invocation' AND decision_result = 'allow'",
+        agent=name,
+    )[0][0]
+    facts["denied"] = rows(
+        f"SELECT count(*) FROM events WHERE {acting} AND type = 'tool.invocation' AND decision_result = 'deny'",
+        agent=name,
+    )[0][0]
+    delegations = (
+        "SELECT {other}, count(*), list_sort(list_distinct(flatten(list(delegate_scopes)))) FROM events"
+        f" WHERE {scoped} AND type = 'agent.delegation' AND {{me}} = $agent GROUP BY 1 ORDER BY 1"
+    )
+    facts["given"] = [
+        {"agent": r[0], "count": r[1], "scopes": r[2]}
+        for r in rows(delegations.format(other="delegate_agent", me="agent"), agent=name)
+    ]
+    facts["received"] = [
+        {"agent": r[0], "count": r[1], "scopes": r[2]}
+        for r in rows(delegations.format(other="agent", me="delegate_agent"), agent=name)
+    ]
+    facts["users"] = [
+        {"user": r[0], "events": r[1], "approvals": r[2], "approved_by": r[3]}
+        for r in rows(
+            'SELECT e."user", count(*), count(DISTINCT e.approval_id),'
+            " list_sort(list_distinct(list(a.approval_approved_by) FILTER (WHERE a.approval_approved_by IS NOT NULL)))"
+            f' FROM (SELECT * FROM events WHERE {acting} AND "user" IS NOT NULL) e'
+            " LEFT JOIN (SELECT approval_id, any_value(approval_approved_by) AS approval_approved_by FROM events"
+            f" WHERE {scoped} AND type = 'task.approval' GROUP BY 1) a ON e.approval_id = a.approval_id"
+            " GROUP BY 1 ORDER BY 2 DESC, 1",
+            agent=name,
+        )
+    ]
+    return facts
+
+
+def _review(name: str, facts: dict[str, Any], mine: list[Finding]) -> AgentReview:
+    used = {entry["scope"] for entry in facts["used"]}
+    unused = [scope for scope in facts["granted"] if scope not in used]
+    critical = [f for f in mine if f.severity == "critical"]
+    others = [f for f in mine if f.severity != "critical"]
+    if critical:
+        recommendation = "revoke"
+        justification = "critical: " + "; ".join(f.title for f in critical)
+    elif facts["allowed"] == 0:
+        recommendation = "revoke"
+        justification = "no allowed call in the window: its access is not needed"
+    elif unused:
+        recommendation = "reduce"
+        justification = f"never used {', '.join(unused)}; reduce to {', '.join(sorted(used)) or 'nothing'}"
+    else:
+        recommendation = "keep"
+        justification = f"uses all {len(facts['granted'])} granted scopes"
+    if others:
+        justification += "; investigate: " + "; ".join(f.title for f in others)
+    return AgentReview(
+        agent=name,
+        owner=facts["owner"],
+        emitters=facts["emitters"],
+        credentials=facts["credentials"],
+        scopes_granted=facts["granted"],
+        scopes_used=facts["used"],
+        scopes_unused=unused,
+        denied=int(facts["denied"]),
+        findings=[{"kind": f.kind, "severity": f.severity, "title": f.title} for f in mine],
+        delegations_given=facts["given"],
+        delegations_received=facts["received"],
+        users=facts["users"],
+        recommendation=recommendation,
+        justification=justification,
+    )
+
+
+def _stamp(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return _stamp(value)
+    return str(value)
