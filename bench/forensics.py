@@ -105,6 +105,21 @@ def generate_emitters(job: tuple[Path, list[int], int, int]) -> int:
     return written
 
 
+def build_lake(data_dir: Path, events: int, emitters: int, tenants: int) -> None:
+    """Generate the benchmark lake into data_dir (kept as it is if it exists), compacted as a server keeps it."""
+    events_dir = data_dir / "lake" / "events"
+    if events_dir.exists():
+        return
+    started = time.perf_counter()
+    jobs = [(events_dir, list(range(i, emitters, 8)), events // emitters, tenants) for i in range(8)]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        total = sum(pool.map(generate_emitters, jobs))
+    print(f"generated {total:,} events in {time.perf_counter() - started:,.0f} s")
+    started = time.perf_counter()
+    merged = Lake(data_dir / "lake").compact(min_files=2)  # what the server's tiered compaction keeps up
+    print(f"compacted {merged:,} files in {time.perf_counter() - started:,.0f} s")
+
+
 def timed(label: str, function, repeat: int = 3) -> float:
     times = []
     for _ in range(repeat):
@@ -127,15 +142,7 @@ def main() -> None:
     data_dir = args.keep or Path(tempfile.mkdtemp(prefix="custody-forensics-"))
     events_dir = data_dir / "lake" / "events"
     per_emitter = args.events // args.emitters
-    if not events_dir.exists():
-        started = time.perf_counter()
-        jobs = [(events_dir, list(range(i, args.emitters, 8)), per_emitter, args.tenants) for i in range(8)]
-        with multiprocessing.get_context("spawn").Pool(2) as pool:
-            total = sum(pool.map(generate_emitters, jobs))
-        print(f"generated {total:,} events in {time.perf_counter() - started:,.0f} s")
-        started = time.perf_counter()
-        merged = Lake(data_dir / "lake").compact(min_files=2)  # what the server's tiered compaction keeps up
-        print(f"compacted {merged:,} files in {time.perf_counter() - started:,.0f} s")
+    build_lake(data_dir, args.events, args.emitters, args.tenants)
     files = list(events_dir.glob("**/*.parquet"))
     size = sum(path.stat().st_size for path in files)
     print(f"lake: {per_emitter * args.emitters:,} events, {len(files):,} files, {size / 2**30:.2f} GiB")

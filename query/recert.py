@@ -112,7 +112,7 @@ def access_review(data_dir: Path, tenant: str, *, window_days: int = 90, now: da
                 f" UNION SELECT delegate_agent FROM events WHERE {scoped} AND delegate_agent IS NOT NULL) ORDER BY 1"
             )
         ]
-        per_agent = {name: _agent_facts(rows, scoped, name) for name in names}
+        per_agent = _agent_facts(rows, scoped, names)
         found = findings(reader, tenant=tenant, since=since, until=until)
         finding_agents = {
             index: {r[0] for r in rows(_FINDING_AGENTS, ids=finding.evidence)} | _named_in(finding, names)
@@ -147,91 +147,84 @@ def _named_in(finding: Finding, names: list[str]) -> set[str]:
     return {name for name in names if name == finding.subject or name in listed}
 
 
-def _agent_facts(rows: Any, scoped: str, name: str) -> dict[str, Any]:
-    acting = f"{scoped} AND agent = $agent"
-    facts: dict[str, Any] = {}
-    owner = rows(
-        f"SELECT arg_max(\"user\", occurred_at) FROM events WHERE {scoped} AND type = 'credential.issued'"
-        " AND credential_client_id = $agent",
-        agent=name,
-    )
-    facts["owner"] = owner[0][0] if owner else None
-    facts["emitters"] = [
-        r[0] for r in rows(f"SELECT DISTINCT emitter FROM events WHERE {acting} ORDER BY 1", agent=name)
-    ]
-    facts["credentials"] = [
-        {"id": r[0], "kind": r[1], "issued": _iso(r[2]), "expires": _iso(r[3]), "revoked": _iso(r[4])}
-        for r in rows(
-            "SELECT c.credential_id, any_value(c.credential_kind),"
-            " coalesce(min(c.occurred_at) FILTER (WHERE c.type = 'credential.issued'), any_value(d.handed)),"
-            " max(c.credential_expires_at),"
-            " min(coalesce(c.revoked_at, c.occurred_at)) FILTER (WHERE c.type = 'credential.revoked')"
-            f" FROM (SELECT * FROM events WHERE {scoped}) c LEFT JOIN (SELECT delegate_credential_id,"
-            f" min(occurred_at) AS handed FROM events WHERE {scoped} GROUP BY 1) d"
-            " ON c.credential_id = d.delegate_credential_id"
-            " WHERE c.credential_id IS NOT NULL AND (c.credential_client_id = $agent OR c.agent = $agent)"
-            " GROUP BY 1 ORDER BY 3 NULLS LAST, 1",
-            agent=name,
+def _agent_facts(rows: Any, scoped: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Every agent's facts, each kind of fact in one grouped query (a fixed number of scans, however many agents)."""
+    facts: dict[str, dict[str, Any]] = {
+        name: {"owner": None, "emitters": [], "credentials": [], "granted": set(), "used": [], "allowed": 0,
+               "denied": 0, "given": [], "received": [], "users": []}
+        for name in names
+    }  # fmt: skip
+
+    def each(sql: str) -> list[tuple[Any, ...]]:
+        return [row for row in rows(sql) if row[0] in facts]
+
+    for name, owner in each(
+        f'SELECT credential_client_id, arg_max("user", occurred_at) FROM events WHERE {scoped}'
+        " AND type = 'credential.issued' GROUP BY 1"
+    ):
+        facts[name]["owner"] = owner
+    for name, emitters in each(
+        f"SELECT agent, list_sort(list_distinct(list(emitter))) FROM events WHERE {scoped} AND agent IS NOT NULL"
+        " GROUP BY 1"
+    ):
+        facts[name]["emitters"] = emitters
+    for name, cid, kind, issued, expires, revoked in each(
+        "SELECT holder, c.credential_id, any_value(c.credential_kind),"
+        " coalesce(min(c.occurred_at) FILTER (WHERE c.type = 'credential.issued'), any_value(d.handed)),"
+        " max(c.credential_expires_at),"
+        " min(coalesce(c.revoked_at, c.occurred_at)) FILTER (WHERE c.type = 'credential.revoked')"
+        f" FROM (SELECT *, unnest(list_distinct([agent, credential_client_id])) AS holder FROM events WHERE {scoped}"
+        " AND credential_id IS NOT NULL) c"
+        f" LEFT JOIN (SELECT delegate_credential_id, min(occurred_at) AS handed FROM events WHERE {scoped}"
+        " GROUP BY 1) d ON c.credential_id = d.delegate_credential_id"
+        " WHERE holder IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 4 NULLS LAST, 2"
+    ):
+        facts[name]["credentials"].append(
+            {"id": cid, "kind": kind, "issued": _iso(issued), "expires": _iso(expires), "revoked": _iso(revoked)}
         )
-    ]
-    granted = {
-        scope
-        for (scopes,) in rows(
-            f"SELECT DISTINCT credential_scopes FROM events WHERE {scoped} AND credential_scopes IS NOT NULL"
-            " AND (agent = $agent OR (credential_client_id = $agent AND type = 'credential.issued'))",
-            agent=name,
-        )
-        for scope in scopes
-    }
-    granted |= {
-        scope
-        for (scopes,) in rows(
-            f"SELECT DISTINCT delegate_scopes FROM events WHERE {scoped} AND delegate_agent = $agent", agent=name
-        )
-        for scope in scopes or []
-    }
-    facts["granted"] = sorted(granted)
-    facts["used"] = [
-        {"scope": r[0], "count": r[1], "last_used": _iso(r[2])}
-        for r in rows(
-            f"SELECT decision_required_scope, count(*), max(occurred_at) FROM events WHERE {acting}"
-            " AND type = 'tool.invocation' AND decision_result = 'allow' AND decision_required_scope IS NOT NULL"
-            " GROUP BY 1 ORDER BY 1",
-            agent=name,
-        )
-    ]
-    facts["allowed"] = rows(
-        f"SELECT count(*) FROM events WHERE {acting} AND type = 'tool.invocation' AND decision_result = 'allow'",
-        agent=name,
-    )[0][0]
-    facts["denied"] = rows(
-        f"SELECT count(*) FROM events WHERE {acting} AND type = 'tool.invocation' AND decision_result = 'deny'",
-        agent=name,
-    )[0][0]
+    for name, scopes in each(
+        "SELECT holder, list_distinct(flatten(list(credential_scopes))) FROM (SELECT credential_scopes,"
+        " CASE WHEN type = 'credential.issued' THEN credential_client_id ELSE agent END AS holder"
+        f" FROM events WHERE {scoped} AND credential_scopes IS NOT NULL) GROUP BY 1"
+    ) + each(
+        "SELECT delegate_agent, list_distinct(flatten(list(delegate_scopes))) FROM events"
+        f" WHERE {scoped} AND delegate_agent IS NOT NULL GROUP BY 1"
+    ):
+        facts[name]["granted"] |= set(scopes or [])
+    for name, scope, count, last in each(
+        f"SELECT agent, decision_required_scope, count(*), max(occurred_at) FROM events WHERE {scoped}"
+        " AND type = 'tool.invocation' AND decision_result = 'allow' AND decision_required_scope IS NOT NULL"
+        " GROUP BY 1, 2 ORDER BY 1, 2"
+    ):
+        facts[name]["used"].append({"scope": scope, "count": count, "last_used": _iso(last)})
+    for name, allowed, denied in each(
+        "SELECT agent, count(*) FILTER (WHERE decision_result = 'allow'),"
+        f" count(*) FILTER (WHERE decision_result = 'deny') FROM events WHERE {scoped}"
+        " AND type = 'tool.invocation' GROUP BY 1"
+    ):
+        facts[name]["allowed"], facts[name]["denied"] = allowed, denied
     delegations = (
-        "SELECT {other}, count(*), list_sort(list_distinct(flatten(list(delegate_scopes)))) FROM events"
-        f" WHERE {scoped} AND type = 'agent.delegation' AND {{me}} = $agent GROUP BY 1 ORDER BY 1"
+        "SELECT {me}, {other}, count(*), list_sort(list_distinct(flatten(list(delegate_scopes)))) FROM events"
+        f" WHERE {scoped} AND type = 'agent.delegation' GROUP BY 1, 2 ORDER BY 1, 2"
     )
-    facts["given"] = [
-        {"agent": r[0], "count": r[1], "scopes": r[2]}
-        for r in rows(delegations.format(other="delegate_agent", me="agent"), agent=name)
-    ]
-    facts["received"] = [
-        {"agent": r[0], "count": r[1], "scopes": r[2]}
-        for r in rows(delegations.format(other="agent", me="delegate_agent"), agent=name)
-    ]
-    facts["users"] = [
-        {"user": r[0], "events": r[1], "approvals": r[2], "approved_by": r[3]}
-        for r in rows(
-            'SELECT e."user", count(*), count(DISTINCT e.approval_id),'
-            " list_sort(list_distinct(list(a.approval_approved_by) FILTER (WHERE a.approval_approved_by IS NOT NULL)))"
-            f' FROM (SELECT * FROM events WHERE {acting} AND "user" IS NOT NULL) e'
-            " LEFT JOIN (SELECT approval_id, any_value(approval_approved_by) AS approval_approved_by FROM events"
-            f" WHERE {scoped} AND type = 'task.approval' GROUP BY 1) a ON e.approval_id = a.approval_id"
-            " GROUP BY 1 ORDER BY 2 DESC, 1",
-            agent=name,
+    for name, other, count, scopes in each(delegations.format(me="agent", other="delegate_agent")):
+        facts[name]["given"].append({"agent": other, "count": count, "scopes": scopes})
+    for name, other, count, scopes in each(delegations.format(me="delegate_agent", other="agent")):
+        facts[name]["received"].append({"agent": other, "count": count, "scopes": scopes})
+    for name, user, events, approvals, approved_by in each(
+        'SELECT e.agent, e."user", count(*), count(DISTINCT e.approval_id),'
+        " list_sort(list_distinct(list(a.approval_approved_by) FILTER (WHERE a.approval_approved_by IS NOT NULL)))"
+        f' FROM (SELECT agent, "user", approval_id FROM events WHERE {scoped} AND agent IS NOT NULL'
+        ' AND "user" IS NOT NULL) e'
+        " LEFT JOIN (SELECT approval_id, any_value(approval_approved_by) AS approval_approved_by FROM events"
+        f" WHERE {scoped} AND type = 'task.approval' GROUP BY 1) a ON e.approval_id = a.approval_id"
+        " GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"
+    ):
+        facts[name]["users"].append(
+            {"user": user, "events": events, "approvals": approvals, "approved_by": approved_by}
         )
-    ]
+    for fact in facts.values():
+        fact["granted"] = sorted(fact["granted"])
     return facts
 
 

@@ -1,0 +1,88 @@
+"""Dashboard benchmark: how long each page takes to render on a large lake, cold (cache cleared) and warm.
+
+    .venv/bin/python bench/dashboard.py --data-dir DIR [--events 10000000]
+
+DIR is a lake from ``bench/forensics.py --keep DIR`` (generated here with the same generator if missing). Each page
+runs through Streamlit's AppTest, the same script run a browser triggers, signed in as an unbound analyst; the
+time is the server-side render (the queries and the page script), not the browser's drawing. The benchmark lake's
+events are 2026-10-01 to 2026-10-31, so pages are timed with ``window=all`` (the heaviest) and, where a page
+has a subject, on one of its busiest subjects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine
+from bench.forensics import build_lake
+from ingest.admin import ServerKey
+from query.tokens import TokenStore
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+PROBE = f"{7:08x}-0000-4{0x123 >> 4 & 0xFFF:03x}-8{0x123 & 0xF:03x}-{0x123:012x}"  # an event of bench/forensics.py
+PAGES = {
+    "overview": {"window": "all"},
+    "investigate": {"window": "all", "agent": "agent-3"},
+    "path": {"event": PROBE},
+    "blast": {"kind": "credential", "subject": "tok-agent-3-1", "start": "2026-10-30T00:00:00"},
+    "findings": {"window": "all"},
+    "integrity": {},
+    "recert": {"tenant": "t0", "review_window": "90d"},
+}
+
+
+def render(page: str, params: dict[str, str], token: str) -> float:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=600)
+    at.session_state["token"] = token
+    for name, value in params.items():
+        at.query_params[name] = value
+    at.switch_page(f"views/{page}.py")
+    started = time.perf_counter()
+    at.run()
+    elapsed = time.perf_counter() - started
+    if at.exception:
+        raise RuntimeError(f"{page}: {at.exception[0].value}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--events", type=int, default=10_000_000, help="size, if the lake must be generated")
+    parser.add_argument("--warm-runs", type=int, default=3)
+    parser.add_argument("--pages", nargs="*", default=list(PAGES))
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    build_lake(args.data_dir, args.events, 200, 3)
+    (args.data_dir / "state").mkdir(exist_ok=True)
+    ServerKey.load_or_create(args.data_dir / "state" / "server_key.pem")  # the recert page signs with it
+    tokens = args.data_dir / "bench-tokens.json"
+    tokens.unlink(missing_ok=True)
+    token = TokenStore(tokens).issue("bench", "admin", None)
+    os.environ["CUSTODY_DATA_DIR"] = str(args.data_dir)
+    os.environ["CUSTODY_TOKEN_FILE"] = str(tokens)
+    files = list((args.data_dir / "lake" / "events").glob("**/*.parquet"))
+    size = sum(path.stat().st_size for path in files) / 2**30
+    print(f"lake: {len(files):,} files, {size:.2f} GiB; target: each page <= 1.5 s cold and warm")
+    import streamlit as st
+
+    for page in args.pages:
+        st.cache_data.clear()
+        cold = render(page, PAGES[page], token)
+        warm = [render(page, PAGES[page], token) for _ in range(args.warm_runs)]
+        verdict = "ok" if max(cold, statistics.median(warm)) <= 1.5 else "over 1.5 s"
+        print(f"  {page:12s} cold {cold:7.2f} s   warm median {statistics.median(warm):6.2f} s   {verdict}", flush=True)
+    tokens.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
