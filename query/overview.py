@@ -1,7 +1,7 @@
 """The figures an analyst reads first: how much happened, who was active, what was denied, and how fresh the log is.
 
-``overview`` answers over a time window (and a tenant, when the reader is bound to one) in a single scan for the
-headline counts plus small grouped queries for the volume chart and the top lists. ``emitter_status`` lists every
+``overview`` answers over a time window (and a tenant, when the reader is bound to one) with four column
+projections: the headline counts, the volume chart and the two top lists. ``emitter_status`` lists every
 emitter's stream as the lake holds it: events, first and last seq, whether the seqs are contiguous (a cheap
 continuity check: a full verification is ``query.integrity``), and its newest event.
 """
@@ -74,37 +74,36 @@ def overview(
     span = (until - since) if since and until else None
     bucket = "hour" if span is not None and span <= timedelta(days=3) else "day"
     with reader.connect() as connection:
-        # One pass over the window into a temporary table of the columns the figures need, then small queries on it.
-        connection.execute(
-            'CREATE TEMP TABLE scoped AS SELECT occurred_at, emitter, agent, "user", type, decision_result,'
-            f" tool_server, tool_name FROM events WHERE {where}",
-            params,
-        )
+        # Four projections of the window (Parquet reads only the columns each needs); nothing is materialised,
+        # so a window of the whole lake stays within the reader's memory limit.
         row = connection.execute(
             'SELECT count(*), count(DISTINCT emitter), count(DISTINCT agent), count(DISTINCT "user"),'
-            " count(*) FILTER (WHERE decision_result = 'deny'), max(occurred_at) FROM scoped"
+            f" count(*) FILTER (WHERE decision_result = 'deny'), max(occurred_at) FROM events WHERE {where}",
+            params,
         ).fetchone()
         assert row is not None
         volume = event_dicts(
             connection.execute(
                 f"SELECT date_trunc('{bucket}', occurred_at) AS bucket,"
                 " CASE WHEN decision_result IN ('allow', 'deny') THEN decision_result ELSE 'other' END AS decision,"
-                " count(*) AS events FROM scoped GROUP BY ALL ORDER BY bucket, decision"
+                f" count(*) AS events FROM events WHERE {where} GROUP BY ALL ORDER BY bucket, decision",
+                params,
             )
         )
         top_agents = event_dicts(
             connection.execute(
                 "SELECT agent, count(*) AS events, count(*) FILTER (WHERE decision_result = 'deny') AS denied"
-                " FROM scoped WHERE agent IS NOT NULL GROUP BY agent ORDER BY events DESC, agent LIMIT $top",
-                {"top": TOP},
+                f" FROM events WHERE {where} AND agent IS NOT NULL GROUP BY agent ORDER BY events DESC, agent"
+                " LIMIT $top",
+                {**params, "top": TOP},
             )
         )
         top_tools = event_dicts(
             connection.execute(
                 "SELECT tool_server || '/' || tool_name AS tool, count(*) AS events,"
-                " count(*) FILTER (WHERE decision_result = 'deny') AS denied FROM scoped"
-                " WHERE tool_name IS NOT NULL GROUP BY 1 ORDER BY events DESC, tool LIMIT $top",
-                {"top": TOP},
+                " count(*) FILTER (WHERE decision_result = 'deny') AS denied FROM events"
+                f" WHERE {where} AND tool_name IS NOT NULL GROUP BY 1 ORDER BY events DESC, tool LIMIT $top",
+                {**params, "top": TOP},
             )
         )
     events, emitters, agents, users, denied, newest = row
