@@ -101,10 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run the read API (events, paths, blast radius, taint, findings, verify) over a data dir",
         description="Run the read API. Tokens come from --tokens FILE or CUSTODY_READ_TOKENS (see custody token).",
     )
-    api.add_argument("--data-dir", type=Path, required=True)
-    api.add_argument("--tokens", type=Path, help="token file written by custody token issue")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8701)
+    _reader_arguments(api, port=8701)
     api.set_defaults(run=_serve_query)
 
     dashboard = commands.add_parser(
@@ -112,10 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run the incident-response dashboard (Streamlit) over a data dir",
         description="Run the dashboard. Sign-in uses the read-API tokens of --tokens FILE or CUSTODY_READ_TOKENS.",
     )
-    dashboard.add_argument("--data-dir", type=Path, required=True)
-    dashboard.add_argument("--tokens", type=Path, help="token file written by custody token issue")
-    dashboard.add_argument("--host", default="127.0.0.1")
-    dashboard.add_argument("--port", type=int, default=8501)
+    _reader_arguments(dashboard, port=8501)
     dashboard.set_defaults(run=_dashboard)
 
     token = commands.add_parser("token", help="issue, list and revoke read-API tokens (stored hashed)")
@@ -154,6 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--exit", action="store_true", help="stop once everything is up instead of serving")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _reader_arguments(parser: argparse.ArgumentParser, *, port: int) -> None:
+    """The flags of the two read-side servers (read API, dashboard)."""
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--tokens", type=Path, help="token file written by custody token issue")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=port, help=f"port (default {port})")
 
 
 def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
