@@ -5,17 +5,19 @@
 DIR is a lake from ``bench/forensics.py --keep DIR`` (generated here with the same generator if missing). Each page
 runs through Streamlit's AppTest, the same script run a browser triggers, signed in as an unbound analyst; the
 time is the server-side render (the queries and the page script), not the browser's drawing. The benchmark lake's
-events are 2026-10-01 to 2026-10-31, so pages are timed with ``window=all`` (the heaviest) and, where a page
-has a subject, on one of its busiest subjects.
+events run from 2026-10-01 to 2026-10-31, so the dashboard's clock is set to 2026-10-31 00:00: each page is timed
+in its default view (last 24 h) and, for the windowed pages, with ``window=all`` (the whole lake, the heaviest).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,15 +29,16 @@ from query.tokens import TokenStore
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 PROBE = f"{7:08x}-0000-4{0x123 >> 4 & 0xFFF:03x}-8{0x123 & 0xF:03x}-{0x123:012x}"  # an event of bench/forensics.py
-PAGES = {
-    "overview": {"window": "all"},
-    "investigate": {"window": "all", "agent": "agent-3"},
-    "path": {"event": PROBE},
-    "blast": {"kind": "credential", "subject": "tok-agent-3-1", "start": "2026-10-30T00:00:00"},
-    "findings": {"window": "all"},
-    "integrity": {},
-    "recert": {"tenant": "t0", "review_window": "90d"},
+PAGES = {  # page -> (label, URL params); the first of each page is its default view
+    "overview": [("default (24 h)", {}), ("window=all", {"window": "all"})],
+    "investigate": [("default (24 h)", {}), ("agent-3, window=all", {"window": "all", "agent": "agent-3"})],
+    "path": [("one event", {"event": PROBE})],
+    "blast": [("credential, last day", {"kind": "credential", "subject": "tok-agent-3-1"})],
+    "findings": [("default (24 h)", {}), ("window=all", {"window": "all"})],
+    "integrity": [("default", {})],
+    "recert": [("tenant t0, 90 days", {"tenant": "t0"})],
 }
+LAKE_NOW = datetime(2026, 10, 31, 0, 0, tzinfo=UTC)  # the end of the benchmark lake's month
 
 
 def render(page: str, params: dict[str, str], token: str) -> float:
@@ -74,13 +77,26 @@ def main() -> None:
     size = sum(path.stat().st_size for path in files) / 2**30
     print(f"lake: {len(files):,} files, {size:.2f} GiB; target: each page <= 1.5 s cold and warm")
     import streamlit as st
+    from streamlit.components.v2 import component_manager
 
+    import dashboard.context
+
+    # AppTest scans every installed package for v2 components on each run (~0.8 s here); a real server does it
+    # once at start. The pages use none, so the benchmark skips the scan to time the page, not the harness.
+    for kind in list(vars(component_manager).values()):
+        if isinstance(kind, type) and hasattr(kind, "discover_and_register_components"):
+            kind.discover_and_register_components = lambda self, **_: None
+
+    dashboard.context.now = lambda: LAKE_NOW  # replay the lake's last day as "now": defaults select real data
+    for handler in ("streamlit", "streamlit.runtime", "streamlit.runtime.scriptrunner_utils.script_run_context"):
+        logging.getLogger(handler).setLevel(logging.ERROR)
     for page in args.pages:
-        st.cache_data.clear()
-        cold = render(page, PAGES[page], token)
-        warm = [render(page, PAGES[page], token) for _ in range(args.warm_runs)]
-        verdict = "ok" if max(cold, statistics.median(warm)) <= 1.5 else "over 1.5 s"
-        print(f"  {page:12s} cold {cold:7.2f} s   warm median {statistics.median(warm):6.2f} s   {verdict}", flush=True)
+        for label, params in PAGES[page]:
+            st.cache_data.clear()
+            cold = render(page, params, token)
+            warm = statistics.median([render(page, params, token) for _ in range(args.warm_runs)])
+            verdict = "ok" if max(cold, warm) <= 1.5 else "over 1.5 s"
+            print(f"  {page:12s} {label:28s} cold {cold:6.2f} s   warm {warm:5.2f} s   {verdict}", flush=True)
     tokens.unlink(missing_ok=True)
 
 

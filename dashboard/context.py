@@ -26,6 +26,7 @@ __all__ = [
     "FRESH_SECONDS",
     "Session",
     "data_dir",
+    "now",
     "require_session",
     "session",
     "sign_in_form",
@@ -109,6 +110,11 @@ def sign_in_form() -> None:
         st.rerun()
 
 
+def now() -> datetime:
+    """The dashboard's clock (one place, so a benchmark can replay an old lake as if it were current)."""
+    return datetime.now(UTC)
+
+
 def time_window(key: str = "window") -> tuple[datetime | None, datetime]:
     """A window picker (default the last 24 h) kept in the URL as ``?window=``; returns (since, until).
 
@@ -122,8 +128,7 @@ def time_window(key: str = "window") -> tuple[datetime | None, datetime]:
         bind="query-params",
         help="Events that occurred in this window (UTC), up to now.",
     )
-    now = datetime.now(UTC).replace(second=0, microsecond=0)
-    until = now + timedelta(minutes=1)
+    until = now().replace(second=0, microsecond=0) + timedelta(minutes=1)
     return (None if choice == "all" else until - WINDOWS[choice or "24h"]), until
 
 

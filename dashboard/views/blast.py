@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from dashboard.context import require_session, show_error
+from dashboard.context import now, require_session, show_error
 from dashboard.graphs import scope_chart, scope_rows, taint_dot
 from store.errors import CustodyError
 
@@ -40,7 +40,7 @@ try:
     start = (
         datetime.fromisoformat(start_text.removesuffix("Z")).replace(tzinfo=UTC)
         if start_text
-        else datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=24)
+        else now().replace(second=0, microsecond=0) - timedelta(hours=24)
     )
 except ValueError:
     st.error(f"'From' must be a time like 2026-11-29T08:00:00, not {start_text!r}.")

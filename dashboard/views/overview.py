@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import UTC, datetime
 
 import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from dashboard.context import require_session, time_window
+from dashboard.context import now, require_session, time_window
 
 
 def ago(seconds: float) -> str:
@@ -36,7 +35,7 @@ if summary.events == 0:
         " API (`custody serve`) for this data dir."
     )
 
-age = summary.newest_age(datetime.now(UTC))
+age = summary.newest_age(now())
 columns = st.columns(6)
 columns[0].metric("Events", f"{summary.events:,}")
 columns[1].metric("Emitters", summary.emitters)
