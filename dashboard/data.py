@@ -3,7 +3,7 @@ argument (None only for unbound principals), so the cache can never hand one ten
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,8 @@ def path_of(data_dir: str, tenant: str | None, event_id: str) -> DelegationPath:
 
 
 @cached
-def event_check(data_dir: str, tenant: str | None, event_id: str) -> list[IntegrityProblem] | None:
-    return verify_event(Path(data_dir), event_id, tenant=tenant)
+def event_check(data_dir: str, tenant: str | None, event_id: str, day: str | None) -> list[IntegrityProblem] | None:
+    return verify_event(Path(data_dir), event_id, tenant=tenant, day=date.fromisoformat(day) if day else None)
 
 
 @cached

@@ -138,9 +138,14 @@ def _verify_rows(
     return report
 
 
-def verify_event(data_dir: Path, event_id: str, *, tenant: str | None = None) -> list[IntegrityProblem] | None:
+def verify_event(
+    data_dir: Path, event_id: str, *, tenant: str | None = None, day: date | None = None
+) -> list[IntegrityProblem] | None:
     """Every check of ``verify_lake`` for one event: hash, key, signature, columns, and its link to the event
-    before it in its emitter's chain. An empty list means it passed; None means there is no such event."""
+    before it in its emitter's chain. An empty list means it passed; None means there is no such event.
+
+    ``day`` (the event's partition date, when the caller knows it) makes this a read of that day's files: the
+    event and its predecessor are looked for there first, and in the whole lake only if they are not found."""
     server_key = _server_public_key(data_dir)
     keys = KeyRing()
     registry: dict[str, tuple[str, dict[str, Any], str, str | None]] = {}
@@ -152,25 +157,35 @@ def verify_event(data_dir: Path, event_id: str, *, tenant: str | None = None) ->
                 _fold_admin(signed.payload, registry, tenants)
     specs = [(kid, owner, tenants.get(owner, ""), jwk, revoked) for kid, (owner, jwk, _, revoked) in registry.items()]
     keys.load_specs(specs, keys.version + 1)
-    files = [str(path) for path in LakeReader(data_dir).files()]
-    if not files:
+    everywhere = [str(path) for path in LakeReader(data_dir).files()]
+    if not everywhere:
         return None
+    that_day = [path for path in everywhere if day is not None and f"/date={day.isoformat()}/" in path]
     connection = duckdb.connect()
     try:
         connection.execute("SET TimeZone = 'UTC'")
         source = "read_parquet($files, hive_partitioning = true, filename = true)"
-        result = connection.execute(
+
+        def first_found(sql: str, params: dict[str, Any]) -> Any:
+            for files in (that_day, everywhere) if that_day else (everywhere,):
+                result = connection.execute(sql, {**params, "files": files})
+                found = result.fetchall()
+                if found:
+                    return result.description, found
+            return None, []
+
+        description, found = first_found(
             f"SELECT *, filename FROM {source} WHERE event_id = $id AND ($tenant IS NULL OR tenant = $tenant)",
-            {"files": files, "id": event_id, "tenant": tenant},
+            {"id": event_id, "tenant": tenant},
         )
-        rows = [dict(zip([c[0] for c in result.description], values, strict=True)) for values in result.fetchall()]
-        if not rows:
+        if not found:
             return None
+        rows = [dict(zip([c[0] for c in description], values, strict=True)) for values in found]
         row = rows[0]
-        before = connection.execute(
+        _, before = first_found(
             f"SELECT event_hash FROM {source} WHERE emitter = $emitter AND seq = $seq",
-            {"files": files, "emitter": row["emitter"], "seq": row["seq"] - 1},
-        ).fetchall()
+            {"emitter": row["emitter"], "seq": row["seq"] - 1},
+        )
     finally:
         connection.close()
     previous_hash = ZERO_HASH if row["seq"] == 1 else (before[0][0] if before else "(no event)")

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ingest.sdk import generate_key
-from query.integrity import IntegrityReport, verify_lake
+from query.integrity import IntegrityReport, verify_event, verify_lake
 from store.canonical import canonicalize, event_hash
 from store.lake import decode_payload
 from store.schema import EVENT_SCHEMA, Signed, event_table
-from tests.conftest import ADMIN, REPO, Harness
+from tests.conftest import ADMIN, REPO, Harness, read_lake
 from tests.signing import chain, sign
 
 
@@ -265,3 +265,29 @@ def test_incremental_verification_catches_a_deleted_file_and_a_forged_checkpoint
     report, mode = verify_since_checkpoint(lake.data_dir)
     assert mode == "full verification (checkpoint signature does not verify with the server key)"
     assert report.problems[0].check == "checkpoint"
+
+
+@pytest.mark.parametrize("with_day", [False, True])
+def test_one_event_check_catches_an_edited_column_and_a_broken_link(lake: Harness, with_day: bool) -> None:
+    rows = {(r[0], r[1]): (r[2], r[3]) for r in read_lake(lake.data_dir, "emitter, seq, event_id, date")}
+    event_3, day = rows[("gw-1", 3)]
+    hint = {"day": day} if with_day else {}
+    assert verify_event(lake.data_dir, event_3, **hint) == []
+    assert verify_event(lake.data_dir, rows[("gw-1", 6)][0], **hint) == []  # its predecessor is in another file
+
+    def edit(rows):
+        for row in rows:
+            if row["emitter"] == "gw-1" and row["seq"] == 3:
+                row["tool_name"] = "delete_all_tickets"
+            if row["emitter"] == "gw-1" and row["seq"] == 2:
+                row["event_hash"] = "f" * 64
+        return rows
+
+    rewrite(files_of(lake, "gw-1")[0], edit)
+    found = verify_event(lake.data_dir, event_3, **hint)
+    assert [(p.check, p.expected, p.actual) for p in found] == [
+        ("chain_link", f"prev_hash {'f' * 64}", found[0].actual),
+        ("column tool_name", "'read_ticket'", "'delete_all_tickets'"),
+    ]
+    assert verify_event(lake.data_dir, "00000000-0000-4000-8000-000000000000", **hint) is None
+    assert verify_event(lake.data_dir, event_3, tenant="globex", **hint) is None  # not visible to another tenant

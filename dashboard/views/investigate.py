@@ -112,7 +112,7 @@ labels = {
 }
 chosen = st.selectbox("Open an event of this page", list(labels), format_func=labels.__getitem__, key="event_pick")
 event = next(e for e in page.events if e["event_id"] == chosen)
-problems = data.event_check(root, current.tenant, chosen)
+problems = data.event_check(root, current.tenant, chosen, event.get("date"))
 left, right = st.columns([2, 1])
 with left:
     st.dataframe(pd.DataFrame(event_fields(event), columns=["field", "value"]), hide_index=True, key="event_fields")
