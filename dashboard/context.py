@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import ParamSpec, TypeVar
 
 import streamlit as st
 
@@ -24,7 +24,11 @@ from store.errors import CustodyError, Unauthorized
 
 __all__ = [
     "FRESH_SECONDS",
+    "REPORT_SECONDS",
+    "SLOW_SECONDS",
     "Session",
+    "cached",
+    "cached_for",
     "data_dir",
     "now",
     "require_session",
@@ -33,7 +37,11 @@ __all__ = [
     "time_window",
 ]
 
+P = ParamSpec("P")
+R = TypeVar("R")
 FRESH_SECONDS = 5
+SLOW_SECONDS = 120  # findings
+REPORT_SECONDS = 600  # access reviews: a report states the log position it was computed from
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 
 
@@ -132,9 +140,21 @@ def time_window(key: str = "window") -> tuple[datetime | None, datetime]:
     return (None if choice == "all" else until - WINDOWS[choice or "24h"]), until
 
 
-def cached(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Cache a query for FRESH_SECONDS. Arguments must include everything that scopes the result (tenant!)."""
-    return st.cache_data(ttl=FRESH_SECONDS, show_spinner=False, max_entries=64)(function)
+def cached(function: Callable[P, R]) -> Callable[P, R]:
+    """Cache a query for FRESH_SECONDS: new events show within seconds. Arguments must include everything that
+    scopes the result (the tenant!)."""
+    return cached_for(FRESH_SECONDS)(function)
+
+
+def cached_for(ttl: int) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Cache for ``ttl`` seconds: analyses that take seconds on a large lake (findings, access reviews) keep their
+    result longer and say when it was computed."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        wrapped: Callable[P, R] = st.cache_data(ttl=ttl, show_spinner=False, max_entries=64)(function)
+        return wrapped
+
+    return decorate
 
 
 def show_error(exc: CustodyError) -> None:

@@ -3,11 +3,11 @@ argument (None only for unbound principals), so the cache can never hand one ten
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from dashboard.context import cached
+from dashboard.context import REPORT_SECONDS, SLOW_SECONDS, cached, cached_for
 from query.blast import IdentityBlastRadius, Subject, Taint, forward_taint, identity_blast_radius
 from query.checkpoint import last_run
 from query.findings import Finding, findings
@@ -30,6 +30,7 @@ __all__ = [
     "path_of",
     "recert_file",
     "recert_review",
+    "refresh_findings",
     "summary",
     "taint_of",
 ]
@@ -53,9 +54,17 @@ def summary(data_dir: str, tenant: str | None, since: datetime | None, until: da
     return overview(LakeReader(Path(data_dir)), since=since, until=until, tenant=tenant)
 
 
-@cached
-def findings_in(data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None) -> list[Finding]:
-    return findings(LakeReader(Path(data_dir)), tenant=tenant, since=since, until=until)
+@cached_for(SLOW_SECONDS)
+def findings_in(
+    data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None
+) -> tuple[datetime, list[Finding]]:
+    """The findings of the window, and when they were computed."""
+    return datetime.now(UTC), findings(LakeReader(Path(data_dir)), tenant=tenant, since=since, until=until)
+
+
+def refresh_findings() -> None:
+    """Drop the cached findings (the Findings page's Recompute button)."""
+    findings_in.clear()  # type: ignore[attr-defined]  # st.cache_data's wrapper has clear()
 
 
 @cached
@@ -99,12 +108,12 @@ def blast_radius(
     return identity_blast_radius(LakeReader(Path(data_dir)), kind, subject, since=since, tenant=tenant)  # type: ignore[arg-type]
 
 
-@cached
+@cached_for(REPORT_SECONDS)
 def recert_review(data_dir: str, tenant: str, window: str) -> tuple[Review, dict[str, Any], str]:
     return signed_review(Path(data_dir), tenant, window_days=parse_window(window))
 
 
-@cached
+@cached_for(REPORT_SECONDS)
 def recert_file(data_dir: str, tenant: str, window: str, form: str) -> SignedReport:
     review, body, jws = recert_review(data_dir, tenant, window)
     return SignedReport(review, form, render(body, jws, form))

@@ -4,6 +4,7 @@ and for an agent or credential, what it was granted against what it used."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pandas as pd
 import streamlit as st
@@ -11,6 +12,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.context import now, require_session, show_error
 from dashboard.graphs import scope_chart, scope_rows, taint_dot
+from query.blast import Subject
 from store.errors import CustodyError
 
 KINDS = {"agent": "Agent", "credential": "Credential", "user": "User session", "trace": "Trace"}
@@ -48,7 +50,7 @@ except ValueError:
 
 try:
     with st.spinner(f"Following {subject} and everything downstream of it..."):
-        taint = data.taint_of(root, current.tenant, kind, subject, start)
+        taint = data.taint_of(root, current.tenant, cast(Subject, kind), subject, start)
         reach = (
             data.blast_radius(root, current.tenant, kind, subject, start) if kind in ("agent", "credential") else None
         )

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from dashboard.context import require_session, time_window
+from dashboard.context import SLOW_SECONDS, require_session, time_window
 from query.search import EventFilter
 
 SEVERITIES = ["critical", "high", "medium", "low"]
@@ -19,9 +19,14 @@ root = str(current.data_dir)
 st.title("Findings")
 since, until = time_window()
 with st.spinner("Looking for findings..."):
-    found = data.findings_in(root, current.tenant, since, until)
+    computed, found = data.findings_in(root, current.tenant, since, until)
 
 by_severity = Counter(f.severity for f in found)
+refresh = st.columns([4, 1])
+refresh[0].caption(f"Computed at {computed:%H:%M:%S} UTC; kept for {SLOW_SECONDS // 60} minutes.")
+if refresh[1].button("Recompute", key="recompute"):
+    data.refresh_findings()
+    st.rerun()
 row = st.columns(4)
 for column, severity in zip(row, SEVERITIES, strict=True):
     column.metric(severity.capitalize(), by_severity.get(severity, 0))
