@@ -138,7 +138,7 @@ _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
         used AS (
             SELECT DISTINCT agent, decision_required_scope AS scope FROM history_for($tenant)
             WHERE type = 'tool.invocation' AND decision_result = 'allow' AND decision_required_scope IS NOT NULL
-              AND occurred_at >= $unused_since)
+              AND occurred_at >= $unused_since AND date >= CAST($unused_since AS DATE))
         SELECT g.agent, list(DISTINCT g.event_id), min(g.occurred_at), max(g.occurred_at),
                list_sort(list_distinct(list(g.scope)))
         FROM grants g LEFT JOIN used u ON g.agent = u.agent AND g.scope = u.scope

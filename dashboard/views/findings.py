@@ -4,6 +4,7 @@ more, by severity and kind; each opens its evidence events."""
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import streamlit as st
@@ -13,6 +14,11 @@ from dashboard.context import SLOW_SECONDS, require_session, time_window
 from query.search import EventFilter
 
 SEVERITIES = ["critical", "high", "medium", "low"]
+
+
+def _moment(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.removesuffix("Z")).replace(tzinfo=UTC) if value else None
+
 
 current = require_session()
 root = str(current.data_dir)
@@ -71,9 +77,15 @@ if finding.details.get("detail") is not None:
     st.caption(f"Detail: {finding.details['detail']}")
 if finding.evidence_truncated:
     st.warning(f"Showing the first {len(finding.evidence)} of {finding.evidence_total} evidence events.")
-evidence = data.find_events(
-    root, EventFilter(tenant=current.tenant, event_ids=tuple(finding.evidence)), min(len(finding.evidence), 1000), None
+# The evidence lies between the finding's first and last sighting: those bounds let DuckDB skip other days.
+first, last = (_moment(value) for value in (finding.first_seen, finding.last_seen))
+where = EventFilter(
+    tenant=current.tenant,
+    event_ids=tuple(finding.evidence),
+    since=first,
+    until=last + timedelta(microseconds=1) if last else None,
 )
+evidence = data.find_events(root, where, min(len(finding.evidence), 1000), None)
 frame = pd.DataFrame(evidence.events)
 columns = ["occurred_at", "tenant", "type", "user", "agent", "tool_name", "resource_id", "decision_result", "event_id"]
 st.dataframe(frame[[c for c in columns if c in frame]], hide_index=True, key="evidence_table")

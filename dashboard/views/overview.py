@@ -25,8 +25,7 @@ since, until = time_window()
 scope = current.tenant
 
 with st.spinner("Reading the lake..."):
-    summary = data.summary(str(current.data_dir), scope, since, until)
-    computed, found = data.findings_in(str(current.data_dir), scope, since, until)
+    summary, found = data.summary(str(current.data_dir), scope, since, until)
     run = data.last_verification(str(current.data_dir), scope)
 
 if summary.events == 0:
