@@ -137,6 +137,7 @@ def last_verification(data_dir: str, tenant: str | None) -> dict[str, Any] | Non
     """The latest verification, its problems narrowed to the tenant's own for a bound principal (not cached)."""
     run = last_run(Path(data_dir))
     if run is not None and tenant is not None:
-        run = {**run, "problems": [p for p in run["problems"] if p.get("tenant") == tenant]}
-        run["emitters"] = {}  # other tenants' emitter names are not the bound principal's to see
+        mine = [p for p in run["problems"] if p.get("tenant") == tenant]
+        # Other tenants' emitter names, event counts and problems are not the bound principal's to see.
+        run = {**run, "problems": mine, "emitters": {}, "events": None, "others": len(run["problems"]) - len(mine)}
     return run

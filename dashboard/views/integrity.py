@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -10,6 +11,11 @@ import streamlit as st
 from dashboard import data
 from dashboard.context import require_session
 from query.checkpoint import verify_since_checkpoint
+
+
+def events_of(run: dict[str, Any]) -> str:
+    return "" if run["events"] is None else f" in {run['events']:,} events"
+
 
 current = require_session()
 root = str(current.data_dir)
@@ -24,11 +30,11 @@ if run is None:
     st.warning("The log has not been verified yet." + (" Run it below." if current.may_verify else ""))
 else:
     if run["problems"]:
-        st.error(f"{run['finished_at']}: {len(run['problems'])} problems in {run['events']:,} events ({run['mode']})")
+        st.error(f"{run['finished_at']}: {len(run['problems'])} problems{events_of(run)} ({run['mode']})")
     else:
-        st.success(f"{run['finished_at']}: {run['events']:,} events verified, no problems ({run['mode']})")
-    if current.tenant is not None and run.get("ok") is False and not run["problems"]:
-        st.info("The problems of that run concern other tenants' streams or the lake as a whole.")
+        st.success(f"{run['finished_at']}: verified{events_of(run)}, no problems ({run['mode']})")
+    if run.get("others"):
+        st.info(f"{run['others']} problems of that run concern other tenants' streams or the lake as a whole.")
 
 st.subheader("Emitters")
 if not streams:

@@ -64,7 +64,8 @@ with right:
     elif run["problems"]:
         st.error(f"Last verification ({run['finished_at']}): {len(run['problems'])} problems")
     else:
-        st.success(f"Last verification ({run['finished_at']}): {run['events']:,} events, no problems")
+        counted = "" if run["events"] is None else f": {run['events']:,} events"
+        st.success(f"Last verification ({run['finished_at']}){counted}, no problems")
     st.page_link("views/integrity.py", label="Open integrity", icon=":material/verified:")
 
 st.subheader(f"Events per {summary.bucket}, by decision")
