@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dashboard import data
 from dashboard.context import session, sign_in_form
 
 st.set_page_config(page_title="Custody", page_icon=":material/policy:", layout="wide")
@@ -28,6 +29,7 @@ current = session()
 if current is None:
     sign_in_form()
     st.stop()
+data.tree_index(str(current.data_dir))  # starts building the delegation-path index in the background
 with st.sidebar:
     bound = f"tenant {current.tenant}" if current.tenant else "all tenants"
     st.caption(f"Signed in as **{current.principal.name}** ({current.principal.role}, {bound})")

@@ -3,10 +3,13 @@ argument (None only for unbound principals), so the cache can never hand one ten
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+
+import streamlit as st
 
 from dashboard.context import REPORT_SECONDS, SLOW_SECONDS, cached, cached_for
 from query.blast import IdentityBlastRadius, Subject, Taint, forward_taint, identity_blast_radius
@@ -19,6 +22,7 @@ from query.paths import DelegationPath, delegation_path
 from query.recert import Review, parse_window
 from query.reports import SignedReport, render, signed_review
 from query.search import EventFilter, Page, search
+from query.tree_index import TreeIndex
 
 __all__ = [
     "blast_radius",
@@ -94,9 +98,19 @@ def choices(data_dir: str, tenant: str | None, column: str, since: datetime | No
     return [str(row[0]) for row in rows]
 
 
+@st.cache_resource(show_spinner=False)
+def tree_index(data_dir: str) -> TreeIndex:
+    """One task-tree index per data dir for the life of the dashboard process (kept current on every use). It is
+    built in the background from the first sign-in on; a path asked for before it is ready waits for it."""
+    index = TreeIndex(LakeReader(Path(data_dir)))
+    threading.Thread(target=index.warm, name="tree-index", daemon=True).start()
+    return index
+
+
 @cached
 def path_of(data_dir: str, tenant: str | None, event_id: str) -> DelegationPath:
-    return delegation_path(LakeReader(Path(data_dir)), event_id, tenant=tenant)
+    reader = tree_index(data_dir).reader_for(event_id)  # the files of its tree only; the same SQL over them
+    return delegation_path(reader, event_id, tenant=tenant)
 
 
 @cached
