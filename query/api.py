@@ -7,6 +7,7 @@ tenant is 404 (its existence is not revealed). Running verification is for ``adm
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from query.recert import parse_window
 from query.reports import build_report
 from query.search import EventFilter, search
 from query.tokens import Forbidden, Principal, TokenStore
+from query.tree_index import TreeIndex
 from store.errors import InvalidInput
 
 __all__ = ["create_query_app"]
@@ -48,6 +50,8 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
     install_error_envelope(app)
 
     app.state.tokens = tokens
+    tree = TreeIndex(reader)  # built in the background from start; a path asked for earlier waits for it
+    threading.Thread(target=tree.warm, name="tree-index", daemon=True).start()
 
     @app.get("/v1/events", responses=_ERRORS)
     async def events(
@@ -90,7 +94,9 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
     @app.get("/v1/events/{event_id}/path", responses=_ERRORS)
     async def path(caller: Caller, event_id: str) -> JSONResponse:
         """The delegation path of an event and its task tree, as a graph and as text."""
-        found = await run_in_threadpool(delegation_path, reader, event_id, tenant=caller.scope(None))
+        scope = caller.scope(None)
+        narrowed = await run_in_threadpool(tree.reader_for, event_id)  # the files of its task tree only
+        found = await run_in_threadpool(delegation_path, narrowed, event_id, tenant=scope)
         return JSONResponse(
             {
                 "event": found.event,
