@@ -62,7 +62,9 @@ with st.container(border=True):
     with row[1]:
         resource = st.text_input("Resource id", key="resource", bind="query-params") or None
     with row[2]:
-        decision = st.selectbox("Decision", ["allow", "deny"], index=None, key="decision", bind="query-params")
+        decision = st.selectbox(
+            "Decision", ["allow", "deny"], index=None, key="decision", bind="query-params", placeholder="any"
+        )
     with row[3]:
         outcome = picker("Outcome", "outcome", key="outcome")
 
