@@ -113,6 +113,11 @@ def access_review(data_dir: Path, tenant: str, *, window_days: int = 90, now: da
             )
         ]
         per_agent = _agent_facts(rows, scoped, names)
+        for facts in per_agent.values():  # a sub-agent has no credential of its own: its owner is its delegator's
+            if facts["owner"] is None:
+                owners = [f"{per_agent[d['agent']]['owner']} (via {d['agent']})" for d in facts["received"]
+                          if d["agent"] in per_agent and per_agent[d["agent"]]["owner"]]  # fmt: skip
+                facts["owner"] = owners[0] if owners else None
         found = findings(reader, tenant=tenant, since=since, until=until)
         finding_agents = {
             index: {r[0] for r in rows(_FINDING_AGENTS, ids=finding.evidence)} | _named_in(finding, names)

@@ -86,6 +86,7 @@ def test_the_reports_agree_with_the_answer_key(reports: dict[str, Any], org: dic
     assert {"shared_credential", "cross_tenant"} <= {f["kind"] for f in agents["research-agent"].findings}
     assert "unregistered_tool" in {f["kind"] for f in agents["devops-agent"].findings}
     assert "scope_escalation" in {f["kind"] for f in agents["sales-agent"].findings}
+    assert agents["triage-subagent"].owner == "dana@acme.example (via support-agent)"
     clean = agents["collections-agent"]
     assert clean.recommendation == "keep"
     assert clean.findings == []
