@@ -80,22 +80,21 @@ def identity_blast_radius(
             ).fetchall()
 
         held = "credential_client_id = $subject" if kind == "agent" else "credential_id = $subject"
+        # Distinct scopes are worked out inside DuckDB: an agent can hold the same scopes on millions of events.
         granted = {
             scope_name
-            for (scopes,) in rows(
-                f"SELECT credential_scopes FROM events WHERE ({held} OR {acting}) AND {scope}"
+            for (scope_name,) in rows(
+                f"SELECT DISTINCT unnest(credential_scopes) FROM events WHERE ({held} OR {acting}) AND {scope}"
                 f" AND {window} AND credential_scopes IS NOT NULL"
             )
-            for scope_name in scopes
         }
         if kind == "agent":
             granted |= {
                 scope_name
-                for (scopes,) in rows(
-                    f"SELECT delegate_scopes FROM events WHERE type = 'agent.delegation'"
+                for (scope_name,) in rows(
+                    f"SELECT DISTINCT unnest(delegate_scopes) FROM events WHERE type = 'agent.delegation'"
                     f" AND delegate_agent = $subject AND {scope} AND {window}"
                 )
-                for scope_name in scopes or []
             }
         calls = f"type = 'tool.invocation' AND {acting} AND {scope} AND {window}"
         used = dict(
@@ -114,11 +113,14 @@ def identity_blast_radius(
             f"SELECT DISTINCT tool_server || '/' || tool_name, decision_required_scope FROM events"
             f" WHERE type = 'tool.invocation' AND decision_required_scope IS NOT NULL AND {scope}"
         )
+        # Times are formatted by DuckDB: an agent can touch hundreds of thousands of resources, and building a
+        # Python datetime per value costs more than the query.
+        stamp = "strftime({}::TIMESTAMP, '%Y-%m-%dT%H:%M:%S.%fZ')"
         resources = [
-            {"tenant": r[0], "type": r[1], "id": r[2], "count": r[3], "first": _iso(r[4]), "last": _iso(r[5])}
+            {"tenant": r[0], "type": r[1], "id": r[2], "count": r[3], "first": r[4], "last": r[5]}
             for r in rows(
-                f"SELECT resource_tenant, resource_type, resource_id, count(*), min(occurred_at),"
-                f" max(occurred_at) FROM events WHERE {calls} AND decision_result = 'allow'"
+                f"SELECT resource_tenant, resource_type, resource_id, count(*), {stamp.format('min(occurred_at)')},"
+                f" {stamp.format('max(occurred_at)')} FROM events WHERE {calls} AND decision_result = 'allow'"
                 " AND resource_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3"
             )
         ]
