@@ -33,6 +33,7 @@ from query.chains import verify_chains
 from query.findings import findings
 from query.lake import LakeReader
 from query.paths import delegation_path
+from query.tree_index import TreeIndex
 from store.lake import Lake
 from store.schema import Signed, event_table
 
@@ -150,6 +151,15 @@ def main() -> None:
     probe = f"{7:08x}-0000-4{0x123 >> 4 & 0xFFF:03x}-8{0x123 & 0xF:03x}-{0x123:012x}"
     print("queries:")
     timed("delegation path of one event (ancestors + descendants)", lambda: delegation_path(reader, probe))
+    started = time.perf_counter()
+    index = TreeIndex(reader)
+    index.refresh()
+    print(f"  task-tree index (read API, dashboard) built in {time.perf_counter() - started:,.1f} s")
+    timed(
+        "delegation path through the task-tree index",
+        lambda: delegation_path(index.reader_for(probe), probe),
+    )
+    index.close()
     timed("identity blast radius of an agent", lambda: identity_blast_radius(reader, "agent", "agent-3"))
     since = START + timedelta(days=29)
     timed(
