@@ -20,7 +20,6 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import orjson
 import pyarrow as pa
 from cryptography.hazmat.primitives import serialization
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ingest.jws import JwsError, parse_compact, verify_signature
 from ingest.keys import KeyRing
-from query.lake import LakeReader
+from query.lake import LakeReader, open_duckdb
 from store.canonical import ZERO_HASH, canonicalize, event_hash
 from store.engine import SERVER_EMITTER, SYSTEM_TENANT
 from store.errors import CanonicalizationError, CustodyError
@@ -161,7 +160,7 @@ def verify_event(
     if not everywhere:
         return None
     that_day = [path for path in everywhere if day is not None and f"/date={day.isoformat()}/" in path]
-    connection = duckdb.connect()
+    connection = open_duckdb(memory_limit=None)  # as before: the verifier's sort may use the machine's memory
     try:
         connection.execute("SET TimeZone = 'UTC'")
         source = "read_parquet($files, hive_partitioning = true, filename = true)"
@@ -205,7 +204,7 @@ def _batches(data_dir: Path, only_files: set[Path] | None = None) -> Iterator[pa
     ]
     if not files:
         return
-    connection = duckdb.connect()
+    connection = open_duckdb(memory_limit=None)  # as before: the verifier's sort may use the machine's memory
     connection.execute("SET TimeZone = 'UTC'")
     reader = connection.sql(
         "SELECT *, filename FROM read_parquet($files, hive_partitioning = true, filename = true)"

@@ -8,6 +8,8 @@ User input only ever reaches DuckDB as bound parameters.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,23 @@ from store.engine import SYSTEM_TENANT
 from store.lake import live_files
 from store.schema import EVENT_SCHEMA
 
-__all__ = ["LakeReader"]
+__all__ = ["LakeReader", "open_duckdb"]
+
+# Where DuckDB spills when a query outgrows its memory limit: the system's temporary directory, never the
+# process's working directory (DuckDB's default for an in-memory database is ./.tmp) and never the data dir.
+SPILL_DIR = Path(tempfile.gettempdir()) / f"custody-duckdb-{os.getuid()}"
+
+
+def open_duckdb(memory_limit: str | None = "1GB") -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection as every reader uses it: 2 threads, a memory limit (None: DuckDB's default,
+    80% of RAM), UTC, and a private spill dir."""
+    SPILL_DIR.mkdir(mode=0o700, exist_ok=True)
+    config: dict[str, str | bool | int | float | list[str]] = {"threads": 2, "temp_directory": str(SPILL_DIR)}
+    if memory_limit is not None:
+        config["memory_limit"] = memory_limit
+    connection = duckdb.connect(config=config)
+    connection.execute("SET TimeZone = 'UTC'")
+    return connection
 
 
 class LakeReader:
@@ -33,9 +51,8 @@ class LakeReader:
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        connection = duckdb.connect(config={"threads": 2, "memory_limit": "1GB"})
+        connection = open_duckdb()
         try:
-            connection.execute("SET TimeZone = 'UTC'")
             files = self.files()
             if files:
                 # Paths come from the operator's --data-dir, never from a request; quotes are doubled anyway.

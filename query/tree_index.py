@@ -18,9 +18,7 @@ import re
 import threading
 from pathlib import Path
 
-import duckdb
-
-from query.lake import LakeReader
+from query.lake import LakeReader, open_duckdb
 from query.paths import MAX_TREE_EVENTS
 
 __all__ = ["TreeIndex"]
@@ -44,7 +42,7 @@ class TreeIndex:
     def __init__(self, reader: LakeReader, *, memory_limit: str = "1GB") -> None:
         self.reader = reader
         self._lock = threading.Lock()
-        self._connection = duckdb.connect(config={"threads": 2, "memory_limit": memory_limit})
+        self._connection = open_duckdb(memory_limit)
         self._connection.execute(
             "CREATE TABLE tree (event_id UUID, parent UUID, approval VARCHAR, file INTEGER, is_approval BOOLEAN)"
         )

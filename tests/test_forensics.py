@@ -240,3 +240,12 @@ def test_the_cli_faces(incident, tmp_path) -> None:
     assert len(evidence.read_text().splitlines()) == 10
     assert "CRITICAL action_after_revocation" in run("findings")
     assert orjson.loads(run("events", "--tenant", "globex", "--json"))["total"] == 2
+
+
+def test_readers_spill_to_a_private_temp_dir_not_the_working_directory(tmp_path) -> None:
+    from query.lake import SPILL_DIR, LakeReader
+
+    with LakeReader(tmp_path).connect() as connection:
+        assert connection.execute("SELECT current_setting('temp_directory')").fetchone() == (str(SPILL_DIR),)
+        assert connection.execute("SELECT current_setting('memory_limit')").fetchone()[0].startswith("953")  # 1 GB
+    assert SPILL_DIR.stat().st_mode & 0o777 == 0o700
