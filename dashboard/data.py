@@ -4,7 +4,6 @@ argument (None only for unbound principals), so the cache can never hand one ten
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -55,16 +54,8 @@ _CHOICE_COLUMNS = {
 
 
 @cached
-def summary(
-    data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None
-) -> tuple[Overview, list[Finding]]:
-    """The overview's figures and the window's findings, computed side by side (two DuckDB connections: the
-    queries release the GIL, so the page waits for the slower of the two, not their sum)."""
-    reader = LakeReader(Path(data_dir))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        found = pool.submit(findings, reader, tenant=tenant, since=since, until=until)
-        figures = overview(reader, since=since, until=until, tenant=tenant)
-        return figures, found.result()
+def summary(data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None) -> Overview:
+    return overview(LakeReader(Path(data_dir)), since=since, until=until, tenant=tenant)
 
 
 @cached_for(SLOW_SECONDS)

@@ -41,13 +41,21 @@ def open_duckdb(memory_limit: str | None = "1GB") -> duckdb.DuckDBPyConnection:
 
 
 class LakeReader:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, files: list[Path] | None = None) -> None:
         self.data_dir = data_dir
         self.events_dir = data_dir / "lake" / "events"
+        self._pinned = files
 
     def files(self) -> list[Path]:
-        """The live Parquet files (a compaction in progress never shows an event twice)."""
+        """The live Parquet files (a compaction in progress never shows an event twice), or the pinned ones."""
+        if self._pinned is not None:
+            return self._pinned
         return live_files(self.events_dir.glob("tenant=*/date=*/*.parquet"))
+
+    def pinned(self, files: list[Path] | None = None) -> LakeReader:
+        """A reader over a fixed file list: ``files``, or today's live files (so that several queries see one
+        snapshot of the log)."""
+        return LakeReader(self.data_dir, files=self.files() if files is None else files)
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from query.lake import LakeReader
-from query.search import event_dicts
+from query.search import EventFilter, event_dicts
 
 __all__ = ["EmitterStatus", "Overview", "emitter_status", "overview"]
 
@@ -51,26 +51,10 @@ class EmitterStatus:
         return self.first_seq == 1 and self.last_seq - self.first_seq + 1 == self.events
 
 
-def window_condition(since: datetime | None, until: datetime | None, tenant: str | None) -> tuple[str, dict[str, Any]]:
-    """Time window and tenant as SQL over ``events``; the ``date`` partition column lets DuckDB skip whole days."""
-    conditions: list[str] = ["TRUE"]
-    params: dict[str, Any] = {}
-    if since is not None:
-        conditions.append("occurred_at >= $since AND date >= CAST($since AS DATE)")
-        params["since"] = since
-    if until is not None:
-        conditions.append("occurred_at < $until AND date <= CAST($until AS DATE)")
-        params["until"] = until
-    if tenant is not None:
-        conditions.append("tenant = $tenant")
-        params["tenant"] = tenant
-    return " AND ".join(conditions), params
-
-
 def overview(
     reader: LakeReader, *, since: datetime | None = None, until: datetime | None = None, tenant: str | None = None
 ) -> Overview:
-    where, params = window_condition(since, until, tenant)
+    where, params = EventFilter(tenant=tenant, since=since, until=until).where()  # with date pruning
     span = (until - since) if since and until else None
     bucket = "hour" if span is not None and span <= timedelta(days=3) else "day"
     with reader.connect() as connection:
@@ -94,16 +78,16 @@ def overview(
             connection.execute(
                 "SELECT agent, count(*) AS events, count(*) FILTER (WHERE decision_result = 'deny') AS denied"
                 f" FROM events WHERE {where} AND agent IS NOT NULL GROUP BY agent ORDER BY events DESC, agent"
-                " LIMIT $top",
-                {**params, "top": TOP},
+                " LIMIT ?",
+                [*params, TOP],
             )
         )
         top_tools = event_dicts(
             connection.execute(
                 "SELECT tool_server || '/' || tool_name AS tool, count(*) AS events,"
                 " count(*) FILTER (WHERE decision_result = 'deny') AS denied FROM events"
-                f" WHERE {where} AND tool_name IS NOT NULL GROUP BY 1 ORDER BY events DESC, tool LIMIT $top",
-                {**params, "top": TOP},
+                f" WHERE {where} AND tool_name IS NOT NULL GROUP BY 1 ORDER BY events DESC, tool LIMIT ?",
+                [*params, TOP],
             )
         )
     events, emitters, agents, users, denied, newest = row

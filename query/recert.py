@@ -67,17 +67,6 @@ class Review:
         return counts
 
 
-class _Snapshot(LakeReader):
-    """A reader pinned to one file list, so every query of a review sees the same log."""
-
-    def __init__(self, data_dir: Path) -> None:
-        super().__init__(data_dir)
-        self._files = super().files()
-
-    def files(self) -> list[Path]:
-        return self._files
-
-
 def parse_window(text: str) -> int:
     """``90d`` -> 90 (days)."""
     if not (text.endswith("d") and text[:-1].isdigit() and 0 < int(text[:-1]) <= 3650):
@@ -86,7 +75,7 @@ def parse_window(text: str) -> int:
 
 
 def access_review(data_dir: Path, tenant: str, *, window_days: int = 90, now: datetime | None = None) -> Review:
-    reader = _Snapshot(data_dir)
+    reader = LakeReader(data_dir).pinned()  # one snapshot of the file list for every query of the review
     until = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
     since = until - timedelta(days=window_days)
     params = {"tenant": tenant, "since": since, "until": until}

@@ -19,7 +19,7 @@ import html
 import io
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ingest.jws import JwsError, parse_compact, sign_compact, verify_signature
 from query.recert import Review
 from store.canonical import canonicalize
 from store.errors import InvalidInput
+from store.schema import parse_timestamp
 
 __all__ = [
     "FORMATS",
@@ -377,4 +378,4 @@ def _html(body: dict[str, Any], jws: str) -> str:
 
 
 def generated_at(body: dict[str, Any]) -> datetime:
-    return datetime.fromisoformat(str(body["generated_at"]).removesuffix("Z")).replace(tzinfo=UTC)
+    return parse_timestamp(str(body["generated_at"]))

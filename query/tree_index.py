@@ -27,17 +27,6 @@ log = logging.getLogger(__name__)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-class _Files(LakeReader):
-    """A reader over some of the lake's files."""
-
-    def __init__(self, data_dir: Path, files: list[Path]) -> None:
-        super().__init__(data_dir)
-        self._chosen = files
-
-    def files(self) -> list[Path]:
-        return self._chosen
-
-
 class TreeIndex:
     def __init__(self, reader: LakeReader, *, memory_limit: str = "1GB") -> None:
         self.reader = reader
@@ -126,7 +115,7 @@ class TreeIndex:
     def reader_for(self, event_id: str) -> LakeReader:
         """A reader over just the files of the event's tree, or the whole lake when the index does not know it."""
         files = self.files_for(event_id)
-        return self.reader if files is None else _Files(self.reader.data_dir, files)
+        return self.reader if files is None else self.reader.pinned(files)
 
     def close(self) -> None:
         self._connection.close()

@@ -4,7 +4,7 @@ more, by severity and kind; each opens its evidence events."""
 from __future__ import annotations
 
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pandas as pd
 import streamlit as st
@@ -12,12 +12,9 @@ import streamlit as st
 from dashboard import data
 from dashboard.context import SLOW_SECONDS, require_session, time_window
 from query.search import EventFilter
+from store.schema import parse_timestamp
 
 SEVERITIES = ["critical", "high", "medium", "low"]
-
-
-def _moment(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.removesuffix("Z")).replace(tzinfo=UTC) if value else None
 
 
 current = require_session()
@@ -78,7 +75,7 @@ if finding.details.get("detail") is not None:
 if finding.evidence_truncated:
     st.warning(f"Showing the first {len(finding.evidence)} of {finding.evidence_total} evidence events.")
 # The evidence lies between the finding's first and last sighting: those bounds let DuckDB skip other days.
-first, last = (_moment(value) for value in (finding.first_seen, finding.last_seen))
+first, last = (parse_timestamp(value) if value else None for value in (finding.first_seen, finding.last_seen))
 where = EventFilter(
     tenant=current.tenant,
     event_ids=tuple(finding.evidence),

@@ -73,18 +73,16 @@ else:
 
 with st.expander("As text (for a ticket)"):
     st.code(path.text(), language=None)
-blast = st.columns(2)
-if event.get("agent"):
-    blast[0].page_link(
-        "views/blast.py",
-        label=f"Blast radius of {event['agent']} from this event on",
-        icon=":material/crisis_alert:",
-        query_params={"kind": "agent", "subject": event["agent"], "start": event["occurred_at"][:19]},
-    )
-if event.get("credential_id"):
-    blast[1].page_link(
-        "views/blast.py",
-        label=f"Blast radius of credential {event['credential_id']}",
-        icon=":material/key:",
-        query_params={"kind": "credential", "subject": event["credential_id"], "start": event["occurred_at"][:19]},
-    )
+links = [
+    ("agent", event.get("agent"), "Blast radius of {} from this event on", ":material/crisis_alert:"),
+    ("credential", event.get("credential_id"), "Blast radius of credential {}", ":material/key:"),
+]
+for column, (kind, subject, label, icon) in zip(st.columns(2), links, strict=True):
+    if subject:
+        start = event["occurred_at"][:19]
+        column.page_link(
+            "views/blast.py",
+            label=label.format(subject),
+            icon=icon,
+            query_params={"kind": kind, "subject": subject, "start": start},
+        )
