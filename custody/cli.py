@@ -459,7 +459,8 @@ def _verify(args: argparse.Namespace) -> int:
     if args.hash_chain_only:
         from query.chains import verify_chains
 
-        report = verify_chains(args.data_dir)
+        with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
+            report = verify_chains(args.data_dir, progress=lambda done: bar.update(done - bar.n))
         checks = "hashes, chains"
     elif args.incremental:
         from query.checkpoint import verify_since_checkpoint

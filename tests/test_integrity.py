@@ -204,6 +204,48 @@ def test_hash_chain_only_mode_catches_the_same_structural_damage(lake: Harness) 
     assert ("gw-1", 10, "stream_end") in found
 
 
+def test_hash_chain_only_is_indifferent_to_row_order_and_row_groups_but_not_to_repeats(lake: Harness) -> None:
+    from query.chains import verify_chains
+
+    # Rows stored in reverse, in row groups of 2: the chain is by seq, whatever the layout, and is stitched
+    # across row groups and files.
+    for path in lake.server.store.lake.files():
+        table = pq.read_table(path)
+        pq.write_table(table.take(list(reversed(range(table.num_rows)))), path, row_group_size=2)
+    report = verify_chains(lake.data_dir)
+    assert report.ok, [p.describe() for p in report.problems]
+    assert report.events == 18
+    assert report.emitters == {"custody.server": 5, "gw-1": 10, "gw-2": 3}
+    assert report.tenants["gw-2"] == "globex"
+
+    # A copy of gw-1's seq 7 written again into the first file: one event too many, reported where it is.
+    first, second = files_of(lake, "gw-1")
+    repeated = [r for r in pq.read_table(second).to_pylist() if r["seq"] == 7]
+    rewrite(first, lambda rows: rows + repeated)
+    found = [(p.emitter, p.seq, p.check, p.expected, p.actual) for p in verify_chains(lake.data_dir).problems]
+    assert found == [("gw-1", 7, "chain_seq", "seq 8", "seq 7")], found
+
+
+def test_hash_chain_only_reports_an_undecodable_payload_and_an_edited_link(lake: Harness) -> None:
+    from query.chains import verify_chains
+
+    def edit(rows):
+        for row in rows:
+            if row["emitter"] == "gw-1" and row["seq"] == 2:
+                header, _, signature = row["jws"].split(".")
+                row["jws"] = f"{header}.not*base64.{signature}"
+            if row["emitter"] == "gw-1" and row["seq"] == 4:
+                row["prev_hash"] = "0" * 64
+        return rows
+
+    rewrite(files_of(lake, "gw-1")[0], edit)
+    found = {(p.emitter, p.seq, p.check): p for p in verify_chains(lake.data_dir).problems}
+    assert set(found) == {("gw-1", 2, "event_hash"), ("gw-1", 4, "chain_link")}
+    assert found[("gw-1", 2, "event_hash")].expected == "a base64url JSON payload"
+    assert found[("gw-1", 4, "chain_link")].actual == "prev_hash " + "0" * 64
+    assert found[("gw-1", 4, "chain_link")].file.startswith("tenant=acme/date=")
+
+
 def test_hash_chain_only_accepts_non_canonical_payloads(harness: Harness) -> None:
     import orjson
 
