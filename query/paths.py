@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from query.lake import LakeReader
 from query.search import event_dicts
@@ -69,14 +69,15 @@ class DelegationPath:
 
 def delegation_path(reader: LakeReader, event_id: str, *, tenant: str | None = None) -> DelegationPath:
     with reader.connect() as connection:
-        event = _one(connection, event_id, tenant)
+        source: _Source = _SqlSource(connection, tenant) if reader.rows is None else _RowsSource(connection, tenant)
+        event = source.one(event_id)
         if event is None:
             raise NotFound(f"no event {event_id}" + (f" in tenant {tenant}" if tenant else ""))
         ancestors: list[dict[str, Any]] = []
         parent_id, seen = event.get("parent_event_id"), {event_id}
         while parent_id and parent_id not in seen and len(ancestors) < MAX_TREE_EVENTS:
             seen.add(parent_id)
-            parent = _one(connection, parent_id, tenant)
+            parent = source.one(parent_id)
             if parent is None:
                 break
             ancestors.insert(0, parent)
@@ -84,46 +85,82 @@ def delegation_path(reader: LakeReader, event_id: str, *, tenant: str | None = N
         descendants: list[dict[str, Any]] = []
         frontier, truncated = [event_id], False
         while frontier:
-            children = event_dicts(
-                connection.execute(
-                    "SELECT * EXCLUDE (jws) FROM events WHERE list_contains(?, parent_event_id)"
-                    " AND (? IS NULL OR tenant = ?) ORDER BY occurred_at, emitter, seq",
-                    [frontier, tenant, tenant],
-                )
-            )
-            children = [child for child in children if child["event_id"] not in seen]
+            children = [child for child in source.children(frontier) if child["event_id"] not in seen]
             seen.update(child["event_id"] for child in children)
             if len(descendants) + len(children) > MAX_TREE_EVENTS:
                 children, truncated = children[: MAX_TREE_EVENTS - len(descendants)], True
             descendants += children
             frontier = [] if truncated else [child["event_id"] for child in children]
-        approval = _approval(connection, event, tenant)
+        approval = source.approval(event["approval_id"]) if event.get("approval_id") else None
     path = DelegationPath(event, approval, ancestors, descendants, truncated)
     _build_graph(path)
     return path
 
 
-def _one(connection: Any, event_id: str, tenant: str | None) -> dict[str, Any] | None:
-    rows = event_dicts(
-        connection.execute(
-            "SELECT * EXCLUDE (jws) FROM events WHERE event_id = ? AND (? IS NULL OR tenant = ?)",
-            [event_id, tenant, tenant],
+class _Source(Protocol):
+    def one(self, event_id: str) -> dict[str, Any] | None: ...
+
+    def children(self, parents: list[str]) -> list[dict[str, Any]]: ...
+
+    def approval(self, approval_id: str) -> dict[str, Any] | None: ...
+
+
+class _SqlSource:
+    """The lake through DuckDB: one query per lookup."""
+
+    def __init__(self, connection: Any, tenant: str | None) -> None:
+        self.connection, self.tenant = connection, tenant
+
+    def _rows(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        return event_dicts(self.connection.execute(sql, [*params, self.tenant, self.tenant]))
+
+    def one(self, event_id: str) -> dict[str, Any] | None:
+        rows = self._rows(
+            "SELECT * EXCLUDE (jws) FROM events WHERE event_id = ? AND (? IS NULL OR tenant = ?)", event_id
         )
-    )
-    return rows[0] if rows else None
+        return rows[0] if rows else None
 
+    def children(self, parents: list[str]) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT * EXCLUDE (jws) FROM events WHERE list_contains(?, parent_event_id)"
+            " AND (? IS NULL OR tenant = ?) ORDER BY occurred_at, emitter, seq",
+            parents,
+        )
 
-def _approval(connection: Any, event: dict[str, Any], tenant: str | None) -> dict[str, Any] | None:
-    if not event.get("approval_id"):
-        return None
-    rows = event_dicts(
-        connection.execute(
+    def approval(self, approval_id: str) -> dict[str, Any] | None:
+        rows = self._rows(
             "SELECT * EXCLUDE (jws) FROM events WHERE type = 'task.approval' AND approval_id = ?"
             " AND (? IS NULL OR tenant = ?) ORDER BY occurred_at LIMIT 1",
-            [event["approval_id"], tenant, tenant],
+            approval_id,
         )
-    )
-    return rows[0] if rows else None
+        return rows[0] if rows else None
+
+
+class _RowsSource:
+    """The few rows the task-tree index selected, read once and looked up in Python with the same meaning as
+    ``_SqlSource`` (DuckDB's per-query overhead, ~5 ms over a wide view, would dominate a path of a few rows).
+    Timestamps are fixed-width RFC 3339 strings, so string order is time order."""
+
+    def __init__(self, connection: Any, tenant: str | None) -> None:
+        self.rows = event_dicts(
+            connection.execute(
+                "SELECT * EXCLUDE (jws) FROM events WHERE (? IS NULL OR tenant = ?) ORDER BY occurred_at, emitter, seq",
+                [tenant, tenant],
+            )
+        )
+
+    def one(self, event_id: str) -> dict[str, Any] | None:
+        return next((row for row in self.rows if row["event_id"] == event_id), None)
+
+    def children(self, parents: list[str]) -> list[dict[str, Any]]:
+        wanted = set(parents)
+        return [row for row in self.rows if row.get("parent_event_id") in wanted]
+
+    def approval(self, approval_id: str) -> dict[str, Any] | None:
+        return next(
+            (row for row in self.rows if row["type"] == "task.approval" and row.get("approval_id") == approval_id),
+            None,
+        )
 
 
 def _chain_nodes(event: dict[str, Any], approval: dict[str, Any] | None) -> list[Node]:

@@ -38,14 +38,18 @@ def test_paths_through_the_index_equal_paths_over_the_whole_lake(org: dict[str, 
     ids = [row[0] for row in read_lake(org["data"], "event_id")]
     chosen = [injection["malicious_event"], injection["refund_events"][0], injection["export_events"][0]]
     chosen += random.Random(5).sample(ids, 25)
+    total = len(ids)
     for event_id in chosen:
         narrowed = index.reader_for(event_id)
-        assert len(narrowed.files()) < len(reader.files())
+        with narrowed.connect() as connection:
+            rows = connection.execute("SELECT count(*) FROM all_events").fetchall()[0][0]
+        assert 0 < rows < total / 100  # the rows of one task tree, not the lake
         assert shape(delegation_path(narrowed, event_id)) == shape(delegation_path(reader, event_id)), event_id
     tree = delegation_path(index.reader_for(injection["malicious_event"]), injection["malicious_event"])
     assert set(injection["refund_events"]) <= {e["event_id"] for e in tree.descendants}
-    assert index.files_for("not-an-event-id") is None
-    assert index.files_for("00000000-0000-4000-8000-000000000000") is None
+    assert index.locate("not-an-event-id") is None
+    assert index.locate("00000000-0000-4000-8000-000000000000") is None
+    assert index.reader_for("00000000-0000-4000-8000-000000000000") is reader  # unknown: the whole lake decides
     index.close()
 
 
@@ -85,3 +89,32 @@ def test_the_dashboard_keeps_one_index_per_data_dir(tmp_path: Path) -> None:
     from dashboard.data import tree_index
 
     assert tree_index(str(tmp_path)) is tree_index(str(tmp_path))
+
+
+def test_row_copies_that_no_longer_match_the_lake_are_never_used(harness: Harness) -> None:
+    built = scenario.build(harness)
+    harness.flush()
+    reader = LakeReader(harness.data_dir)
+    index = TreeIndex(reader)
+    export = built.id("export")
+    expected = shape(delegation_path(reader, export))
+    assert shape(delegation_path(index.reader_for(export), export)) == expected
+    copies = sorted((harness.data_dir / "index" / "rows").glob("*.parquet"))
+    assert len(copies) == len(reader.files())  # one row copy per lake file, beside the lake
+
+    for copy in copies:  # rows shuffled in every copy: each row read is checked against the index's hashes
+        table = pq.read_table(copy)
+        pq.write_table(table.take(list(reversed(range(table.num_rows)))), copy)
+    assert shape(delegation_path(index.reader_for(export), export)) == expected
+
+    for copy in (harness.data_dir / "index" / "rows").glob("*.parquet"):  # copies deleted: read again
+        copy.unlink()
+    assert shape(delegation_path(index.reader_for(export), export)) == expected
+
+    Lake(harness.data_dir / "lake").compact(min_files=2)
+    assert shape(delegation_path(index.reader_for(export), export)) == expected
+    left = {p.name for p in (harness.data_dir / "index" / "rows").glob("*.parquet")}
+    live = {index._copy_name(p, p.stat().st_size, p.stat().st_mtime_ns).name for p in reader.files()}
+    assert left
+    assert left <= live  # no copy of a compacted-away file is left behind
+    index.close()
