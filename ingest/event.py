@@ -125,13 +125,7 @@ class Event(_Strict):
 
     @model_validator(mode="after")
     def _per_type_rules(self) -> Event:
-        required = {
-            "tool.invocation": ("delegation", "credential", "tool", "decision"),
-            "agent.delegation": ("delegation", "delegate"),
-            "task.approval": ("approval",),
-            "credential.issued": ("credential",),
-            "credential.revoked": ("credential", "revoked_at"),
-        }[self.type]
+        required = _REQUIRED[self.type]
         missing = [name for name in required if getattr(self, name) is None]
         if missing:
             raise ValueError(f"a {self.type} event needs {', '.join(missing)}")
@@ -147,10 +141,9 @@ class Event(_Strict):
             actor = actor.act
         if depth > _MAX_DELEGATION_DEPTH:
             raise ValueError(f"delegation is {depth} agents deep, more than {_MAX_DELEGATION_DEPTH}")
-        for name in ("occurred_at", "revoked_at"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_date(name, value)
+        _check_date("occurred_at", self.occurred_at)
+        if self.revoked_at is not None:
+            _check_date("revoked_at", self.revoked_at)
         if self.credential is not None and isinstance(self.credential.expires_at, str):
             _check_date("credential.expires_at", self.credential.expires_at)
         return self
@@ -159,9 +152,18 @@ class Event(_Strict):
         return datetime.fromisoformat(self.occurred_at[:-1]).replace(tzinfo=UTC)
 
 
-def _check_date(name: str, value: str) -> None:
+_REQUIRED = {
+    "tool.invocation": ("delegation", "credential", "tool", "decision"),
+    "agent.delegation": ("delegation", "delegate"),
+    "task.approval": ("approval",),
+    "credential.issued": ("credential",),
+    "credential.revoked": ("credential", "revoked_at"),
+}
+
+
+def _check_date(name: str, value: str) -> datetime:
     try:
-        datetime.fromisoformat(value[:-1])
+        return datetime.fromisoformat(value[:-1])
     except ValueError as exc:
         raise ValueError(f"{name} {value!r} is not a real date and time: {exc}") from exc
 

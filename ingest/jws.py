@@ -9,9 +9,7 @@ cryptography (JWK import, the raw <-> DER conversion of ECDSA signatures).
 
 from __future__ import annotations
 
-import base64
 import binascii
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +36,9 @@ PrivateKey = Ed25519PrivateKey | EllipticCurvePrivateKey
 ALG_FOR_KTY = {"OKP": "EdDSA", "EC": "ES256"}
 _SUPPORTED_ALGS = frozenset(ALG_FOR_KTY.values())
 _MAX_COMPACT_LENGTH = 128 * 1024
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_HEADERS: dict[str, tuple[str, str]] = {}  # protected header (base64url) -> (alg, kid), for headers that passed
+_MAX_HEADERS = 4096
 _ED25519 = OKPAlgorithm()
 _ES256 = ECAlgorithm(ECAlgorithm.SHA256)
 
@@ -73,6 +73,24 @@ def parse_compact(token: object) -> ParsedJws:
     header_b64, payload_b64, signature_b64 = parts
     if not token.isascii():
         raise JwsError("malformed_jws", "JWS holds non-ASCII characters")
+    alg, kid = _header(header_b64)
+    payload = _b64decode(payload_b64, "payload")
+    signature = _b64decode(signature_b64, "signature")
+    return ParsedJws(
+        alg=alg,
+        kid=kid,
+        signing_input=token[: len(header_b64) + 1 + len(payload_b64)].encode("ascii"),
+        payload=payload,
+        signature=signature,
+    )
+
+
+def _header(header_b64: str) -> tuple[str, str]:
+    """``alg`` and ``kid`` of a protected header. An emitter sends the same header on every event, so good headers
+    are remembered (a bounded cache: decoding and checking one costs more than the dict lookup)."""
+    known = _HEADERS.get(header_b64)
+    if known is not None:
+        return known
     try:
         header = orjson.loads(_b64decode(header_b64, "header"))
     except orjson.JSONDecodeError as exc:
@@ -89,15 +107,10 @@ def parse_compact(token: object) -> ParsedJws:
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise JwsError("malformed_jws", "protected header has no kid string")
-    payload = _b64decode(payload_b64, "payload")
-    signature = _b64decode(signature_b64, "signature")
-    return ParsedJws(
-        alg=alg,
-        kid=kid,
-        signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
-        payload=payload,
-        signature=signature,
-    )
+    if len(_HEADERS) >= _MAX_HEADERS:
+        _HEADERS.clear()
+    _HEADERS[header_b64] = (alg, kid)
+    return alg, kid
 
 
 def verify_signature(parsed: ParsedJws, key: PublicKey) -> bool:
@@ -121,9 +134,13 @@ def sign_compact(payload: bytes, key: PrivateKey, kid: str) -> str:
 
 
 def _b64decode(part: str, name: str) -> bytes:
-    if not _BASE64URL.fullmatch(part) or len(part) % 4 == 1:
+    """Unpadded base64url, strictly: the standard alphabet's ``+``, ``/`` and ``=`` are refused before the URL-safe
+    characters are mapped onto them, and the strict decoder refuses anything else outside the alphabet."""
+    if len(part) % 4 == 1 or "+" in part or "/" in part or "=" in part:
         raise JwsError("malformed_jws", f"{name} is not unpadded base64url")
     try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise JwsError("malformed_jws", f"{name} is not valid base64url: {exc}") from exc
+        return binascii.a2b_base64(
+            part.encode("ascii").translate(_URLSAFE_TO_STANDARD) + b"=" * (-len(part) % 4), strict_mode=True
+        )
+    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+        raise JwsError("malformed_jws", f"{name} is not unpadded base64url: {exc}") from exc
