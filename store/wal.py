@@ -64,10 +64,15 @@ class WriteAheadLog:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = self.segments()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the active segment: its fd, size, number, and writes to it
         self._active = max([first_segment - 1, *existing]) + 1
         self._fd: int | None = None
         self._size = 0
+        # Group commit: one thread at a time fsyncs everything written so far, for every request waiting.
+        self._sync = threading.Condition(threading.Lock())
+        self._syncing = False
+        self._durable: tuple[int, int] = (0, 0)  # (segment, offset) up to which writes are on disk
+        self._failed: tuple[int, int] = (0, 0)  # writes up to here were cut away after a failed fsync
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -115,7 +120,13 @@ class WriteAheadLog:
     # -- writing ----------------------------------------------------------------------------------------------
 
     def append(self, records: Iterable[WalRecord]) -> int:
-        """Write records and fsync once; return the segment they are in. Raises StorageUnavailable."""
+        """Write records and return once they are on disk; return the segment they are in. Raises
+        StorageUnavailable, and then none of them will ever be read back.
+
+        Group commit: the write happens under the segment lock, the fsync after it. Requests that wrote while an
+        fsync was running wait for the next one, which a single thread runs for all of them: under concurrent
+        requests there is one fsync per group, never more than one per request, and a request never waits for the
+        segment lock while another request's fsync runs."""
         frames = b"".join(record.encode() for record in records)
         with self._lock:
             try:
@@ -128,12 +139,61 @@ class WriteAheadLog:
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
             except OSError as exc:
                 self._abandon_tail(fd, start)
                 raise StorageUnavailable(f"cannot persist to the write-ahead log: {exc.strerror}") from exc
             self._size = start + len(frames)
-            return self._active
+            mine = (self._active, self._size)
+        self._wait_durable(mine)
+        return mine[0]
+
+    def _wait_durable(self, mine: tuple[int, int]) -> None:
+        while True:
+            with self._sync:
+                while True:
+                    if self._durable >= mine:
+                        return
+                    if self._failed >= mine:
+                        raise StorageUnavailable("cannot persist to the write-ahead log: fsync failed")
+                    if not self._syncing:
+                        self._syncing = True
+                        break
+                    self._sync.wait()
+            self._lead_sync()
+
+    def _lead_sync(self) -> None:
+        """fsync everything written to the active segment so far, for every waiting request."""
+        durable = None
+        try:
+            with self._lock:
+                target = (self._active, self._size)
+                fd = None if self._fd is None else os.dup(self._fd)  # rotate() may close the original meanwhile
+            if fd is None:  # rotated: rotate() synced the segment before closing it
+                return
+            try:
+                os.fsync(fd)
+                durable = target
+            except OSError as exc:
+                log.error("wal segment %d: fsync failed: %s", target[0], exc)
+                with self._lock:
+                    self._fail_unsynced()
+            finally:
+                os.close(fd)
+        finally:
+            with self._sync:
+                self._syncing = False
+                if durable is not None:
+                    self._durable = max(self._durable, durable)
+                self._sync.notify_all()
+
+    def _fail_unsynced(self) -> None:
+        """Under the segment lock, after a failed fsync: nothing written since the last good fsync may count as
+        durable. Cut it away, start a new segment, and fail every request that wrote it."""
+        if self._fd is None:
+            return
+        with self._sync:
+            durable_segment, durable_offset = self._durable
+        self._abandon_tail(self._fd, durable_offset if durable_segment == self._active else 0)
 
     def _open_active(self) -> int:
         if self._fd is None:
@@ -150,23 +210,43 @@ class WriteAheadLog:
         return self._fd
 
     def _abandon_tail(self, fd: int, start: int) -> None:
-        """After a failed write, cut the file back so nothing unacknowledged can resurface, and start afresh."""
+        """After a failed write or fsync (under the segment lock): cut the file back to ``start`` so nothing
+        unacknowledged can resurface, and start a new segment. Writes up to ``start`` stay (durable once this
+        fsync succeeds); every other write to this segment fails."""
+        kept = True
         try:
             os.ftruncate(fd, start)
             os.fsync(fd)
         except OSError as exc:
+            kept = False
             log.error(
                 "wal segment %d: could not cut back to %d bytes after a failed write: %s", self._active, start, exc
             )
+        with self._sync:
+            if kept:
+                self._durable = max(self._durable, (self._active, start))
+            self._failed = max(self._failed, (self._active, max(self._size, start)))
+            self._sync.notify_all()
         os.close(fd)
         self._fd = None
         self._active += 1
+        self._size = 0
 
     def rotate(self) -> int | None:
-        """Close the active segment if it holds records; return its number (ready to flush) or None."""
+        """Close the active segment if it holds records; return its number (ready to flush) or None. Everything
+        in it is on disk first, so that a flush never moves into the lake a write that could still fail."""
         with self._lock:
             if self._fd is None or self._size == 0:
                 return None
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                log.error("wal segment %d: fsync before closing failed: %s", self._active, exc)
+                self._fail_unsynced()
+                return None
+            with self._sync:
+                self._durable = max(self._durable, (self._active, self._size))
+                self._sync.notify_all()
             os.close(self._fd)
             closed = self._active
             self._fd = None
@@ -182,6 +262,7 @@ class WriteAheadLog:
         fsync_directory(self.directory)
 
     def close(self) -> None:
+        self.rotate()  # what was written is on disk (or its requests fail) before the segment is closed
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)

@@ -112,3 +112,69 @@ def test_unfinished_parquet_files_are_invisible_and_removed(tmp_path: Path) -> N
     assert lake.files() == []
     assert lake.remove_temporary_files() == 1
     assert not list(partition.iterdir())
+
+
+def _slow_fsync(monkeypatch: pytest.MonkeyPatch, fail_once_after: int | None = None) -> list[int]:
+    """os.fsync made slow (so that writers pile up behind it) and counted; optionally failing once."""
+    import os as real_os
+    import time
+
+    calls: list[int] = []
+    original = real_os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        time.sleep(0.005)
+        if fail_once_after is not None and len(calls) == fail_once_after:
+            raise OSError(5, "Input/output error")
+        original(fd)
+
+    monkeypatch.setattr("store.wal.os.fsync", fsync)
+    return calls
+
+
+def test_group_commit_acknowledges_every_write_with_fewer_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    wal = WriteAheadLog(tmp_path)
+    warm = records(1, "warm")
+    wal.append(warm)  # the segment's own creation fsyncs are not what is counted
+    calls = _slow_fsync(monkeypatch)
+    batches = [records(3, f"gw-{n}") for n in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        segments = list(pool.map(wal.append, batches))
+    assert set(segments) == {1}
+    assert len(calls) < len(batches)  # writers that arrive during an fsync share the next one
+    stored = wal.read_segment(1)
+    assert sorted(r.event_id for r in stored) == sorted(r.event_id for b in [warm, *batches] for r in b)
+
+
+def test_a_failed_group_fsync_fails_exactly_the_writes_it_covered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    wal = WriteAheadLog(tmp_path)
+    wal.append(records(1, "warm"))
+    _slow_fsync(monkeypatch, fail_once_after=3)
+    batches = [records(2, f"gw-{n}") for n in range(30)]
+
+    def attempt(batch: list[WalRecord]) -> bool:
+        try:
+            wal.append(batch)
+        except StorageUnavailable:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        acknowledged = list(pool.map(attempt, batches))
+    assert not all(acknowledged)
+    assert any(acknowledged)
+    wal.rotate()
+    on_disk = {r.event_id for segment in wal.segments() for r in wal.read_segment(segment)}
+    for batch, ok in zip(batches, acknowledged, strict=True):
+        ids = {r.event_id for r in batch}
+        # acknowledged: on disk; failed: never read back (nothing unacknowledged resurfaces in the lake)
+        assert (ids <= on_disk) if ok else not (ids & on_disk), (ok, sorted(ids))
