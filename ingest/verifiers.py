@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode
 from ingest.keys import KeyRing, KeySpec
+from store.orphans import exit_with_parent
 
 __all__ = ["VerifierPool"]
 
@@ -25,7 +26,9 @@ _worker_ring: KeyRing | None = None
 class VerifierPool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent
+        )
         # Start (and import into) every worker now, so the first requests after a start do not wait for them.
         for future in [self._pool.submit(_warm_up) for _ in range(workers)]:
             future.result()

@@ -18,7 +18,6 @@ reported.
 from __future__ import annotations
 
 import base64
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,13 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
-# Polars' allocator (jemalloc) hands freed pages back to the kernel after 10 s by default. A verification run
-# frees and refills about 500 MB per row group, so most pages were faulted in again: 7-9 s of system time per 10M
-# events. A 60 s decay keeps them for the run (system time 1.7 s) and still returns them after it. Only takes
-# effect if Polars was not imported before this module.
-os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:60000,muzzy_decay_ms:60000")
-
 import polars as pl
 import polars_hash as plh
 import pyarrow.parquet as pq

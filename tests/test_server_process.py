@@ -105,6 +105,22 @@ def test_ten_thousand_events_from_five_interleaved_emitters(server_process: Serv
     assert server.stop() == 0
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie left for an init that does not reap."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
     server.start()
@@ -138,11 +154,18 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
         while sum(len(seqs) for seqs in acked.values()) == before and time.monotonic() < deadline:
             time.sleep(0.02)  # the kill must land while events are being acknowledged
         time.sleep(rng.uniform(0.1, 0.8))
+        assert server.process is not None
+        helpers = children_of(server.process.pid)
+        assert len(helpers) >= 2, helpers  # the verifier processes and the lake writer, at least
         server.kill()
         stop.set()
         for thread in threads:
             thread.join()
         assert sum(len(seqs) for seqs in acked.values()) > before, f"round {round_number}: no ack before the kill"
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in helpers if alive(pid)], f"round {round_number}: helpers outlived the server"
         server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
         server.start()
         for name in emitters:

@@ -53,12 +53,16 @@ def test_paths_through_the_index_equal_paths_over_the_whole_lake(org: dict[str, 
     index.close()
 
 
-def test_the_index_follows_new_files_compaction_and_rewrites(harness: Harness) -> None:
+def indexed_scenario(harness: Harness) -> tuple[Any, LakeReader, TreeIndex, str]:
+    """The hand-built scenario in the lake, a reader, a task-tree index over it, and the export event's id."""
     built = scenario.build(harness)
     harness.flush()
     reader = LakeReader(harness.data_dir)
-    index = TreeIndex(reader)
-    export = built.id("export")
+    return built, reader, TreeIndex(reader), built.id("export")
+
+
+def test_the_index_follows_new_files_compaction_and_rewrites(harness: Harness) -> None:
+    built, reader, index, export = indexed_scenario(harness)
     before = shape(delegation_path(index.reader_for(export), export))
     assert before == shape(delegation_path(reader, export))
 
@@ -92,11 +96,7 @@ def test_the_dashboard_keeps_one_index_per_data_dir(tmp_path: Path) -> None:
 
 
 def test_row_copies_that_no_longer_match_the_lake_are_never_used(harness: Harness) -> None:
-    built = scenario.build(harness)
-    harness.flush()
-    reader = LakeReader(harness.data_dir)
-    index = TreeIndex(reader)
-    export = built.id("export")
+    _, reader, index, export = indexed_scenario(harness)
     expected = shape(delegation_path(reader, export))
     assert shape(delegation_path(index.reader_for(export), export)) == expected
     copies = sorted((harness.data_dir / "index" / "rows").glob("*.parquet"))
