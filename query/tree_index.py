@@ -172,6 +172,7 @@ class TreeIndex:
         self._lock = threading.Lock()
         self._files: dict[Path, tuple[int, _File]] = {}  # path -> (file number, file)
         self._next = 0
+        self.progress: tuple[int, int] = (0, 0)  # (files read, files to read) of the refresh running, if any
         self._merged = _Lookup.of([])  # most files; their per-file arrays are dropped once merged
         self._apart: dict[int, _File] = {}  # files read since the last merge
         self._recent = _Lookup.of([])
@@ -196,8 +197,11 @@ class TreeIndex:
                 if dropped.copy is not None:
                     dropped.copy.unlink(missing_ok=True)
             fresh = False
+            unread = [path for path in live if path not in self._files]
+            self.progress = (0, len(unread))
             for path, (size, mtime) in live.items():
                 if path not in self._files:
+                    self.progress = (self.progress[0] + 1, len(unread))
                     try:
                         indexed = self._read(path, size, mtime)
                     except FileNotFoundError:
@@ -217,6 +221,12 @@ class TreeIndex:
             if gone or fresh:
                 self._recent = _Lookup.of(list(self._apart.items()))
                 self._remove_orphan_copies()
+            self.progress = (0, 0)
+
+    @property
+    def building(self) -> bool:
+        """True while a refresh reads files (a lookup now waits for it); ``progress`` says how far it is."""
+        return self.progress[1] > 0
 
     def _remove_orphan_copies(self) -> None:
         """Row copies of files that are gone or changed (left by this or an earlier process)."""

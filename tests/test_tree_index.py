@@ -4,6 +4,8 @@ changes: new files, compaction, a file rewritten in place."""
 from __future__ import annotations
 
 import random
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,22 @@ def shape(path: DelegationPath) -> tuple[Any, ...]:
 def test_paths_through_the_index_equal_paths_over_the_whole_lake(org: dict[str, Any]) -> None:
     reader = LakeReader(org["data"])
     index = TreeIndex(reader)
+    seen: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def watch() -> None:  # what the dashboard's path page shows while the index is built
+        while not done.is_set():
+            seen.append(index.progress)
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    index.refresh()
+    done.set()
+    watcher.join()
+    assert not index.building
+    files = len(reader.files())
+    assert any(0 < done <= total == files for done, total in seen), seen[-5:]  # progress while it read the files
     injection = next(i for i in org["key"]["incidents"] if i["name"] == "prompt_injection")
     ids = [row[0] for row in read_lake(org["data"], "event_id")]
     chosen = [injection["malicious_event"], injection["refund_events"][0], injection["export_events"][0]]

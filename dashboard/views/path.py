@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import streamlit as st
 
@@ -26,6 +28,15 @@ if not event_id:
     st.page_link("views/investigate.py", label="Investigate", icon=":material/search:")
     st.stop()
 
+index = data.tree_index(str(current.data_dir))
+if index.building:  # the first build after a start reads every file (about a minute at 10M events)
+    bar = st.progress(0.0)
+    while index.building:
+        done, total = index.progress
+        text = f"Indexing the task trees: {done:,} of {total:,} files (once per start)"
+        bar.progress(done / max(total, 1), text=text)
+        time.sleep(0.5)
+    bar.empty()
 try:
     with st.spinner("Walking the task tree..."):
         path = data.path_of(str(current.data_dir), current.tenant, event_id)
