@@ -97,20 +97,34 @@ def identity_blast_radius(
                 )
             }
         calls = f"type = 'tool.invocation' AND {acting} AND {scope} AND {window}"
-        used = dict(
-            rows(
-                f"SELECT decision_required_scope, count(*) FROM events WHERE {calls}"
-                " AND decision_result = 'allow' AND decision_required_scope IS NOT NULL GROUP BY 1"
-            )
-        )
-        tools_used = dict(
-            rows(
-                f"SELECT tool_server || '/' || tool_name, count(*) FROM events WHERE {calls}"
-                " AND decision_result = 'allow' GROUP BY 1"
-            )
-        )
-        # Distinct over the three dictionary-encoded columns, joined in Python: concatenating first costs a string
-        # per lake row (10M events: 492 -> 268 ms).
+        # One scan of the subject's events for the scopes and tools it used, the users it acted for, the agents it
+        # delegated to and its event count (five scans before: 10M events, 559 -> 244 ms).
+        used: dict[str, int] = {}
+        tools_used: dict[str, int] = {}
+        users_seen: set[str] = set()
+        delegates_seen: set[str] = set()
+        events = 0
+        for by_user, by_delegate, event_type, result, needed, server, name, user, delegate, count in rows(
+            'SELECT GROUPING("user"), GROUPING(delegate_agent), type, decision_result, decision_required_scope,'
+            ' tool_server, tool_name, "user", delegate_agent, count(*)'
+            f" FROM events WHERE {acting} AND {scope} AND {window} GROUP BY GROUPING SETS"
+            " ((type, decision_result, decision_required_scope, tool_server, tool_name),"
+            ' ("user"), (type, delegate_agent))'
+        ):
+            if by_user == 0:
+                if user is not None:
+                    users_seen.add(user)
+            elif by_delegate == 0:
+                if event_type == "agent.delegation" and delegate is not None:
+                    delegates_seen.add(delegate)
+            else:
+                events += count
+                if event_type == "tool.invocation" and result == "allow":
+                    if needed is not None:
+                        used[needed] = used.get(needed, 0) + count
+                    if server is not None and name is not None:  # the schema requires a tool on invocations
+                        tool = f"{server}/{name}"
+                        tools_used[tool] = tools_used.get(tool, 0) + count
         tool_scopes = [
             (f"{server}/{name}", needed)
             for server, name, needed in rows(
@@ -129,21 +143,6 @@ def identity_blast_radius(
                 " AND resource_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3"
             )
         ]
-        users = [
-            r[0]
-            for r in rows(
-                f'SELECT DISTINCT "user" FROM events WHERE {acting} AND {scope} AND {window}'
-                ' AND "user" IS NOT NULL ORDER BY 1'
-            )
-        ]
-        delegate_names = [
-            r[0]
-            for r in rows(
-                f"SELECT DISTINCT delegate_agent FROM events WHERE type ="
-                f" 'agent.delegation' AND {acting} AND {scope} AND {window} ORDER BY 1"
-            )
-        ]
-        events = rows(f"SELECT count(*) FROM events WHERE {acting} AND {scope} AND {window}")[0][0]
     reachable = sorted({tool for tool, needed in tool_scopes if needed in granted})
     result = IdentityBlastRadius(
         subject=subject,
@@ -155,11 +154,11 @@ def identity_blast_radius(
         tools_used=dict(sorted(tools_used.items())),
         resources=resources,
         tenants=sorted({resource["tenant"] for resource in resources if resource["tenant"]}),
-        users=users,
-        events=int(events),
+        users=sorted(users_seen),
+        events=events,
     )
     if kind == "agent" and len(_seen) < _MAX_DEPTH:
-        for name in delegate_names:
+        for name in sorted(delegates_seen):
             if name in _seen or name == subject:
                 continue
             reach = identity_blast_radius(

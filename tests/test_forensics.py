@@ -85,6 +85,12 @@ def test_identity_blast_radius_of_the_over_broad_support_agent(incident) -> None
     assert reach.tenants == ["acme"]
     assert reach.users == ["alice@acme.example"]
     assert [d["agent"] for d in reach.delegates] == ["billing-agent", "export-subagent"]
+    with reader.connect() as connection:  # every event it acted in, of every type
+        assert (
+            reach.events
+            == connection.execute("SELECT count(*) FROM events WHERE agent = 'support-agent'").fetchall()[0][0]
+            > 2
+        )
     export = reach.delegates[1]
     assert export["tools_reachable"] == ["crm-mcp/export_customers"]
     assert reach.headline == "agent support-agent: could reach 3 tools, used 2; 2 of 4 granted scopes never used"
