@@ -135,14 +135,20 @@ def identity_blast_radius(
         # Times are formatted by DuckDB: an agent can touch hundreds of thousands of resources, and building a
         # Python datetime per value costs more than the query.
         stamp = "strftime({}::TIMESTAMP, '%Y-%m-%dT%H:%M:%S.%fZ')"
-        resources = [
-            {"tenant": r[0], "type": r[1], "id": r[2], "count": r[3], "first": r[4], "last": r[5]}
-            for r in rows(
-                f"SELECT resource_tenant, resource_type, resource_id, count(*), {stamp.format('min(occurred_at)')},"
-                f" {stamp.format('max(occurred_at)')} FROM events WHERE {calls} AND decision_result = 'allow'"
-                " AND resource_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3"
+        # Rows as Arrow, turned into dicts by Arrow: 209k resources 1.25 -> 1.1 s against fetchall() and a dict each.
+        resource_sql = (
+            f"SELECT resource_tenant AS tenant, resource_type AS type, resource_id AS id, count(*) AS count,"
+            f" {stamp.format('min(occurred_at)')} AS first, {stamp.format('max(occurred_at)')} AS last"
+            f" FROM events WHERE {calls} AND decision_result = 'allow' AND resource_id IS NOT NULL"
+            " GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3"
+        )
+        resources: list[dict[str, Any]] = (
+            connection.sql(
+                resource_sql, params={name: value for name, value in params.items() if f"${name}" in resource_sql}
             )
-        ]
+            .to_arrow_table()
+            .to_pylist()
+        )
     reachable = sorted({tool for tool, needed in tool_scopes if needed in granted})
     result = IdentityBlastRadius(
         subject=subject,
