@@ -1,8 +1,9 @@
 """Read-only DuckDB access to the lake, from any process, while the ingest server writes.
 
-Each query opens a fresh in-memory DuckDB connection over ``<data-dir>/lake/events/**/*.parquet``: new Parquet
-files (flushed about every second) are visible to the next query, nothing is cached across queries, and nothing
-is ever written. The ``events`` view hides the server's own stream (tenant ``_system``); ``all_events`` has it.
+Each query opens a fresh connection (a cursor of the process's in-memory DuckDB database) with its own views over
+the live files of ``<data-dir>/lake/events/``, listed anew: new Parquet files (flushed about every second) are
+visible to the next query, no query sees another's views, and nothing is ever written to the lake. The
+``events`` view hides the server's own stream (tenant ``_system``); ``all_events`` has it.
 User input only ever reaches DuckDB as bound parameters.
 """
 
