@@ -92,7 +92,7 @@ def choices(data_dir: str, tenant: str | None, column: str, since: datetime | No
 @st.cache_resource(show_spinner=False)
 def tree_index(data_dir: str) -> TreeIndex:
     """One task-tree index per data dir for the life of the dashboard process (kept current on every use). It is
-    built in the background from the first sign-in on; a path asked for before it is ready waits for it."""
+    built in the background from the first sign-in on; the path page shows its progress until it is ready."""
     index = TreeIndex(LakeReader(Path(data_dir)))
     threading.Thread(target=index.warm, name="tree-index", daemon=True).start()
     return index
@@ -100,7 +100,7 @@ def tree_index(data_dir: str) -> TreeIndex:
 
 @cached
 def path_of(data_dir: str, tenant: str | None, event_id: str) -> DelegationPath:
-    reader = tree_index(data_dir).reader_for(event_id)  # the files of its tree only; the same SQL over them
+    reader = tree_index(data_dir).reader_for(event_id)  # the rows of its task tree only
     return delegation_path(reader, event_id, tenant=tenant)
 
 

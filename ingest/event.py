@@ -161,9 +161,9 @@ _REQUIRED = {
 }
 
 
-def _check_date(name: str, value: str) -> datetime:
+def _check_date(name: str, value: str) -> None:
     try:
-        return datetime.fromisoformat(value[:-1])
+        datetime.fromisoformat(value[:-1])
     except ValueError as exc:
         raise ValueError(f"{name} {value!r} is not a real date and time: {exc}") from exc
 

@@ -95,7 +95,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
     async def path(caller: Caller, event_id: str) -> JSONResponse:
         """The delegation path of an event and its task tree, as a graph and as text."""
         scope = caller.scope(None)
-        narrowed = await run_in_threadpool(tree.reader_for, event_id)  # the files of its task tree only
+        narrowed = await run_in_threadpool(tree.reader_for, event_id)  # the rows of its task tree only
         found = await run_in_threadpool(delegation_path, narrowed, event_id, tenant=scope)
         return JSONResponse(
             {

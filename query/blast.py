@@ -74,10 +74,11 @@ def identity_blast_radius(
     params = {"subject": subject, "since": since, "until": until, "tenant": tenant}
     with reader.connect() as connection:
 
+        def bound(sql: str) -> dict[str, Any]:
+            return {name: value for name, value in params.items() if f"${name}" in sql}
+
         def rows(sql: str) -> list[tuple[Any, ...]]:
-            return connection.execute(
-                sql, {name: value for name, value in params.items() if f"${name}" in sql}
-            ).fetchall()
+            return connection.execute(sql, bound(sql)).fetchall()
 
         held = "credential_client_id = $subject" if kind == "agent" else "credential_id = $subject"
         # Distinct scopes are worked out inside DuckDB: an agent can hold the same scopes on millions of events.
@@ -143,11 +144,7 @@ def identity_blast_radius(
             " GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3"
         )
         resources: list[dict[str, Any]] = (
-            connection.sql(
-                resource_sql, params={name: value for name, value in params.items() if f"${name}" in resource_sql}
-            )
-            .to_arrow_table()
-            .to_pylist()
+            connection.sql(resource_sql, params=bound(resource_sql)).to_arrow_table().to_pylist()
         )
     reachable = sorted({tool for tool, needed in tool_scopes if needed in granted})
     result = IdentityBlastRadius(

@@ -17,14 +17,12 @@ reported.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import polars as pl
 import polars_hash as plh
 import pyarrow.parquet as pq
@@ -33,6 +31,7 @@ from query.integrity import IntegrityProblem, IntegrityReport, compare_heads
 from query.lake import LakeReader
 from store.canonical import ZERO_HASH, canonicalize, event_hash
 from store.errors import CanonicalizationError
+from store.lake import decode_payload, partition_of_file
 
 __all__ = ["verify_chains"]
 
@@ -100,7 +99,7 @@ def _check_row_group(data_dir: Path, path: Path, offset: int, rows: int) -> _Par
         .collect()
     )
     file = str(path.relative_to(data_dir / "lake" / "events"))
-    tenant = _tenant_of(path)
+    tenant, _ = partition_of_file(path)
     part = _Part(events=frame.height)
     if not frame.height:
         return part
@@ -214,17 +213,9 @@ def _stitch(runs: list[_Run], report: IntegrityReport) -> Iterator[IntegrityProb
             last_seq, last_hash = run.last_seq, run.last_hash
 
 
-def _tenant_of(path: Path) -> str | None:
-    for part in path.parts:
-        if part.startswith("tenant="):
-            return part.removeprefix("tenant=")
-    return None
-
-
 def _canonical_hash(jws: str) -> str | None:
     """The RFC 8785 hash of a payload that is not in canonical form (None if it does not even parse)."""
     try:
-        part = jws.split(".")[1]
-        return event_hash(canonicalize(orjson.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))))
+        return event_hash(canonicalize(decode_payload(jws)))
     except (IndexError, ValueError, CanonicalizationError):
         return None

@@ -31,6 +31,7 @@ from query.lake import LakeReader, open_duckdb
 from store.canonical import ZERO_HASH, canonicalize, event_hash
 from store.engine import SERVER_EMITTER, SYSTEM_TENANT
 from store.errors import CanonicalizationError, CustodyError
+from store.lake import partition_of_file
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.state import StateDB
 
@@ -159,10 +160,9 @@ def verify_event(
     everywhere = [str(path) for path in LakeReader(data_dir).files()]
     if not everywhere:
         return None
-    that_day = [path for path in everywhere if day is not None and f"/date={day.isoformat()}/" in path]
+    that_day = [path for path in everywhere if day is not None and partition_of_file(path)[1] == day]
     connection = open_duckdb(memory_limit=None)  # as before: the verifier's sort may use the machine's memory
     try:
-        connection.execute("SET TimeZone = 'UTC'")
         source = "read_parquet($files, hive_partitioning = true, filename = true)"
 
         def first_found(sql: str, params: dict[str, Any]) -> Any:
@@ -205,7 +205,6 @@ def _batches(data_dir: Path, only_files: set[Path] | None = None) -> Iterator[pa
     if not files:
         return
     connection = open_duckdb(memory_limit=None)  # as before: the verifier's sort may use the machine's memory
-    connection.execute("SET TimeZone = 'UTC'")
     reader = connection.sql(
         "SELECT *, filename FROM read_parquet($files, hive_partitioning = true, filename = true)"
         " ORDER BY emitter = $server DESC, emitter, seq",  # the server stream first: it registers the keys

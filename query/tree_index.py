@@ -5,8 +5,8 @@ A lookup by event id has no index in Parquet: each one scans the ``event_id`` co
 events), and a path needs one per tree level. ``TreeIndex`` keeps, sorted for binary search, 64-bit hashes of
 every event's id, parent id and approval id with its file and row (about 60 bytes an event, in NumPy arrays). A
 path asks it for the rows of the event, its ancestors, its descendants and its approval, reads only those rows,
-and runs the ordinary ``delegation_path`` SQL over exactly them: the same SQL over the same rows, so the same
-answer.
+and ``delegation_path`` walks them with the same lookups it runs as SQL over the whole lake (a test compares the
+two).
 
 Reading a few rows out of a lake file means decoding a whole row group (128k rows); small row groups would make
 every scan of the lake slower (blast radius 2.7 -> 4.3 s at 10M events with 8k-row groups). So each lake file
@@ -32,7 +32,6 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ import pyarrow.parquet as pq
 
 from query.lake import LakeReader
 from query.paths import MAX_TREE_EVENTS
+from store.lake import partition_of_file
 from store.schema import EVENT_SCHEMA
 
 __all__ = ["TreeIndex"]
@@ -385,18 +385,17 @@ class TreeIndex:
         local = [placed[g] + int(row - starts[g]) for row, g in zip(wanted.tolist(), group_of.tolist(), strict=True)]
         table = part.take(local)
         expected = np.array([rows[row] for row in wanted.tolist()], dtype=np.uint64)
-        found = _hashes(pl.Series(table.column("event_id").to_pylist(), dtype=pl.String))
-        if not np.array_equal(expected, found):
+        if not np.array_equal(expected, _hashes(pl.Series(table.column("event_id")))):
             return None
         count = table.num_rows
-        tenant, day = _partition(path)
-        columns = {name: table.column(name) for name in _COPY_COLUMNS}
-        columns["jws"] = pa.nulls(count, pa.string())
-        return pa.table(
-            [*(columns[name] for name in EVENT_SCHEMA.names), pa.array([tenant] * count, pa.string()),
-             pa.array([day] * count, pa.date32())],
-            names=[*EVENT_SCHEMA.names, "tenant", "date"],
-        ).cast(pa.schema([*EVENT_SCHEMA, pa.field("tenant", pa.string()), pa.field("date", pa.date32())]))  # fmt: skip
+        tenant, day = partition_of_file(path)
+        return (
+            table.append_column("jws", pa.nulls(count, pa.string()))
+            .select(EVENT_SCHEMA.names)
+            .cast(EVENT_SCHEMA)
+            .append_column("tenant", pa.array([tenant] * count, pa.string()))
+            .append_column("date", pa.array([day] * count, pa.date32()))
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -411,9 +410,3 @@ def _give_back_memory() -> None:
     pa.default_memory_pool().release_unused()
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _partition(path: Path) -> tuple[str | None, date | None]:
-    values = dict(part.split("=", 1) for part in path.parts if "=" in part)
-    day = values.get("date")
-    return values.get("tenant"), date.fromisoformat(day) if day else None

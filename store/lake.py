@@ -14,6 +14,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,13 @@ def live_files(paths: Iterable[Path]) -> list[Path]:
             if not wider:
                 live.append(path)
     return sorted(live)
+
+
+def partition_of_file(path: Path | str) -> tuple[str | None, date | None]:
+    """The (tenant, date) partition of a lake file, from its ``tenant=<t>/date=<YYYY-MM-DD>`` directories."""
+    values = dict(part.split("=", 1) for part in Path(path).parts if "=" in part)
+    day = values.get("date")
+    return values.get("tenant"), date.fromisoformat(day) if day else None
 
 
 def decode_payload(jws: str) -> dict[str, Any]:

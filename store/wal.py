@@ -180,11 +180,20 @@ class WriteAheadLog:
             finally:
                 os.close(fd)
         finally:
-            with self._sync:
+            self._settle(durable=durable, lead_done=True)
+
+    def _settle(
+        self, *, durable: tuple[int, int] | None = None, failed: tuple[int, int] | None = None, lead_done: bool = False
+    ) -> None:
+        """Record what is now on disk, or cut away, and wake every request waiting on it."""
+        with self._sync:
+            if durable is not None:
+                self._durable = max(self._durable, durable)
+            if failed is not None:
+                self._failed = max(self._failed, failed)
+            if lead_done:
                 self._syncing = False
-                if durable is not None:
-                    self._durable = max(self._durable, durable)
-                self._sync.notify_all()
+            self._sync.notify_all()
 
     def _fail_unsynced(self) -> None:
         """Under the segment lock, after a failed fsync: nothing written since the last good fsync may count as
@@ -222,11 +231,7 @@ class WriteAheadLog:
             log.error(
                 "wal segment %d: could not cut back to %d bytes after a failed write: %s", self._active, start, exc
             )
-        with self._sync:
-            if kept:
-                self._durable = max(self._durable, (self._active, start))
-            self._failed = max(self._failed, (self._active, max(self._size, start)))
-            self._sync.notify_all()
+        self._settle(durable=(self._active, start) if kept else None, failed=(self._active, max(self._size, start)))
         os.close(fd)
         self._fd = None
         self._active += 1
@@ -244,9 +249,7 @@ class WriteAheadLog:
                 log.error("wal segment %d: fsync before closing failed: %s", self._active, exc)
                 self._fail_unsynced()
                 return None
-            with self._sync:
-                self._durable = max(self._durable, (self._active, self._size))
-                self._sync.notify_all()
+            self._settle(durable=(self._active, self._size))
             os.close(self._fd)
             closed = self._active
             self._fd = None
