@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from query.copies import CopyDir
 from query.lake import LakeReader
 from query.paths import MAX_TREE_EVENTS
 from store.lake import partition_of_file
@@ -168,7 +167,7 @@ class _Lookup:
 class TreeIndex:
     def __init__(self, reader: LakeReader) -> None:
         self.reader = reader
-        self.copies_dir = reader.data_dir / "index" / "rows"
+        self.copies = CopyDir(reader.data_dir / "index" / "rows", reader.events_dir)
         self._lock = threading.Lock()
         self._files: dict[Path, tuple[int, _File]] = {}  # path -> (file number, file)
         self._next = 0
@@ -229,25 +228,17 @@ class TreeIndex:
         return self.progress[1] > 0
 
     def _remove_orphan_copies(self) -> None:
-        """Row copies of files that are gone or changed (left by this or an earlier process)."""
-        kept = {f.copy.name for _, f in self._files.values() if f.copy is not None}
-        try:
-            names = [entry.name for entry in os.scandir(self.copies_dir) if entry.name.endswith(".parquet")]
-        except OSError:
-            return
-        for name in names:
-            if name not in kept:
-                (self.copies_dir / name).unlink(missing_ok=True)
+        self.copies.remove_except({f.copy.name for _, f in self._files.values() if f.copy is not None})
 
     def _read(self, path: Path, size: int, mtime: int) -> _File:
-        name = self._copy_name(path, size, mtime)
+        name = self.copies.name(path, size, mtime)
         copy: Path | None = name
         if name.exists():  # written by this process earlier or by another reader of this data dir
             keys = pq.read_table(path, columns=_KEY_COLUMNS)
         else:
             table = pq.read_table(path, columns=_COPY_COLUMNS)
             keys = table.select(_KEY_COLUMNS)
-            copy = self._write_copy(name, table)
+            copy = self.copies.write(name, table, row_group_size=_COPY_ROWS)
         frame = pl.DataFrame(keys)
         metadata = None
         if copy is not None:
@@ -269,22 +260,6 @@ class TreeIndex:
             _hashes(frame.get_column("approval_id")),
             (frame.get_column("type") == "task.approval").fill_null(False).to_numpy(),
         )
-
-    def _copy_name(self, path: Path, size: int, mtime: int) -> Path:
-        relative = str(path.relative_to(self.reader.events_dir))
-        return self.copies_dir / f"{hashlib.sha256(relative.encode()).hexdigest()[:24]}-{size}-{mtime}.parquet"
-
-    def _write_copy(self, copy: Path, table: pa.Table) -> Path | None:
-        temporary = copy.with_name(f".{copy.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            self.copies_dir.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, temporary, compression="zstd", row_group_size=_COPY_ROWS)
-            os.replace(temporary, copy)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            log.info("no row copy of %s (%s); its rows are read from the lake file", copy.name, exc)
-            return None
-        return copy
 
     def warm(self) -> None:
         """``refresh`` for a background thread: a failure is logged, and the next lookup refreshes (and raises)."""

@@ -1,0 +1,198 @@
+"""Reach copies: the columns an identity blast radius reads, per lake file, sorted by agent.
+
+An agent's events are spread over every row group of every lake file (files hold one tenant-day, sorted by emitter
+and seq), so a blast radius over the lake decodes the resource, scope and tool columns of all 10M rows to use the
+4% that are the agent's. A *reach copy* of a lake file holds only the columns the blast radius reads (plus the
+file's tenant), sorted by ``agent`` then ``credential_id``, in row groups of 16,384 rows: the agent's rows are
+contiguous, and DuckDB skips every row group whose ``agent`` statistics exclude it (10M events: resources 0.53 ->
+0.26 s, granted scopes 0.40 -> 0.14 s). Each copy also carries, in its Parquet metadata, the file's tool -> scope
+map, which would otherwise be a scan of the whole lake on every call (0.26 s).
+
+Copies are derived data in ``<data-dir>/index/reach/`` (see ``query.copies``): a blast radius uses the copy of
+every file that has a current one and reads the lake file itself for the rest, so the answer never depends on
+how far the copies have got, only the time it takes. Long-running readers (read API, dashboard) ``warm`` them in
+the background at start and after each blast radius that found files without one. A copy whose row count differs
+from its lake file's is not used.
+
+Like the task-tree index's row copies, copies are as trustworthy as the data dir they live in: ``custody verify``
+checks the lake, not ``index/``. Delete ``index/`` to have everything rebuilt from the lake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from query.copies import CopyDir
+from query.lake import LakeReader
+from store.engine import SYSTEM_TENANT
+from store.lake import partition_of_file
+
+__all__ = ["COLUMNS", "CopyFacts", "ReachCopies"]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    "agent",
+    "credential_client_id",
+    "credential_id",
+    "credential_scopes",
+    "type",
+    "delegate_agent",
+    "delegate_scopes",
+    "decision_result",
+    "decision_required_scope",
+    "tool_server",
+    "tool_name",
+    "user",
+    "resource_tenant",
+    "resource_type",
+    "resource_id",
+    "occurred_at",
+]
+_ROWS = 16_384  # rows per row group: 4,096 made every query slower (more groups to consider), 16,384 is the best
+_TOOL_MAP = b"custody.tool_scopes"  # metadata key: the file's distinct [tool_server, tool_name, required_scope]
+
+_FOREIGN = b"custody.foreign_clients"  # metadata key: clients that presented a credential for another agent
+
+ToolScope = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class CopyFacts:
+    """What a copy's metadata says of its file."""
+
+    tool_map: list[ToolScope]  # distinct (tool server, tool name, required scope) of its invocations
+    foreign_clients: frozenset[str]  # credential_client_id values of rows whose agent is another (or none)
+
+
+class ReachCopies:
+    def __init__(self, reader: LakeReader) -> None:
+        self.reader = reader
+        self.copies = CopyDir(reader.data_dir / "index" / "reach", reader.events_dir)
+        self._lock = threading.Lock()  # one refresh at a time
+        self._checked: dict[str, CopyFacts] = {}  # copy name -> its facts, once its rows matched its file's
+        self._warming = threading.Lock()
+        self.progress: tuple[int, int] = (0, 0)  # (files copied, files to copy) of the refresh running, if any
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Write the copies of live files that have none; remove the copies of files that are gone or changed."""
+        with self._lock:
+            live = self._live()
+            missing = [(path, copy) for path, copy in live if not copy.exists()]
+            self.progress = (0, len(missing))
+            try:
+                for done, (path, copy) in enumerate(missing, 1):
+                    with contextlib.suppress(FileNotFoundError):  # compacted away since the listing
+                        self._write(path, copy)
+                    self.progress = (done, len(missing))
+            finally:
+                self.progress = (0, 0)
+            live = self._live()
+            for path, copy in live:  # check them now, not in the first blast radius that reads them
+                self._usable(path, copy)
+            names = {copy.name for _, copy in live}
+            self.copies.remove_except(names)
+            self._checked = {name: facts for name, facts in self._checked.items() if name in names}
+
+    def warm(self) -> None:
+        """``refresh`` in a background thread, unless one is running; a failure is logged and retried next time."""
+        if not self._warming.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except Exception:
+                log.warning("writing reach copies failed; retried at the next blast radius", exc_info=True)
+            finally:
+                self._warming.release()
+
+        threading.Thread(target=run, name="reach-copies", daemon=True).start()
+
+    def _write(self, path: Path, copy: Path) -> None:
+        tenant, _ = partition_of_file(path)
+        table = pq.read_table(path, columns=COLUMNS)
+        table = table.append_column("tenant", pa.DictionaryArray.from_arrays(pa.array([0] * len(table)), [tenant]))
+        table = table.sort_by([("agent", "ascending"), ("credential_id", "ascending")])
+        calls = table.filter(
+            pc.and_(pc.equal(table["type"], "tool.invocation"), pc.is_valid(table["decision_required_scope"]))
+        )
+        mapping = calls.group_by(["tool_server", "tool_name", "decision_required_scope"]).aggregate([])
+        tool_map = sorted(zip(*(mapping.column(i).to_pylist() for i in range(3)), strict=True))
+        clients = table.filter(pc.is_valid(table["credential_client_id"])).select(["agent", "credential_client_id"])
+        foreign = clients.filter(
+            pc.or_kleene(pc.is_null(clients["agent"]), pc.not_equal(clients["agent"], clients["credential_client_id"]))
+        )
+        foreign_clients = sorted(set(foreign["credential_client_id"].to_pylist()))
+        table = table.replace_schema_metadata(
+            {_TOOL_MAP: orjson.dumps(tool_map), _FOREIGN: orjson.dumps(foreign_clients)}
+        )
+        self.copies.write(copy, table, row_group_size=_ROWS)
+
+    def _live(self) -> list[tuple[Path, Path]]:
+        """(lake file, the name of its current copy) of every live file outside the system stream."""
+        live = []
+        for path in self.reader.files():
+            if partition_of_file(path)[0] == SYSTEM_TENANT:
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            live.append((path, self.copies.name(path, stat.st_size, stat.st_mtime_ns)))
+        return live
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def split(self, files: list[Path]) -> tuple[dict[Path, Path], list[Path]]:
+        """Of ``files``: {lake file: its usable copy}, and the files to read from the lake instead."""
+        covered: dict[Path, Path] = {}
+        rest: list[Path] = []
+        for path in files:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                rest.append(path)  # the query reports it as the lake does
+                continue
+            copy = self.copies.name(path, stat.st_size, stat.st_mtime_ns)
+            if self._usable(path, copy):
+                covered[path] = copy
+            else:
+                rest.append(path)
+        return covered, rest
+
+    def facts(self, copy: Path) -> CopyFacts:
+        """What the metadata of a copy that passed ``split`` says of its file."""
+        return self._checked[copy.name]
+
+    def _usable(self, path: Path, copy: Path) -> bool:
+        if copy.name in self._checked:
+            return True
+        if not copy.exists():
+            return False
+        try:
+            metadata = pq.read_metadata(copy)
+            rows = pq.read_metadata(path).num_rows
+            facts = CopyFacts(
+                [(server, name, needed) for server, name, needed in orjson.loads((metadata.metadata or {})[_TOOL_MAP])],
+                frozenset(orjson.loads((metadata.metadata or {})[_FOREIGN])),
+            )
+        except (OSError, ValueError, KeyError, orjson.JSONDecodeError):
+            return False
+        if metadata.num_rows != rows or set(metadata.schema.to_arrow_schema().names) != {*COLUMNS, "tenant"}:
+            log.warning("reach copy %s does not match %s; removed, the lake file is read instead", copy.name, path)
+            copy.unlink(missing_ok=True)  # the next refresh writes it again
+            return False
+        self._checked[copy.name] = facts
+        return True
