@@ -185,6 +185,9 @@ def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     who.add_argument("--credential")
     blast.add_argument("--since", type=_timestamp)
     blast.add_argument("--until", type=_timestamp)
+    blast.add_argument(
+        "--resources", type=int, default=1000, metavar="N", help="resources to list, most used first (0: all)"
+    )
     blast.set_defaults(run=_blast)
 
     taint = lake_command("taint", "everything a compromised agent, credential, user session or trace reached after T")
@@ -281,15 +284,21 @@ def _blast(args: argparse.Namespace) -> int:
 
     from query.blast import identity_blast_radius
     from query.lake import LakeReader
+    from query.reach_copies import ReachCopies
 
+    if args.resources < 0:
+        raise CustodyError(f"--resources must be 0 (all) or more, got {args.resources}")
     kind: Literal["agent", "credential"] = "agent" if args.agent else "credential"
+    reader = LakeReader(args.data_dir)
     reach = identity_blast_radius(
-        LakeReader(args.data_dir),
+        reader,
         kind,
         args.agent or args.credential,
         since=args.since,
         until=args.until,
         tenant=args.tenant,
+        copies=ReachCopies(reader),  # the copies a server or dashboard wrote, if any; none are written here
+        resource_limit=args.resources or None,
     )
     if args.json:
         _print_json({**asdict(reach), "headline": reach.headline})
@@ -301,7 +310,9 @@ def _blast(args: argparse.Namespace) -> int:
     print(f"tools reachable: {', '.join(reach.tools_reachable) or '-'}")
     print(f"tools used:      {', '.join(f'{t} ({n})' for t, n in reach.tools_used.items()) or '-'}")
     print(f"tenants: {', '.join(reach.tenants) or '-'}; users: {', '.join(reach.users) or '-'}")
-    print(f"resources: {len(reach.resources)}; delegated to: {', '.join(d['agent'] for d in reach.delegates) or '-'}")
+    listed = f" ({len(reach.resources)} most used listed in --json)" if reach.resources_truncated else ""
+    print(f"resources: {reach.resources_total}{listed}")
+    print(f"delegated to: {', '.join(d['agent'] for d in reach.delegates) or '-'}")
     return 0
 
 

@@ -30,6 +30,7 @@ if current is None:
     sign_in_form()
     st.stop()
 data.tree_index(str(current.data_dir))  # starts building the delegation-path index in the background
+data.reach_copies(str(current.data_dir))  # starts writing the blast radius's reach copies in the background
 with st.sidebar:
     bound = f"tenant {current.tenant}" if current.tenant else "all tenants"
     st.caption(f"Signed in as **{current.principal.name}** ({current.principal.role}, {bound})")

@@ -18,6 +18,7 @@ from query.integrity import IntegrityProblem, verify_event
 from query.lake import LakeReader
 from query.overview import EmitterStatus, Overview, emitter_status, overview
 from query.paths import DelegationPath, delegation_path
+from query.reach_copies import ReachCopies
 from query.recert import Review, parse_window
 from query.reports import SignedReport, render, signed_review
 from query.search import EventFilter, Page, search
@@ -98,6 +99,15 @@ def tree_index(data_dir: str) -> TreeIndex:
     return index
 
 
+@st.cache_resource(show_spinner=False)
+def reach_copies(data_dir: str) -> ReachCopies:
+    """One set of reach copies per data dir, written in the background from the first sign-in on and after each
+    blast radius; until a file has its copy, the blast radius reads the lake file (same answer, slower)."""
+    copies = ReachCopies(LakeReader(Path(data_dir)))
+    copies.warm()
+    return copies
+
+
 @cached
 def path_of(data_dir: str, tenant: str | None, event_id: str) -> DelegationPath:
     reader = tree_index(data_dir).reader_for(event_id)  # the rows of its task tree only
@@ -119,7 +129,17 @@ def blast_radius(
     data_dir: str, tenant: str | None, kind: str, subject: str, since: datetime | None
 ) -> IdentityBlastRadius:
     assert kind in ("agent", "credential")
-    return identity_blast_radius(LakeReader(Path(data_dir)), kind, subject, since=since, tenant=tenant)  # type: ignore[arg-type]
+    copies = reach_copies(data_dir)
+    reach = identity_blast_radius(
+        LakeReader(Path(data_dir)),
+        kind,  # type: ignore[arg-type]
+        subject,
+        since=since,
+        tenant=tenant,
+        copies=copies,
+    )
+    copies.warm()
+    return reach
 
 
 @cached_for(REPORT_SECONDS)

@@ -24,6 +24,7 @@ from query.findings import KINDS, findings
 from query.integrity import verify_lake
 from query.lake import LakeReader
 from query.paths import delegation_path
+from query.reach_copies import ReachCopies
 from query.recert import parse_window
 from query.reports import build_report
 from query.search import EventFilter, search
@@ -52,6 +53,8 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
     app.state.tokens = tokens
     tree = TreeIndex(reader)  # built in the background from start; a path asked for earlier waits for it
     threading.Thread(target=tree.warm, name="tree-index", daemon=True).start()
+    reach_copies = ReachCopies(reader)  # written in the background; a blast radius reads the lake for the rest
+    reach_copies.warm()
 
     @app.get("/v1/events", responses=_ERRORS)
     async def events(
@@ -119,8 +122,10 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         since: datetime | None = None,
         until: datetime | None = None,
         tenant: str | None = None,
+        resource_limit: Annotated[int, Query(ge=0, description="resources listed, most used first; 0: all")] = 1000,
     ) -> JSONResponse:
-        """Granted vs used scopes, reachable vs used tools, resources, tenants, users, delegates."""
+        """Granted vs used scopes, reachable vs used tools, resources (``resources_total`` counts them all; the
+        ``resource_limit`` most used are listed), tenants, users, delegates."""
         if (agent is None) == (credential is None):
             raise InvalidInput("give exactly one of agent or credential")
         kind: Literal["agent", "credential"] = "agent" if agent else "credential"
@@ -132,7 +137,10 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
             since=since,
             until=until,
             tenant=caller.scope(tenant),
+            copies=reach_copies,
+            resource_limit=resource_limit or None,
         )
+        reach_copies.warm()  # copies for the files written since (returns at once when one is running)
         return JSONResponse({**asdict(reach), "headline": reach.headline})
 
     @app.get("/v1/taint", responses=_ERRORS)

@@ -132,7 +132,7 @@ def test_row_copies_that_no_longer_match_the_lake_are_never_used(harness: Harnes
     Lake(harness.data_dir / "lake").compact(min_files=2)
     assert shape(delegation_path(index.reader_for(export), export)) == expected
     left = {p.name for p in (harness.data_dir / "index" / "rows").glob("*.parquet")}
-    live = {index._copy_name(p, p.stat().st_size, p.stat().st_mtime_ns).name for p in reader.files()}
+    live = {index.copies.name(p, p.stat().st_size, p.stat().st_mtime_ns).name for p in reader.files()}
     assert left
     assert left <= live  # no copy of a compacted-away file is left behind
     index.close()

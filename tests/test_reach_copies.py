@@ -1,0 +1,118 @@
+"""Reach copies give the same identity blast radius as the lake, whatever part of the lake they cover, and a copy
+that does not match its file is not used; the resource list is bounded, and says so."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from query.blast import identity_blast_radius
+from query.lake import LakeReader
+from query.reach_copies import ReachCopies
+from store.errors import InvalidInput
+from tests import scenario
+from tests.conftest import Harness, read_lake
+
+
+@pytest.fixture
+def lake(org: dict[str, Any], tmp_path: Path) -> Path:
+    """A copy of the demo organisation's data dir, so that the copies written here stay here."""
+    data = tmp_path / "data"
+    shutil.copytree(org["data"] / "lake", data / "lake")
+    return data
+
+
+def answers(reader: LakeReader, copies: ReachCopies | None) -> list[dict[str, Any]]:
+    """Blast radii of every agent and of a sample of credentials: all time, a window, one tenant."""
+    rows = read_lake(reader.data_dir, "credential_id, agent, credential_client_id")
+    # The agents and credentials of borrowed credentials (another agent's client presented them), then some more.
+    foreign = [row for row in rows if row[2] and row[1] != row[2]]
+    agents = sorted({row[2] for row in foreign})[:3] + sorted({row[1] for row in rows if row[1]})[::5]
+    credentials = sorted({row[0] for row in foreign})[:3] + sorted({row[0] for row in rows if row[0]})[::150]
+    days = sorted(row[0] for row in read_lake(reader.data_dir, "occurred_at"))
+    middle = days[len(days) // 2]
+    asked: list[tuple[Any, ...]] = [("agent", name, None, None, None) for name in agents]
+    asked += [("credential", name, None, None, None) for name in credentials]
+    asked += [("agent", name, middle, middle + timedelta(days=3), None) for name in agents[:3]]
+    asked += [("agent", name, None, None, "acme") for name in agents[:3]]
+    found = []
+    for kind, subject, since, until, tenant in asked:
+        reach = identity_blast_radius(
+            reader, kind, subject, since=since, until=until, tenant=tenant, copies=copies, resource_limit=None
+        )
+        found.append({"asked": (kind, subject, since, until, tenant), **asdict(reach)})
+    assert sum(answer["events"] for answer in found) > 1000  # they are not all empty
+    return found
+
+
+def test_blast_radius_through_reach_copies_equals_the_lakes(lake: Path) -> None:
+    reader = LakeReader(lake)
+    expected = answers(reader, None)
+    copies = ReachCopies(reader)
+    assert answers(reader, copies) == expected  # no copies yet: everything read from the lake
+    copies.refresh()
+    written = sorted((lake / "index" / "reach").glob("*.parquet"))
+    covered, rest = copies.split(reader.files())
+    assert len(written) == len(covered) > 10
+    assert all("tenant=_system" in str(path) for path in rest)  # only the server's own stream is not copied
+    assert any(copies.facts(copy).foreign_clients for copy in covered.values())  # borrowed credentials are in it
+    first = next(iter(covered.values()))
+    order = pq.read_table(first, columns=["agent"]).column("agent").to_pylist()
+    assert order == sorted(order, key=lambda agent: (agent is None, agent))  # sorted by agent, nulls last
+    assert answers(reader, copies) == expected
+    for copy in written[::2]:  # half the files without a copy: read from the lake, same answers
+        copy.unlink()
+    assert answers(reader, ReachCopies(reader)) == expected
+
+
+def test_a_copy_that_does_not_match_its_file_is_not_used(lake: Path) -> None:
+    reader = LakeReader(lake)
+    expected = answers(reader, None)
+    ReachCopies(reader).refresh()
+    copies = sorted((lake / "index" / "reach").glob("*.parquet"))
+    short = copies[0]
+    table = pq.read_table(short)
+    pq.write_table(table.slice(0, table.num_rows // 2), short)  # rows dropped, name kept
+    stale = [path for path in reader.files() if "tenant=_system" not in str(path)][1]
+    later = stale.stat().st_mtime_ns + 5_000_000_000
+    os.utime(stale, ns=(later, later))  # the file changed: its copy's name no longer matches
+    fresh = ReachCopies(reader)  # a new process: nothing checked yet
+    covered, rest = fresh.split(reader.files())
+    assert short not in covered.values()
+    assert not short.exists()
+    assert stale in rest
+    assert answers(reader, fresh) == expected
+    fresh.refresh()  # writes both again, removes the copy of the old version of the changed file
+    covered, rest = fresh.split(reader.files())
+    assert all("tenant=_system" in str(path) for path in rest)
+    assert len(list((lake / "index" / "reach").glob("*.parquet"))) == len(covered)
+    assert answers(reader, fresh) == expected
+
+
+def test_the_resource_list_is_bounded_and_says_so(harness: Harness) -> None:
+    scenario.build(harness)
+    reader = LakeReader(harness.data_dir)
+    whole = identity_blast_radius(reader, "agent", "support-agent", resource_limit=None)
+    assert (whole.resources_total, whole.resources_truncated) == (2, False)
+    top = identity_blast_radius(reader, "agent", "support-agent", resource_limit=1)
+    assert (len(top.resources), top.resources_total, top.resources_truncated) == (1, 2, True)
+    assert top.resources == whole.resources[:1]
+    assert top.tenants == whole.tenants == ["acme"]  # of every resource, not only the listed ones
+    with pytest.raises(InvalidInput, match="resource_limit"):
+        identity_blast_radius(reader, "agent", "support-agent", resource_limit=0)
+
+
+def test_resources_are_listed_most_used_first(harness: Harness) -> None:
+    scenario.build(harness)
+    reader = LakeReader(harness.data_dir)
+    reach = identity_blast_radius(reader, "credential", "sa-shared", since=datetime(2000, 1, 1))
+    counts = [resource["count"] for resource in reach.resources]
+    assert counts == sorted(counts, reverse=True)
+    assert sum(counts) == reach.scopes_used["invoices:read"]
