@@ -33,6 +33,7 @@ from query.chains import verify_chains
 from query.findings import findings
 from query.lake import LakeReader
 from query.paths import delegation_path
+from query.reach_copies import ReachCopies
 from query.tree_index import TreeIndex
 from store.lake import Lake
 from store.schema import Signed, event_table
@@ -167,7 +168,27 @@ def main() -> None:
         lambda: delegation_path(index.reader_for(probe), probe),
     )
     index.close()
-    timed("identity blast radius of an agent", lambda: identity_blast_radius(reader, "agent", "agent-3"))
+    timed(
+        "identity blast radius of an agent, from the lake (CLI without copies)",
+        lambda: identity_blast_radius(reader, "agent", "agent-3"),
+    )
+    started = time.perf_counter()
+    copies = ReachCopies(reader)
+    copies.refresh()
+    print(f"  reach copies (read API, dashboard) written in {time.perf_counter() - started:,.1f} s")
+    reach = identity_blast_radius(reader, "agent", "agent-3", copies=copies)
+    print(
+        f"  agent-3: {reach.events:,} events, {reach.resources_total:,} resources ({len(reach.resources):,} listed),"
+        f" {len(reach.tools_reachable)} tools reachable"
+    )
+    timed(
+        "identity blast radius of an agent, through the reach copies",
+        lambda: identity_blast_radius(reader, "agent", "agent-3", copies=copies),
+    )
+    timed(
+        "identity blast radius of an agent, through the reach copies, every resource listed",
+        lambda: identity_blast_radius(reader, "agent", "agent-3", copies=copies, resource_limit=None),
+    )
     since = START + timedelta(days=29)
     timed(
         "forward taint of a credential (last day)", lambda: forward_taint(reader, "credential", "tok-agent-3-1", since)
