@@ -226,3 +226,20 @@ def test_the_read_api_as_a_real_process(harness: Harness, tmp_path: Path) -> Non
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_blast_radius_lists_the_most_used_resources_and_counts_them_all(api) -> None:
+    client, tokens, _, _ = api
+    params = {"agent": "support-agent"}
+    whole = client.get("/v1/blast-radius", params={**params, "resource_limit": 0}, headers=as_(tokens["admin"]))
+    top = client.get("/v1/blast-radius", params={**params, "resource_limit": 1}, headers=as_(tokens["admin"]))
+    assert (whole.json()["resources_total"], whole.json()["resources_truncated"], len(whole.json()["resources"])) == (
+        2,
+        False,
+        2,
+    )
+    assert (top.json()["resources_total"], top.json()["resources_truncated"]) == (2, True)
+    assert top.json()["resources"] == whole.json()["resources"][:1]
+    refused = client.get("/v1/blast-radius", params={**params, "resource_limit": -1}, headers=as_(tokens["admin"]))
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "invalid_request"
