@@ -116,5 +116,10 @@ class KeyRing:
             self.specs = specs
             self.version = version
 
+    def snapshot(self) -> tuple[int, list[KeySpec]]:
+        """(version, specs), read together."""
+        with self._lock:
+            return self.version, self.specs
+
     def get(self, kid: str) -> KeyEntry | None:
         return self._entries.get(kid)

@@ -1,13 +1,15 @@
 """Signature verification on every core: a pool of processes that run the stateless checks on chunks of a batch.
 
-Ed25519 and ECDSA verification is ~80% of the work per event, and the rest of the checks (JSON, schema, hash) hold
+Ed25519 and ECDSA verification is most of the work per event, and the rest of the checks (JSON, schema, hash) hold
 the GIL, so threads alone cannot use a second core. Each worker keeps its own copy of the key ring, rebuilt only
-when the ring's version changes (an admin call); a chunk carries the version and the key specs.
+when the ring's version changes (an admin call): a chunk carries the version, and a worker that is behind asks
+for the specs.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timedelta
@@ -32,6 +34,9 @@ class VerifierPool:
         # Start (and import into) every worker now, so the first requests after a start do not wait for them.
         for future in [self._pool.submit(_warm_up) for _ in range(workers)]:
             future.result()
+        # Chunks carry the key ring's version only; a worker with an older ring answers None and gets the specs,
+        # pickled once per version (the specs of thousands of emitters would cost more than the chunk).
+        self._specs: tuple[int, bytes] = (-1, b"")
 
     def check(
         self, tokens: Sequence[object], keys: KeyRing, *, now: datetime, max_event_bytes: int, max_skew: timedelta
@@ -40,15 +45,26 @@ class VerifierPool:
             return []
         chunks = max(1, min(self.workers, len(tokens) // _MIN_CHUNK))
         size = -(-len(tokens) // chunks)
-        version, specs = keys.version, keys.specs
+        version, specs = keys.snapshot()
+        chunked = [list(tokens[start : start + size]) for start in range(0, len(tokens), size)]
         futures = [
-            self._pool.submit(
-                _check_chunk, version, specs, list(tokens[start : start + size]), now, max_event_bytes, max_skew
-            )
-            for start in range(0, len(tokens), size)
+            self._pool.submit(_check_chunk, version, None, chunk, now, max_event_bytes, max_skew) for chunk in chunked
         ]
-        flat = [item for future in futures for item in future.result()]
+        flat: list[_Flat] = []
+        for chunk, future in zip(chunked, futures, strict=True):
+            checked = future.result()
+            if checked is None:  # that worker's key ring is older than this version: send it the specs
+                checked = self._pool.submit(
+                    _check_chunk, version, self._pickled(version, specs), chunk, now, max_event_bytes, max_skew
+                ).result()
+                assert checked is not None
+            flat += checked
         return [_revive(item, token) for item, token in zip(flat, tokens, strict=True)]
+
+    def _pickled(self, version: int, specs: list[KeySpec]) -> bytes:
+        if self._specs[0] != version:
+            self._specs = (version, pickle.dumps(specs, protocol=pickle.HIGHEST_PROTOCOL))
+        return self._specs[1]
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -60,16 +76,20 @@ def _warm_up() -> None:
 
 def _check_chunk(
     version: int,
-    specs: list[KeySpec],
+    specs: bytes | None,
     tokens: list[object],
     now: datetime,
     max_event_bytes: int,
     max_skew: timedelta,
-) -> list[_Flat]:
+) -> list[_Flat] | None:
+    """The checks of ``tokens``; None when this worker's key ring is not at ``version`` and no specs came."""
     global _worker_ring
     if _worker_ring is None or _worker_ring.version != version:
+        if specs is None:
+            return None
         ring = KeyRing()
-        ring.load_specs(specs, version)
+        loaded: list[KeySpec] = pickle.loads(specs)  # noqa: S301 - pickled by the parent process, never input
+        ring.load_specs(loaded, version)
         _worker_ring = ring
     return [
         _flatten(check_event(token, _worker_ring, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew))
