@@ -12,8 +12,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 from jwt.exceptions import InvalidKeyError
+from nacl.bindings import crypto_core_ed25519_is_valid_point
 
 from ingest.jws import ALG_FOR_KTY, PublicKey
 from store.errors import InvalidInput
@@ -56,6 +58,10 @@ def validate_jwk(jwk: object, where: str) -> tuple[dict[str, Any], PublicKey]:
         key = _load(normalized)
     except (InvalidKeyError, ValueError, TypeError) as exc:
         raise InvalidInput(f"{where}: not a valid {_CURVE[kty]} public key: {exc}") from exc
+    if isinstance(key, Ed25519PublicKey) and not crypto_core_ed25519_is_valid_point(key.public_bytes_raw()):
+        # A small-order or non-canonical point: no signature under it would ever verify (ingest/jws.py), and
+        # under the identity point a fixed 'signature' fits every message in verifiers that accept it.
+        raise InvalidInput(f"{where}: x is not a usable Ed25519 public key (a small-order or non-canonical point)")
     return normalized, key
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def test_registration_input_is_checked(harness: Harness, emitter: str, body: dic
     assert message in error["error"]["message"]
 
 
+IDENTITY_POINT = base64.urlsafe_b64encode(bytes([1] + [0] * 31)).rstrip(b"=").decode()  # small order: refused
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -101,6 +105,7 @@ def test_registration_input_is_checked(harness: Harness, emitter: str, body: dic
         (lambda jwk: {**jwk, "crv": "Ed448"}, "crv must be Ed25519"),
         (lambda jwk: {**jwk, "d": jwk["x"]}, "holds a private key"),
         (lambda jwk: {**jwk, "x": "AAAA"}, "not a valid Ed25519 public key"),
+        (lambda jwk: {**jwk, "x": IDENTITY_POINT}, "a small-order or non-canonical point"),
         (lambda jwk: {**jwk, "kid": "bad kid!"}, "kid must match"),
         (lambda jwk: {**jwk, "alg": "ES256"}, "alg must be EdDSA"),
         (lambda jwk: {**jwk, "extra": "x"}, "unexpected JWK members"),
