@@ -3,7 +3,11 @@ check, although chunks carry only the ring's version."""
 
 from __future__ import annotations
 
+import sys
+import types
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from ingest.checks import Rejected, Verified
 from ingest.codes import ErrorCode
@@ -13,7 +17,9 @@ from ingest.verifiers import VerifierPool
 from tests.signing import chain
 
 
-def test_workers_follow_revocations_and_new_keys() -> None:
+def test_workers_follow_revocations_and_new_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Spawned workers re-run the parent's __main__; after the dashboard's AppTests that is dashboard/app.py.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     first, second = generate_key(), generate_key()
     tokens, _ = chain("gw-1", 40, first, "k1")
     later, _ = chain("gw-1", 40, second, "k2")
