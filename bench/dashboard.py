@@ -28,7 +28,9 @@ from query.tokens import TokenStore
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 PROBE = f"{7:08x}-0000-4{0x123 >> 4 & 0xFFF:03x}-8{0x123 & 0xF:03x}-{0x123:012x}"  # an event of bench/forensics.py
-PAGES = {  # page -> (label, URL params); the first of each page is its default view
+PAGES: dict[
+    str, list[tuple[str, dict[str, str]]]
+] = {  # page -> (label, URL params); the first of each page is its default view
     "overview": [("default (24 h)", {}), ("window=all", {"window": "all"})],
     "investigate": [("default (24 h)", {}), ("agent-3, window=all", {"window": "all", "agent": "agent-3"})],
     "path": [("one event", {"event": PROBE})],

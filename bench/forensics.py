@@ -19,8 +19,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow.parquet as pq
@@ -65,7 +67,7 @@ def generate_emitters(job: tuple[Path, list[int], int, int]) -> int:
             event_id = (
                 f"{emitter_index:08x}-{seq >> 16 & 0xFFFF:04x}-4{seq >> 4 & 0xFFF:03x}-8{seq & 0xF:03x}-{seq:012x}"
             )
-            payload = {
+            payload: dict[str, Any] = {
                 "v": 1,
                 "event_id": event_id,
                 "type": "tool.invocation",
@@ -129,7 +131,7 @@ def timed_verify(data_dir: Path) -> tuple[int, int, float, float]:
     return report.events, len(report.problems), elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(label: str, function, repeat: int = 3) -> float:
+def timed(label: str, function: Callable[[], object], repeat: int = 3) -> float:
     times = []
     for _ in range(repeat):
         started = time.perf_counter()

@@ -128,7 +128,13 @@ def register(url: str, chains: dict[str, tuple[Ed25519PrivateKey, list[str]]]) -
         ).raise_for_status()
 
 
-def post_all(url: str, chains: dict, batch: int, clients: int, rate: float | None = None) -> tuple[float, list[float]]:
+def post_all(
+    url: str,
+    chains: dict[str, tuple[Ed25519PrivateKey, list[str]]],
+    batch: int,
+    clients: int,
+    rate: float | None = None,
+) -> tuple[float, list[float]]:
     """Post every chain in batches from ``clients`` threads; optionally at ``rate`` events/s in total."""
     port = int(url.rsplit(":", 1)[1])
     names = list(chains)
