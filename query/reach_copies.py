@@ -174,7 +174,8 @@ class ReachCopies:
 
     def facts(self, copy: Path) -> CopyFacts:
         """What the metadata of a copy that passed ``split`` says of its file."""
-        return self._checked[copy.name]
+        found = self._checked.get(copy.name)  # a refresh may have forgotten it since (its file just went)
+        return found if found is not None else _facts(pq.read_metadata(copy))
 
     def _usable(self, path: Path, copy: Path) -> bool:
         if copy.name in self._checked:
@@ -184,10 +185,7 @@ class ReachCopies:
         try:
             metadata = pq.read_metadata(copy)
             rows = pq.read_metadata(path).num_rows
-            facts = CopyFacts(
-                [(server, name, needed) for server, name, needed in orjson.loads((metadata.metadata or {})[_TOOL_MAP])],
-                frozenset(orjson.loads((metadata.metadata or {})[_FOREIGN])),
-            )
+            facts = _facts(metadata)
         except (OSError, ValueError, KeyError, orjson.JSONDecodeError):
             return False
         if metadata.num_rows != rows or set(metadata.schema.to_arrow_schema().names) != {*COLUMNS, "tenant"}:
@@ -196,3 +194,10 @@ class ReachCopies:
             return False
         self._checked[copy.name] = facts
         return True
+
+
+def _facts(metadata: pq.FileMetaData) -> CopyFacts:
+    """The facts a copy's metadata carries; KeyError or a JSON error when it carries none."""
+    extra = metadata.metadata or {}
+    tool_map = [(server, name, needed) for server, name, needed in orjson.loads(extra[_TOOL_MAP])]
+    return CopyFacts(tool_map, frozenset(orjson.loads(extra[_FOREIGN])))
