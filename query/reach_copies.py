@@ -58,9 +58,8 @@ COLUMNS = [
     "resource_id",
     "occurred_at",
 ]
-_ROWS = 16_384  # rows per row group: 4,096 made every query slower (more groups to consider), 16,384 is the best
+_ROWS = 16_384  # rows per row group (4,096 made every query slower: more groups to consider)
 _TOOL_MAP = b"custody.tool_scopes"  # metadata key: the file's distinct [tool_server, tool_name, required_scope]
-
 _FOREIGN = b"custody.foreign_clients"  # metadata key: clients that presented a credential for another agent
 
 ToolScope = tuple[str, str, str]
@@ -80,8 +79,7 @@ class ReachCopies:
         self.copies = CopyDir(reader.data_dir / "index" / "reach", reader.events_dir)
         self._lock = threading.Lock()  # one refresh at a time
         self._checked: dict[str, CopyFacts] = {}  # copy name -> its facts, once its rows matched its file's
-        self._warming = threading.Lock()
-        self.progress: tuple[int, int] = (0, 0)  # (files copied, files to copy) of the refresh running, if any
+        self._warming = threading.Lock()  # one background refresh at a time
 
     # -- writing ----------------------------------------------------------------------------------------------
 
@@ -89,15 +87,10 @@ class ReachCopies:
         """Write the copies of live files that have none; remove the copies of files that are gone or changed."""
         with self._lock:
             live = self._live()
-            missing = [(path, copy) for path, copy in live if not copy.exists()]
-            self.progress = (0, len(missing))
-            try:
-                for done, (path, copy) in enumerate(missing, 1):
+            for path, copy in live:
+                if not copy.exists():
                     with contextlib.suppress(FileNotFoundError):  # compacted away since the listing
                         self._write(path, copy)
-                    self.progress = (done, len(missing))
-            finally:
-                self.progress = (0, 0)
             live = self._live()
             for path, copy in live:  # check them now, not in the first blast radius that reads them
                 self._usable(path, copy)
