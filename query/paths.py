@@ -139,28 +139,35 @@ class _SqlSource:
 class _RowsSource:
     """The few rows the task-tree index selected, read once and looked up in Python with the same meaning as
     ``_SqlSource`` (DuckDB's per-query overhead, ~5 ms over a wide view, would dominate a path of a few rows).
-    Timestamps are fixed-width RFC 3339 strings, so string order is time order."""
+    Timestamps are fixed-width RFC 3339 strings, so string order is time order. Lookups go through dicts: a tree
+    can hold thousands of rows, and a path looks up each ancestor and each level of descendants."""
 
     def __init__(self, connection: Any, tenant: str | None) -> None:
-        self.rows = event_dicts(
+        rows = event_dicts(
             connection.execute(
                 "SELECT * EXCLUDE (jws) FROM events WHERE (? IS NULL OR tenant = ?) ORDER BY occurred_at, emitter, seq",
                 [tenant, tenant],
             )
         )
+        self.by_id: dict[str, dict[str, Any]] = {}
+        self.by_parent: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # in (occurred_at, emitter, seq) order
+        self.approvals: dict[str, dict[str, Any]] = {}
+        for position, row in enumerate(rows):
+            self.by_id.setdefault(row["event_id"], row)
+            if row.get("parent_event_id"):
+                self.by_parent.setdefault(row["parent_event_id"], []).append((position, row))
+            if row["type"] == "task.approval" and row.get("approval_id"):
+                self.approvals.setdefault(row["approval_id"], row)
 
     def one(self, event_id: str) -> dict[str, Any] | None:
-        return next((row for row in self.rows if row["event_id"] == event_id), None)
+        return self.by_id.get(event_id)
 
     def children(self, parents: list[str]) -> list[dict[str, Any]]:
-        wanted = set(parents)
-        return [row for row in self.rows if row.get("parent_event_id") in wanted]
+        found = [child for parent in set(parents) for child in self.by_parent.get(parent, [])]
+        return [row for _, row in sorted(found, key=lambda child: child[0])]
 
     def approval(self, approval_id: str) -> dict[str, Any] | None:
-        return next(
-            (row for row in self.rows if row["type"] == "task.approval" and row.get("approval_id") == approval_id),
-            None,
-        )
+        return self.approvals.get(approval_id)
 
 
 def _chain_nodes(event: dict[str, Any], approval: dict[str, Any] | None) -> list[Node]:
