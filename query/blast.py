@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
 import orjson
 import pyarrow.compute as pc
 
-from query.lake import LakeReader
+from query.lake import LakeReader, sql_paths
 from query.reach_copies import COLUMNS, CopyFacts, ReachCopies
 from query.search import event_dicts
 from store.engine import SYSTEM_TENANT
@@ -98,8 +97,6 @@ def identity_blast_radius(
             return connection.execute(sql, bound(sql)).fetchall()
 
         # Distinct scopes are worked out inside DuckDB: an agent can hold the same scopes on millions of events.
-        # The rows it acted in, and (agents only) the rows where it presented a credential another agent acted
-        # with: apart, so that the first is read through the copies' sort order.
         if copied is None:
             held = "credential_client_id = $subject" if kind == "agent" else "credential_id = $subject"
             granted_sql = (
@@ -249,24 +246,18 @@ def _reach_views(
     files = [path for path in reader.files() if partition_of_file(path)[0] != SYSTEM_TENANT]
     covered, rest = copies.split(files)
     columns = ", ".join(f'"{name}"' for name in [*COLUMNS, "tenant"])
-
-    def listed(paths: Iterable[Path]) -> str:
-        # Paths come from the operator's --data-dir, never from a request; quotes are doubled anyway.
-        return ", ".join("'" + str(path).replace("'", "''") + "'" for path in paths)
-
-    def create(view: str, copied: list[Path]) -> None:
-        parts = [f"SELECT {columns} FROM read_parquet([{listed(copied)}])"] if copied else []
-        if view != "reach_lake":
-            parts.append("SELECT * FROM reach_lake")
-        elif rest:
-            parts.append(f"SELECT {columns} FROM read_parquet([{listed(rest)}], hive_partitioning = true)")
-        else:
-            parts.append(f"SELECT {columns} FROM events WHERE false")
-        connection.execute(f"CREATE TEMP VIEW {view} AS " + " UNION ALL BY NAME ".join(parts))
-
-    create("reach_lake", [])
-    create("reach", list(covered.values()))
-    create("reach_foreign", [copy for copy in covered.values() if client in copies.facts(copy).foreign_clients])
+    lake = (
+        f"SELECT {columns} FROM read_parquet([{sql_paths(rest)}], hive_partitioning = true)"
+        if rest
+        else f"SELECT {columns} FROM events WHERE false"
+    )
+    connection.execute(f"CREATE TEMP VIEW reach_lake AS {lake}")
+    foreign = [copy for copy in covered.values() if client in copies.facts(copy).foreign_clients]
+    for view, copied in (("reach", list(covered.values())), ("reach_foreign", foreign)):
+        parts = [f"SELECT {columns} FROM read_parquet([{sql_paths(copied)}])"] if copied else []
+        connection.execute(
+            f"CREATE TEMP VIEW {view} AS " + " UNION ALL BY NAME ".join([*parts, "SELECT * FROM reach_lake"])
+        )
     return [(partition_of_file(path)[0], copies.facts(copy)) for path, copy in covered.items()]
 
 

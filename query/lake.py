@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from store.engine import SYSTEM_TENANT
 from store.lake import live_files
 from store.schema import EVENT_SCHEMA
 
-__all__ = ["LakeReader", "open_duckdb"]
+__all__ = ["LakeReader", "open_duckdb", "sql_paths"]
 
 # Where DuckDB spills when a query outgrows its memory limit: the system's temporary directory, never the
 # process's working directory (DuckDB's default for an in-memory database is ./.tmp) and never the data dir.
@@ -55,6 +55,12 @@ def open_duckdb(memory_limit: str | None = "1GB") -> duckdb.DuckDBPyConnection:
     return connection
 
 
+def sql_paths(paths: Iterable[Path]) -> str:
+    """Paths as a SQL list body for ``read_parquet([...])``. They come from the operator's --data-dir, never from
+    a request; quotes are doubled anyway."""
+    return ", ".join("'" + str(path).replace("'", "''") + "'" for path in paths)
+
+
 class LakeReader:
     def __init__(self, data_dir: Path, *, files: list[Path] | None = None, rows: pa.Table | None = None) -> None:
         self.data_dir = data_dir
@@ -83,10 +89,9 @@ class LakeReader:
                 connection.register("selected_rows", self.rows)
                 connection.execute("CREATE TEMP VIEW all_events AS SELECT * FROM selected_rows")
             elif files:
-                # Paths come from the operator's --data-dir, never from a request; quotes are doubled anyway.
-                listed = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
                 connection.execute(
-                    f"CREATE TEMP VIEW all_events AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true)"
+                    f"CREATE TEMP VIEW all_events AS SELECT * FROM read_parquet([{sql_paths(files)}],"
+                    " hive_partitioning = true)"
                 )
             else:
                 empty = pa.table(
