@@ -135,16 +135,18 @@ class ReachCopies:
 
     def _live(self) -> list[tuple[Path, Path]]:
         """(lake file, the name of its current copy) of every live file outside the system stream."""
-        live = []
-        for path in self.reader.files():
-            if partition_of_file(path)[0] == SYSTEM_TENANT:
-                continue
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            live.append((path, self.copies.name(path, stat.st_size, stat.st_mtime_ns)))
-        return live
+        named = [
+            (path, self._name(path)) for path in self.reader.files() if partition_of_file(path)[0] != SYSTEM_TENANT
+        ]
+        return [(path, copy) for path, copy in named if copy is not None]
+
+    def _name(self, path: Path) -> Path | None:
+        """The name of the copy of the lake file as it is now; None once it is gone (compacted away)."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        return self.copies.name(path, stat.st_size, stat.st_mtime_ns)
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -153,16 +155,11 @@ class ReachCopies:
         covered: dict[Path, Path] = {}
         rest: list[Path] = []
         for path in files:
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                rest.append(path)  # the query reports it as the lake does
-                continue
-            copy = self.copies.name(path, stat.st_size, stat.st_mtime_ns)
-            if self._usable(path, copy):
+            copy = self._name(path)
+            if copy is not None and self._usable(path, copy):
                 covered[path] = copy
             else:
-                rest.append(path)
+                rest.append(path)  # a file gone since the listing is reported by the query as the lake does
         return covered, rest
 
     def facts(self, copy: Path) -> CopyFacts:
@@ -173,9 +170,7 @@ class ReachCopies:
     def _usable(self, path: Path, copy: Path) -> bool:
         if copy.name in self._checked:
             return True
-        if not copy.exists():
-            return False
-        try:
+        try:  # a copy not written (yet) is an OSError too
             metadata = pq.read_metadata(copy)
             rows = pq.read_metadata(path).num_rows
             facts = _facts(metadata)
