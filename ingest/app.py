@@ -101,7 +101,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         409: "Would replace registered state",
         413: "Too large",
         415: "Not application/json",
-        503: "The data dir cannot persist; nothing in the request was acknowledged",
+        503: "The data dir cannot persist, or a verifier process ended; nothing in the request was acknowledged",
     }.items()
 }
 
@@ -115,6 +115,8 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
             yield
         finally:
             if manage_lifecycle:
+                if server.verifiers is not None:
+                    await server.verifiers.aclose()
                 await run_in_threadpool(server.close)
 
     app = FastAPI(
@@ -142,7 +144,7 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
         started = time.perf_counter()
         tokens = await _read_events(request, server)
         try:
-            outcome = await run_in_threadpool(server.service.ingest, tokens)
+            outcome = await server.ingest(tokens)
         except StorageUnavailable:
             server.metrics.storage_failures.inc()
             raise

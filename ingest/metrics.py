@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ingest.service import BatchOutcome
@@ -44,6 +46,20 @@ class IngestMetrics:
             registry=self.registry,
         )
         lag.set_function(flush_stats.lag_seconds)
+
+    def watch_verifiers(self, running: Callable[[], int]) -> Counter:
+        """Export the verifier processes running; returns the counter of replacements to increment."""
+        gauge = Gauge(
+            "custody_verifier_processes",
+            "Signature verifier processes running (0: checks run in the server's threads).",
+            registry=self.registry,
+        )
+        gauge.set_function(running)
+        return Counter(
+            "custody_verifier_restarts",
+            "Verifier processes started to replace one that ended.",
+            registry=self.registry,
+        )
 
     def observe(self, outcome: BatchOutcome, seconds: float) -> None:
         for result in outcome.results:

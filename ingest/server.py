@@ -5,13 +5,16 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+
+from anyio import to_thread
 
 from ingest.admin import Registry, ServerKey
 from ingest.auth import AdminToken
 from ingest.keys import KeyRing
 from ingest.metrics import IngestMetrics
-from ingest.service import IngestService, Limits
+from ingest.service import BatchOutcome, IngestService, Limits
 from ingest.verifiers import VerifierPool
 from store.engine import Store
 
@@ -47,8 +50,10 @@ class IngestServer:
         """Recover (rebuild state if needed, replay the WAL into the lake), then start flushing."""
         self.store.open(progress)
         server_key, created = ServerKey.load_or_create(self.store.state_dir / "server_key.pem")
-        self.verifiers = VerifierPool(self.verify_workers) if self.verify_workers > 0 else None
-        self.service = IngestService(self.store, self.keys, self.limits, self.verifiers)
+        if self.verify_workers > 0:
+            restarts = self.metrics.watch_verifiers(lambda: 0 if self.verifiers is None else self.verifiers.running)
+            self.verifiers = VerifierPool(self.verify_workers, on_replace=restarts.inc)
+        self.service = IngestService(self.store, self.keys, self.limits)
         self.registry = Registry(self.service, self.keys, server_key)
         self.registry.start(created)
         self.store.start_flusher()
@@ -57,6 +62,20 @@ class IngestServer:
         gc.collect()
         gc.freeze()
         self.ready = True
+
+    async def ingest(self, tokens: list[object]) -> BatchOutcome:
+        """One request's events: checked in the verifier processes (in a server thread when there are none), then
+        committed in a server thread, because the WAL's fsync blocks."""
+        if self.verifiers is None:
+            return await to_thread.run_sync(self.service.ingest, tokens)
+        checked = await self.verifiers.check(
+            tokens,
+            self.keys,
+            now=datetime.now(UTC),
+            max_event_bytes=self.limits.max_event_bytes,
+            max_skew=self.limits.max_clock_skew,
+        )
+        return await to_thread.run_sync(self.service.commit, checked)
 
     def close(self) -> None:
         self.ready = False

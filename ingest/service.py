@@ -1,6 +1,7 @@
 """The ingest service: a batch of JWS events in, one result per event out, accepted events durable first.
 
-``IngestService.ingest`` runs the stateless checks (``checks.check_event``), then, holding the locks of the
+``IngestService.ingest`` runs the stateless checks (``checks.check_event``; the server runs them in its verifier
+processes, ``ingest.verifiers``, and calls ``commit``), then, holding the locks of the
 emitters in the batch (in sorted order, so two batches never deadlock), checks each event against its emitter's
 chain, appends the accepted ones to the write-ahead log with one fsync, and only then advances the heads. If the
 append fails, the request fails with StorageUnavailable and nothing in it is acknowledged or remembered.
@@ -19,7 +20,6 @@ from typing import Any
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode, Status
 from ingest.keys import KeyRing
-from ingest.verifiers import VerifierPool
 from store.engine import Store
 from store.state import Head
 from store.wal import WalRecord
@@ -69,11 +69,10 @@ class BatchOutcome:
 
 
 class IngestService:
-    def __init__(self, store: Store, keys: KeyRing, limits: Limits, verifiers: VerifierPool | None = None) -> None:
+    def __init__(self, store: Store, keys: KeyRing, limits: Limits) -> None:
         self.store = store
         self.keys = keys
         self.limits = limits
-        self.verifiers = verifiers
         self._heads: dict[str, Head] = store.state.heads()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -90,12 +89,16 @@ class IngestService:
             return self._locks.setdefault(emitter, threading.Lock())
 
     def ingest(self, tokens: Sequence[object], *, now: datetime | None = None) -> BatchOutcome:
-        now = now or datetime.now(UTC)
+        """Check ``tokens`` in this thread, then commit them."""
+        return self.commit(self.check(tokens, now=now or datetime.now(UTC)))
+
+    def check(self, tokens: Sequence[object], *, now: datetime) -> list[Verified | Rejected]:
+        """The stateless checks, in this thread (``VerifierPool.check`` runs the same checks in other processes)."""
         size, skew = self.limits.max_event_bytes, self.limits.max_clock_skew
-        if self.verifiers is not None:
-            checked = self.verifiers.check(tokens, self.keys, now=now, max_event_bytes=size, max_skew=skew)
-        else:
-            checked = [check_event(token, self.keys, now=now, max_event_bytes=size, max_skew=skew) for token in tokens]
+        return [check_event(token, self.keys, now=now, max_event_bytes=size, max_skew=skew) for token in tokens]
+
+    def commit(self, checked: list[Verified | Rejected]) -> BatchOutcome:
+        """Decide each checked event against its emitter's chain and make the accepted ones durable."""
         emitters = sorted({item.emitter for item in checked if item.emitter is not None})
         with ExitStack() as stack:
             for emitter in emitters:

@@ -1,77 +1,304 @@
-"""Signature verification on every core: a pool of processes that run the stateless checks on chunks of a batch.
+"""Signature verification on every core: verifier processes driven straight from the server's event loop.
 
 Ed25519 and ECDSA verification is most of the work per event, and the rest of the checks (JSON, schema, hash) hold
-the GIL, so threads alone cannot use a second core. Each worker keeps its own copy of the key ring, rebuilt only
-when the ring's version changes (an admin call): a chunk carries the version, and a worker that is behind asks
-for the specs.
+the GIL, so threads alone cannot use a second core. Each worker is a spawned process with two pipes: the event
+loop writes a chunk of tokens into one (the loop's transport buffers it, so writing never blocks) and reads the
+worker's answers from the other as they arrive, in the order the worker got the chunks. No thread stands between a
+request and its verifiers: ``concurrent.futures.ProcessPoolExecutor`` passed every chunk through a manager thread and
+a queue-feeder thread and every answer back through the manager thread, and each of those hand-offs waited for the
+GIL (see docs/performance.md).
+
+Each worker keeps its own copy of the key ring, rebuilt only when the ring's version changes (an admin call): a
+chunk carries the version, and a worker that is behind answers None and gets the chunk again with the specs. A
+worker that dies fails its chunks in flight with ``VerifierUnavailable`` (a 503: nothing in that request was
+acknowledged) and is replaced; while none is running, checks run in the server's threads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import multiprocessing
+import os
 import pickle
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+import signal
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode
 from ingest.keys import KeyRing, KeySpec
-from store.orphans import exit_with_parent
+from store.errors import CustodyError
+from store.orphans import name_process
 
-__all__ = ["VerifierPool"]
+__all__ = ["VerifierPool", "VerifierUnavailable"]
+
+log = logging.getLogger(__name__)
 
 _MIN_CHUNK = 8
+_HEADER = struct.Struct("<I")
+_READY = b"ready"
+_START_TIMEOUT = 120.0
 _worker_ring: KeyRing | None = None
+
+# Results cross the process boundary as plain tuples: unpickling frozen slotted dataclasses costs ~10 us each,
+# on the one process that also acknowledges. A verified event's JWS is not sent back; the caller has it.
+_Flat = tuple[str, str, str, int, str, str, str] | tuple[str, str, str, str | None, str | None]
+_Chunk = tuple[int, bytes | None, list[object], datetime, int, timedelta]
+
+
+class VerifierUnavailable(CustodyError):
+    """A verifier process ended with chunks of this request in flight; nothing in the request was acknowledged."""
+
+    code = "verifier_unavailable"
+    http_status = 503
 
 
 class VerifierPool:
-    def __init__(self, workers: int) -> None:
+    """``workers`` verifier processes. Started (and imported into) at construction, so the first requests do not
+    wait for them; attached to the running event loop on the first ``check``."""
+
+    def __init__(self, workers: int, *, on_replace: Callable[[], object] = lambda: None) -> None:
         self.workers = workers
-        self._pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent
-        )
-        # Start (and import into) every worker now, so the first requests after a start do not wait for them.
-        for future in [self._pool.submit(_warm_up) for _ in range(workers)]:
-            future.result()
-        # Chunks carry the key ring's version only; a worker with an older ring answers None and gets the specs,
-        # pickled once per version (the specs of thousands of emitters would cost more than the chunk).
+        self._on_replace = on_replace
+        self._context = multiprocessing.get_context("spawn")
+        self._live: list[_Worker] = [_Worker.spawn(self._context) for _ in range(workers)]
+        for worker in self._live:
+            worker.wait_ready()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._attaching: asyncio.Lock | None = None
+        self._replacing = 0
+        self._closed = False
+        # Key specs pickled once per key-ring version (the specs of thousands of emitters cost more than a chunk).
         self._specs: tuple[int, bytes] = (-1, b"")
 
-    def check(
+    async def check(
         self, tokens: Sequence[object], keys: KeyRing, *, now: datetime, max_event_bytes: int, max_skew: timedelta
     ) -> list[Verified | Rejected]:
+        """The stateless checks of ``tokens``, in their order, spread over the workers."""
         if not tokens:
             return []
-        chunks = max(1, min(self.workers, len(tokens) // _MIN_CHUNK))
-        size = -(-len(tokens) // chunks)
+        await self._attach()
         version, specs = keys.snapshot()
+        if not self._live:
+            return await asyncio.to_thread(_check_here, tokens, keys, now, max_event_bytes, max_skew)
+        chunks = max(1, min(len(self._live), len(tokens) // _MIN_CHUNK))
+        size = -(-len(tokens) // chunks)
         chunked = [list(tokens[start : start + size]) for start in range(0, len(tokens), size)]
-        futures = [
-            self._pool.submit(_check_chunk, version, None, chunk, now, max_event_bytes, max_skew) for chunk in chunked
-        ]
+        sent = []
+        for chunk in chunked:
+            worker = min(self._live, key=lambda live: live.outstanding)
+            sent.append((worker, worker.send((version, None, chunk, now, max_event_bytes, max_skew), len(chunk))))
         flat: list[_Flat] = []
-        for chunk, future in zip(chunked, futures, strict=True):
-            checked = future.result()
+        for chunk, (worker, answer) in zip(chunked, sent, strict=True):
+            checked = await answer
             if checked is None:  # that worker's key ring is older than this version: send it the specs
-                checked = self._pool.submit(
-                    _check_chunk, version, self._pickled(version, specs), chunk, now, max_event_bytes, max_skew
-                ).result()
+                message = (version, self._pickled(version, specs), chunk, now, max_event_bytes, max_skew)
+                checked = await worker.send(message, len(chunk))
                 assert checked is not None
             flat += checked
         return [_revive(item, token) for item, token in zip(flat, tokens, strict=True)]
+
+    @property
+    def running(self) -> int:
+        return len(self._live)
+
+    async def _attach(self) -> None:
+        """Connect the workers' pipes to the running loop (once), and replace any worker that has died."""
+        if self._loop is None:
+            if self._attaching is None:
+                self._attaching = asyncio.Lock()
+            async with self._attaching:
+                if self._loop is None:
+                    loop = asyncio.get_running_loop()
+                    for worker in self._live:
+                        await worker.attach(loop, self._lost)
+                    self._loop = loop
+
+    def _lost(self, worker: _Worker) -> None:
+        """A worker's pipe closed: its chunks in flight have failed; start a replacement unless the pool is closing."""
+        if worker in self._live:
+            self._live.remove(worker)
+        if self._closed or self._loop is None:
+            return
+        log.error("verifier process %s ended (exit code %s); starting a new one", worker.pid, worker.process.exitcode)
+        self._replacing += 1
+        self._loop.create_task(self._replace())
+
+    async def _replace(self) -> None:
+        try:
+            worker = await asyncio.to_thread(_Worker.started, self._context)
+            if self._closed:
+                worker.stop()
+                return
+            assert self._loop is not None
+            await worker.attach(self._loop, self._lost)
+            self._live.append(worker)
+            self._on_replace()
+        except Exception:
+            log.exception("could not start a verifier process; checks run in the server's threads until one starts")
+        finally:
+            self._replacing -= 1
 
     def _pickled(self, version: int, specs: list[KeySpec]) -> bytes:
         if self._specs[0] != version:
             self._specs = (version, pickle.dumps(specs, protocol=pickle.HIGHEST_PROTOCOL))
         return self._specs[1]
 
+    async def aclose(self) -> None:
+        """Close the pipes in the loop (each worker then ends by itself), then stop the processes."""
+        self._closed = True
+        for worker in self._live:
+            worker.detach()
+        await asyncio.sleep(0)  # the transports' connection_lost callbacks
+        await asyncio.to_thread(self.close)
+
     def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+        """Stop every worker (they are stateless: nothing to flush)."""
+        self._closed = True
+        for worker in list(self._live):
+            worker.stop()
+        self._live.clear()
 
 
-def _warm_up() -> None:
-    """Runs once per worker at start; importing this module imported everything a check needs."""
+class _Worker:
+    """One verifier process and the parent's ends of its two pipes."""
+
+    def __init__(self, process: BaseProcess, chunks: Connection, answers: Connection) -> None:
+        self.process = process
+        self.pid = process.pid
+        self._chunks = chunks
+        self._answers = answers
+        self._writer: asyncio.WriteTransport | None = None
+        self._reader: asyncio.ReadTransport | None = None
+        self._pending: deque[tuple[asyncio.Future[list[_Flat] | None], int]] = deque()
+        self.outstanding = 0  # events sent and not yet answered: the pool gives a chunk to the least loaded
+
+    @classmethod
+    def spawn(cls, context: Any) -> _Worker:
+        chunks_read, chunks_write = context.Pipe(duplex=False)
+        answers_read, answers_write = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_serve, args=(chunks_read, answers_write), name="custody-verifier", daemon=True
+        )
+        process.start()
+        chunks_read.close()
+        answers_write.close()
+        return cls(process, chunks_write, answers_read)
+
+    @classmethod
+    def started(cls, context: Any) -> _Worker:
+        worker = cls.spawn(context)
+        worker.wait_ready()
+        return worker
+
+    def wait_ready(self) -> None:
+        """Wait (blocking) until the worker has imported everything a check needs."""
+        try:
+            ready = self._answers.poll(_START_TIMEOUT) and _read_frame(self._answers.fileno()) == _READY
+        except EOFError:
+            ready = False
+        if not ready:
+            self.stop()
+            raise VerifierUnavailable(f"verifier process {self.pid} did not start (exit code {self.process.exitcode})")
+
+    async def attach(self, loop: asyncio.AbstractEventLoop, lost: Any) -> None:
+        self._writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, self._chunks)
+        self._reader, _ = await loop.connect_read_pipe(lambda: _Answers(self, lost), self._answers)
+
+    def detach(self) -> None:
+        if self._writer is not None and self._reader is not None:
+            self._writer.close()
+            self._reader.close()
+
+    def send(self, chunk: _Chunk, events: int) -> asyncio.Future[list[_Flat] | None]:
+        assert self._writer is not None
+        future: asyncio.Future[list[_Flat] | None] = asyncio.get_running_loop().create_future()
+        if self._writer.is_closing():
+            future.set_exception(VerifierUnavailable(f"verifier process {self.pid} has ended; resend the request"))
+            return future
+        body = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.write(_HEADER.pack(len(body)) + body)
+        self._pending.append((future, events))
+        self.outstanding += events
+        return future
+
+    def answered(self, body: bytes) -> None:
+        future, events = self._pending.popleft()
+        self.outstanding -= events
+        if not future.done():
+            future.set_result(pickle.loads(body))  # noqa: S301 - written by our own worker process
+
+    def fail(self) -> None:
+        while self._pending:
+            future, _ = self._pending.popleft()
+            if not future.done():
+                message = f"verifier process {self.pid} ended while checking this request; nothing was acknowledged"
+                future.set_exception(VerifierUnavailable(message))
+        self.outstanding = 0
+        if self._writer is not None:
+            self._writer.close()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        if self._writer is None:  # never attached: the parent still owns the pipes
+            self._chunks.close()
+            self._answers.close()
+
+
+class _Answers(asyncio.Protocol):
+    """The parent's read end of a worker's answer pipe: frames in, futures resolved in order."""
+
+    def __init__(self, worker: _Worker, lost: Any) -> None:
+        self.worker = worker
+        self.lost = lost
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self.buffer)
+            end = _HEADER.size + length
+            if len(self.buffer) < end:
+                return
+            body = bytes(self.buffer[_HEADER.size : end])
+            del self.buffer[:end]
+            self.worker.answered(body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.fail()
+        self.lost(self.worker)
+
+
+# -- the worker process -----------------------------------------------------------------------------------------
+
+
+def _serve(chunks: Connection, answers: Connection) -> None:
+    """A worker's whole life: answer chunks in order until the parent closes the pipe (or is gone: EOF/EPIPE)."""
+    name_process("custody-verify")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server stops us
+    source, sink = chunks.fileno(), answers.fileno()
+    _write_frame(sink, _READY)
+    while True:
+        try:
+            body = _read_frame(source)
+        except EOFError:
+            return
+        version, specs, tokens, now, max_event_bytes, max_skew = pickle.loads(body)  # noqa: S301 - from the parent
+        answer = _check_chunk(version, specs, tokens, now, max_event_bytes, max_skew)
+        try:
+            _write_frame(sink, pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+        except BrokenPipeError:
+            return
 
 
 def _check_chunk(
@@ -97,9 +324,32 @@ def _check_chunk(
     ]
 
 
-# Results cross the process boundary as plain tuples: unpickling frozen slotted dataclasses costs ~10 us each,
-# on the one process that also acknowledges. A verified event's JWS is not sent back; the caller has it.
-_Flat = tuple[str, str, str, int, str, str, str] | tuple[str, str, str, str | None, str | None]
+def _check_here(
+    tokens: Sequence[object], keys: KeyRing, now: datetime, max_event_bytes: int, max_skew: timedelta
+) -> list[Verified | Rejected]:
+    return [check_event(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew) for token in tokens]
+
+
+def _write_frame(fd: int, body: bytes) -> None:
+    view = memoryview(_HEADER.pack(len(body)) + body)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_frame(fd: int) -> bytes:
+    (length,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size))
+    return _read_exactly(fd, length)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    parts = []
+    while size:
+        part = os.read(fd, min(size, 1 << 20))
+        if not part:
+            raise EOFError
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
 
 
 def _flatten(item: Verified | Rejected) -> _Flat:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from store.errors import CustodyError, StorageUnavailable
 from store.lake import Lake, decode_payload
-from store.orphans import exit_with_parent
+from store.orphans import exit_with_parent, name_process
 from store.state import IndexEntry, StateDB
 from store.wal import WalRecord, WriteAheadLog, read_records
 
@@ -75,6 +75,7 @@ def _lower_priority() -> None:
     """The lake writer yields the CPU to acknowledgements (a flush may wait, an ack should not), and ends with the
     server."""
     exit_with_parent()
+    name_process("custody-lake")
     os.nice(10)
 
 

@@ -7,6 +7,7 @@ import base64
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -182,6 +183,55 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
         assert acked[name] <= set(seqs), f"{name}: acknowledged seqs missing from the lake"
     assert sum(len(v) for v in acked.values()) > 500
     assert not list((tmp_path / "data" / "wal").glob("*.wal")), "SIGTERM left events in the WAL"
+
+
+def helpers_named(pid: int, name: str) -> list[int]:
+    return [child for child in children_of(pid) if Path(f"/proc/{child}/comm").read_text().strip() == name]
+
+
+def test_a_verifier_killed_under_load_fails_at_most_its_requests_and_is_replaced(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", "--verify-workers", "2").start()
+    assert server.process is not None
+    verifiers = helpers_named(server.process.pid, "custody-verify")
+    assert len(verifiers) == 2
+    assert len(helpers_named(server.process.pid, "custody-lake")) == 1
+    key, kid = register(server.url, "gw-1")
+    tokens, _ = chain("gw-1", 4000, key, kid)
+    statuses: Counter[int] = Counter()
+    acked: set[int] = set()
+    killed = False
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        position = 0
+        while position < len(tokens):
+            if position >= 1000 and not killed:
+                os.kill(verifiers[0], signal.SIGKILL)
+                killed = True
+            response = client.post("/v1/events", json={"events": tokens[position : position + 100]})
+            statuses[response.status_code] += 1
+            if response.status_code == 503:
+                error = response.json()["error"]
+                assert error["code"] == "verifier_unavailable", error
+                assert client.get("/v1/emitters/gw-1/head", headers=ADMIN).json()["seq"] == position
+                continue  # nothing was acknowledged: send the same events again
+            assert response.status_code == 200, response.text
+            results = response.json()["results"]
+            assert {r["status"] for r in results} == {"accepted"}, results[:2]
+            acked.update(range(position + 1, position + len(results) + 1))
+            position += len(results)
+        assert statuses[503] <= 1, statuses  # only a request with chunks on the killed process
+        deadline = time.monotonic() + 60
+        while len(helpers_named(server.process.pid, "custody-verify")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        replaced = helpers_named(server.process.pid, "custody-verify")
+        assert len(replaced) == 2
+        assert verifiers[0] not in replaced
+        assert verifiers[1] in replaced
+        metrics = client.get("/metrics").text
+        assert "custody_verifier_processes 2.0" in metrics
+        assert "custody_verifier_restarts_total 1.0" in metrics
+    assert server.stop() == 0
+    assert [row[1] for row in read_lake(server.data_dir, "emitter, seq") if row[0] == "gw-1"] == sorted(acked)
+    assert acked == set(range(1, 4001))
 
 
 def _can_mount() -> bool:

@@ -3,6 +3,9 @@ check, although chunks carry only the ring's version."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import sys
 import types
 from datetime import UTC, datetime, timedelta
@@ -13,7 +16,7 @@ from ingest.checks import Rejected, Verified
 from ingest.codes import ErrorCode
 from ingest.keys import KeyRing, KeySpec
 from ingest.sdk import generate_key, public_jwk
-from ingest.verifiers import VerifierPool
+from ingest.verifiers import VerifierPool, VerifierUnavailable
 from tests.signing import chain
 
 
@@ -27,11 +30,14 @@ def test_workers_follow_revocations_and_new_keys(monkeypatch: pytest.MonkeyPatch
     spec: KeySpec = ("k1", "gw-1", "acme", public_jwk(first, "k1"), None)
     ring.load_specs([spec], 1)
     pool = VerifierPool(2)
+    loop = asyncio.new_event_loop()
     try:
 
         def check(batch: list[str]) -> list[Verified | Rejected]:
             now = datetime.now(UTC)
-            return pool.check(batch, ring, now=now, max_event_bytes=65536, max_skew=timedelta(days=3650))
+            return loop.run_until_complete(
+                pool.check(batch, ring, now=now, max_event_bytes=65536, max_skew=timedelta(days=3650))
+            )
 
         assert all(isinstance(item, Verified) for item in check(tokens))
         assert all(isinstance(item, Rejected) and item.code is ErrorCode.UNKNOWN_KEY for item in check(later))
@@ -42,4 +48,48 @@ def test_workers_follow_revocations_and_new_keys(monkeypatch: pytest.MonkeyPatch
         checked = check(later[:3] + tokens[:3])  # one chunk: in request order
         assert [type(item).__name__ for item in checked] == ["Verified"] * 3 + ["Rejected"] * 3
     finally:
-        pool.close()
+        loop.run_until_complete(pool.aclose())
+        loop.close()
+
+
+def test_a_killed_worker_fails_only_its_chunks_in_flight_and_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    key = generate_key()
+    tokens, _ = chain("gw-1", 600, key, "k1")
+    ring = KeyRing()
+    ring.load_specs([("k1", "gw-1", "acme", public_jwk(key, "k1"), None)], 1)
+    replaced: list[int] = []
+    pool = VerifierPool(2, on_replace=lambda: replaced.append(1))
+    loop = asyncio.new_event_loop()
+
+    async def check(batch: list[str]) -> list[Verified | Rejected]:
+        now = datetime.now(UTC)
+        return await pool.check(batch, ring, now=now, max_event_bytes=65536, max_skew=timedelta(days=3650))
+
+    async def scenario() -> None:
+        assert all(isinstance(item, Verified) for item in await check(tokens[:40]))  # attached, key specs sent
+        victim = pool._live[0].pid
+        assert victim is not None
+        in_flight = asyncio.ensure_future(check(tokens))  # 300 events a worker: ~50 ms of work each
+        await asyncio.sleep(0.005)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(VerifierUnavailable, match=f"verifier process {victim} ended"):
+            await in_flight
+        assert pool.running == 1
+        assert all(isinstance(item, Verified) for item in await check(tokens[:40]))  # the survivor answers
+        for _ in range(600):
+            if pool.running == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.running == 2
+        assert replaced == [1]
+        assert victim not in [worker.pid for worker in pool._live]
+        checked = await check(tokens)  # both workers again, the new one given the key specs
+        assert [item.event_id for item in checked] == [item.event_id for item in await check(tokens)]
+        assert all(isinstance(item, Verified) for item in checked)
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.run_until_complete(pool.aclose())
+        loop.close()
