@@ -72,7 +72,7 @@ class VerifierPool:
             worker.wait_ready()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._attaching: asyncio.Lock | None = None
-        self._replacing = 0
+        self._replacements: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references
         self._closed = False
         # Key specs pickled once per key-ring version (the specs of thousands of emitters cost more than a chunk).
         self._specs: tuple[int, bytes] = (-1, b"")
@@ -109,7 +109,7 @@ class VerifierPool:
         return len(self._live)
 
     async def _attach(self) -> None:
-        """Connect the workers' pipes to the running loop (once), and replace any worker that has died."""
+        """Connect the workers' pipes to the running loop, once."""
         if self._loop is None:
             if self._attaching is None:
                 self._attaching = asyncio.Lock()
@@ -127,8 +127,9 @@ class VerifierPool:
         if self._closed or self._loop is None:
             return
         log.error("verifier process %s ended (exit code %s); starting a new one", worker.pid, worker.process.exitcode)
-        self._replacing += 1
-        self._loop.create_task(self._replace())
+        task = self._loop.create_task(self._replace())
+        self._replacements.add(task)
+        task.add_done_callback(self._replacements.discard)
 
     async def _replace(self) -> None:
         try:
@@ -141,9 +142,7 @@ class VerifierPool:
             self._live.append(worker)
             self._on_replace()
         except Exception:
-            log.exception("could not start a verifier process; checks run in the server's threads until one starts")
-        finally:
-            self._replacing -= 1
+            log.exception("could not start a verifier process; the others (or the server's threads) check alone")
 
     def _pickled(self, version: int, specs: list[KeySpec]) -> bytes:
         if self._specs[0] != version:
@@ -153,16 +152,16 @@ class VerifierPool:
     async def aclose(self) -> None:
         """Close the pipes in the loop (each worker then ends by itself), then stop the processes."""
         self._closed = True
-        for worker in self._live:
+        workers = list(self._live)
+        for worker in workers:
             worker.detach()
-        await asyncio.sleep(0)  # the transports' connection_lost callbacks
-        await asyncio.to_thread(self.close)
+        await asyncio.sleep(0)  # the transports' connection_lost callbacks, which also empty self._live
+        await asyncio.to_thread(_stop, workers)
 
     def close(self) -> None:
         """Stop every worker (they are stateless: nothing to flush)."""
         self._closed = True
-        for worker in list(self._live):
-            worker.stop()
+        _stop(self._live)
         self._live.clear()
 
 
@@ -322,6 +321,11 @@ def _check_chunk(
         _flatten(check_event(token, _worker_ring, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew))
         for token in tokens
     ]
+
+
+def _stop(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.stop()
 
 
 def _check_here(
