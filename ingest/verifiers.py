@@ -27,8 +27,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode
@@ -179,7 +179,7 @@ class _Worker:
         self.outstanding = 0  # events sent and not yet answered: the pool gives a chunk to the least loaded
 
     @classmethod
-    def spawn(cls, context: Any) -> _Worker:
+    def spawn(cls, context: SpawnContext) -> _Worker:
         chunks_read, chunks_write = context.Pipe(duplex=False)
         answers_read, answers_write = context.Pipe(duplex=False)
         process = context.Process(
@@ -191,7 +191,7 @@ class _Worker:
         return cls(process, chunks_write, answers_read)
 
     @classmethod
-    def started(cls, context: Any) -> _Worker:
+    def started(cls, context: SpawnContext) -> _Worker:
         worker = cls.spawn(context)
         worker.wait_ready()
         return worker
@@ -206,7 +206,7 @@ class _Worker:
             self.stop()
             raise VerifierUnavailable(f"verifier process {self.pid} did not start (exit code {self.process.exitcode})")
 
-    async def attach(self, loop: asyncio.AbstractEventLoop, lost: Any) -> None:
+    async def attach(self, loop: asyncio.AbstractEventLoop, lost: Callable[[_Worker], None]) -> None:
         self._writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, self._chunks)
         self._reader, _ = await loop.connect_read_pipe(lambda: _Answers(self, lost), self._answers)
 
@@ -257,7 +257,7 @@ class _Worker:
 class _Answers(asyncio.Protocol):
     """The parent's read end of a worker's answer pipe: frames in, futures resolved in order."""
 
-    def __init__(self, worker: _Worker, lost: Any) -> None:
+    def __init__(self, worker: _Worker, lost: Callable[[_Worker], None]) -> None:
         self.worker = worker
         self.lost = lost
         self.buffer = bytearray()

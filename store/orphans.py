@@ -2,8 +2,9 @@
 
 A child process outlives its parent by default: after ``kill -9`` of ``custody serve``, its verifier and lake-writer
 processes kept running, about 190 MB each, and a restarted server started new ones beside them. ``PR_SET_PDEATHSIG``
-would signal a child when the *thread* that started it ends, which is not the same thing; so each helper watches
-its parent instead and exits within a second of the parent being gone.
+would signal a child when the *thread* that started it ends, which is not the same thing; so the lake writer
+watches its parent instead and exits within a second of the parent being gone. (The verifiers need no watcher:
+they read their chunks from a pipe only the server holds open, and end at its EOF.)
 """
 
 from __future__ import annotations
