@@ -87,22 +87,32 @@ class VerifierPool:
         version, specs = keys.snapshot()
         if not self._live:
             return await asyncio.to_thread(_check_here, tokens, keys, now, max_event_bytes, max_skew)
-        chunks = max(1, min(len(self._live), len(tokens) // _MIN_CHUNK))
-        size = -(-len(tokens) // chunks)
-        chunked = [list(tokens[start : start + size]) for start in range(0, len(tokens), size)]
+        # Only strings can be JWS; anything else is rejected here at once, and is never pickled (a list nested a
+        # few hundred deep, which orjson accepts, exceeds the pickler's recursion limit).
+        checked: list[Verified | Rejected | None] = [
+            None if isinstance(token, str) else _check_here([token], keys, now, max_event_bytes, max_skew)[0]
+            for token in tokens
+        ]
+        texts = [token for token in tokens if isinstance(token, str)]
+        if not texts:
+            return [item for item in checked if item is not None]
+        chunks = max(1, min(len(self._live), len(texts) // _MIN_CHUNK))
+        size = -(-len(texts) // chunks)
+        chunked: list[list[object]] = [list(texts[start : start + size]) for start in range(0, len(texts), size)]
         sent = []
         for chunk in chunked:
             worker = min(self._live, key=lambda live: live.outstanding)
             sent.append((worker, worker.send((version, None, chunk, now, max_event_bytes, max_skew), len(chunk))))
         flat: list[_Flat] = []
         for chunk, (worker, answer) in zip(chunked, sent, strict=True):
-            checked = await answer
-            if checked is None:  # that worker's key ring is older than this version: send it the specs
+            answered = await answer
+            if answered is None:  # that worker's key ring is older than this version: send it the specs
                 message = (version, self._pickled(version, specs), chunk, now, max_event_bytes, max_skew)
-                checked = await worker.send(message, len(chunk))
-                assert checked is not None
-            flat += checked
-        return [_revive(item, token) for item, token in zip(flat, tokens, strict=True)]
+                answered = await worker.send(message, len(chunk))
+                assert answered is not None
+            flat += answered
+        revived = iter([_revive(item, token) for item, token in zip(flat, texts, strict=True)])
+        return [next(revived) if item is None else item for item in checked]
 
     @property
     def running(self) -> int:

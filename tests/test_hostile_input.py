@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ADMIN, Harness
+from tests.conftest import ADMIN, Harness, open_harness
 from tests.signing import b64, chain
 
 JSON = st.recursive(
@@ -64,6 +69,17 @@ def _path_safe(text: str) -> str:
     return "".join(char for char in text if char.isprintable() and char not in "/?#%\\") or "x"
 
 
+@pytest.fixture(params=[0, 2], ids=["checks-in-thread", "verifier-processes"])
+def checking_harness(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Harness]:
+    """The harness with the checks in the server's thread, and with two verifier processes (events reach them
+    pickled, so the pickler meets the hostile input too)."""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # spawned workers re-run __main__
+    with open_harness(tmp_path / "data", verify_workers=request.param) as opened:
+        yield opened
+
+
 @given(
     events=st.lists(
         st.one_of(
@@ -75,8 +91,8 @@ def _path_safe(text: str) -> str:
     )
 )
 @SETTINGS
-def test_arbitrary_event_lists_get_one_result_each(harness: Harness, events: list[Any]) -> None:
-    response = harness.client.post("/v1/events", json={"events": events})
+def test_arbitrary_event_lists_get_one_result_each(checking_harness: Harness, events: list[Any]) -> None:
+    response = checking_harness.client.post("/v1/events", json={"events": events})
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert len(results) == len(events)
@@ -85,7 +101,8 @@ def test_arbitrary_event_lists_get_one_result_each(harness: Harness, events: lis
 
 @given(data=st.data())
 @SETTINGS
-def test_mutated_signed_events_never_slip_through(harness: Harness, data: st.DataObject) -> None:
+def test_mutated_signed_events_never_slip_through(checking_harness: Harness, data: st.DataObject) -> None:
+    harness = checking_harness
     if not hasattr(harness, "fuzz_key"):
         harness.fuzz_key = harness.register("gw-fuzz")  # type: ignore[attr-defined]
     key, kid = harness.fuzz_key  # type: ignore[attr-defined]

@@ -234,6 +234,20 @@ def test_a_verifier_killed_under_load_fails_at_most_its_requests_and_is_replaced
     assert acked == set(range(1, 4001))
 
 
+def test_events_that_are_not_strings_get_malformed_jws_from_a_server_with_verifier_processes(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", "--verify-workers", "2").start()
+    key, kid = register(server.url, "gw-1")
+    tokens, _ = chain("gw-1", 3, key, kid)
+    deep = "[" * 1000 + "]" * 1000  # valid JSON orjson accepts; the pickler does not
+    body = f'{{"events": [{tokens[0]!r}, {deep}, {{"a": 1}}, 7, null, {tokens[1]!r}]}}'.replace("'", '"')
+    response = httpx.post(f"{server.url}/v1/events", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == ["accepted", "rejected", "rejected", "rejected", "rejected", "accepted"]
+    assert {r["error"] for r in results[1:5]} == {"malformed_jws"}
+    assert server.stop() == 0
+
+
 def _can_mount() -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False

@@ -93,3 +93,38 @@ def test_a_killed_worker_fails_only_its_chunks_in_flight_and_is_replaced(monkeyp
     finally:
         loop.run_until_complete(pool.aclose())
         loop.close()
+
+
+def test_values_that_are_not_strings_are_rejected_in_place_without_reaching_a_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    key = generate_key()
+    tokens, _ = chain("gw-1", 20, key, "k1")
+    ring = KeyRing()
+    ring.load_specs([("k1", "gw-1", "acme", public_jwk(key, "k1"), None)], 1)
+    deep: object = []
+    for _ in range(1000):  # orjson parses up to 1,024 levels; the pickler gives up long before
+        deep = [deep]
+    batch: list[object] = [deep, *tokens[:10], {"jws": tokens[10]}, 7, None, *tokens[10:]]
+    pool = VerifierPool(2)
+    loop = asyncio.new_event_loop()
+    try:
+        now = datetime.now(UTC)
+        checked = loop.run_until_complete(
+            pool.check(batch, ring, now=now, max_event_bytes=65536, max_skew=timedelta(days=3650))
+        )
+        only_junk = loop.run_until_complete(
+            pool.check([deep, 7], ring, now=now, max_event_bytes=65536, max_skew=timedelta(days=3650))
+        )
+    finally:
+        loop.run_until_complete(pool.aclose())
+        loop.close()
+    kinds = ["r", *["v"] * 10, "r", "r", "r", *["v"] * 10]
+    assert [type(item).__name__[0].lower() for item in checked] == kinds
+    assert [item.seq for item in checked if isinstance(item, Verified)] == list(range(1, 21))
+    for item in (checked[0], checked[11], checked[12], checked[13], *only_junk):
+        assert isinstance(item, Rejected)
+        assert item.code is ErrorCode.MALFORMED_JWS
+        assert "expected a JWS compact string" in item.detail
+    assert len(only_junk) == 2
