@@ -41,7 +41,9 @@ __all__ = ["VerifierPool", "VerifierUnavailable"]
 log = logging.getLogger(__name__)
 
 _MIN_CHUNK = 8
-_HEADER = struct.Struct("<I")
+# The framing of ``multiprocessing.connection.Connection.send_bytes`` for messages under 2 GiB (a request is at most
+# 8 MiB): the worker side uses a Connection, the event loop's side reads and writes the same frames.
+_HEADER = struct.Struct("!i")
 _READY = b"ready"
 _START_TIMEOUT = 120.0
 _worker_ring: KeyRing | None = None
@@ -64,7 +66,6 @@ class VerifierPool:
     wait for them; attached to the running event loop on the first ``check``."""
 
     def __init__(self, workers: int, *, on_replace: Callable[[], object] = lambda: None) -> None:
-        self.workers = workers
         self._on_replace = on_replace
         self._context = multiprocessing.get_context("spawn")
         self._live: list[_Worker] = [_Worker.spawn(self._context) for _ in range(workers)]
@@ -90,7 +91,9 @@ class VerifierPool:
         # Only strings can be JWS; anything else is rejected here at once, and is never pickled (a list nested a
         # few hundred deep, which orjson accepts, exceeds the pickler's recursion limit).
         checked: list[Verified | Rejected | None] = [
-            None if isinstance(token, str) else _check_here([token], keys, now, max_event_bytes, max_skew)[0]
+            None
+            if isinstance(token, str)
+            else check_event(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew)
             for token in tokens
         ]
         texts = [token for token in tokens if isinstance(token, str)]
@@ -209,7 +212,7 @@ class _Worker:
     def wait_ready(self) -> None:
         """Wait (blocking) until the worker has imported everything a check needs."""
         try:
-            ready = self._answers.poll(_START_TIMEOUT) and _read_frame(self._answers.fileno()) == _READY
+            ready = self._answers.poll(_START_TIMEOUT) and self._answers.recv_bytes() == _READY
         except EOFError:
             ready = False
         if not ready:
@@ -295,11 +298,10 @@ def _serve(chunks: Connection, answers: Connection) -> None:
     """A worker's whole life: answer chunks in order until the parent closes the pipe (or is gone: EOF/EPIPE)."""
     name_process("custody-verify")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server stops us
-    source, sink = chunks.fileno(), answers.fileno()
-    _write_frame(sink, _READY)
+    answers.send_bytes(_READY)
     while True:
         try:
-            body = _read_frame(source)
+            body = chunks.recv_bytes()
         except EOFError:
             return
         # The write that woke this process often placed it on the event loop's core, where it would preempt the
@@ -309,7 +311,7 @@ def _serve(chunks: Connection, answers: Connection) -> None:
         version, specs, tokens, now, max_event_bytes, max_skew = pickle.loads(body)  # noqa: S301 - from the parent
         answer = _check_chunk(version, specs, tokens, now, max_event_bytes, max_skew)
         try:
-            _write_frame(sink, pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+            answers.send_bytes(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
         except BrokenPipeError:
             return
 
@@ -346,28 +348,6 @@ def _check_here(
     tokens: Sequence[object], keys: KeyRing, now: datetime, max_event_bytes: int, max_skew: timedelta
 ) -> list[Verified | Rejected]:
     return [check_event(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew) for token in tokens]
-
-
-def _write_frame(fd: int, body: bytes) -> None:
-    view = memoryview(_HEADER.pack(len(body)) + body)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_frame(fd: int) -> bytes:
-    (length,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size))
-    return _read_exactly(fd, length)
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    parts = []
-    while size:
-        part = os.read(fd, min(size, 1 << 20))
-        if not part:
-            raise EOFError
-        parts.append(part)
-        size -= len(part)
-    return b"".join(parts)
 
 
 def _flatten(item: Verified | Rejected) -> _Flat:

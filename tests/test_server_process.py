@@ -4,6 +4,7 @@ data dirs, SIGTERM."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import random
 import shutil
@@ -186,7 +187,13 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
 
 
 def helpers_named(pid: int, name: str) -> list[int]:
-    return [child for child in children_of(pid) if Path(f"/proc/{child}/comm").read_text().strip() == name]
+    """The running children of ``pid`` whose process name is ``name`` (a child may end while we look)."""
+    named = []
+    for child in children_of(pid):
+        with contextlib.suppress(FileNotFoundError):
+            if Path(f"/proc/{child}/comm").read_text().strip() == name and alive(child):
+                named.append(child)
+    return named
 
 
 def test_a_verifier_killed_under_load_fails_at_most_its_requests_and_is_replaced(tmp_path: Path) -> None:
