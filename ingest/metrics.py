@@ -47,6 +47,15 @@ class IngestMetrics:
         )
         lag.set_function(flush_stats.lag_seconds)
 
+    def watch_index(self, pending: Callable[[], int]) -> None:
+        """Export the acknowledged events whose index entries are not yet in SQLite."""
+        gauge = Gauge(
+            "custody_index_pending_entries",
+            "Acknowledged events indexed in memory, not yet in SQLite (grows while SQLite fails).",
+            registry=self.registry,
+        )
+        gauge.set_function(pending)
+
     def watch_verifiers(self, running: Callable[[], int]) -> Counter:
         """Export the verifier processes running; returns the counter of replacements to increment."""
         gauge = Gauge(

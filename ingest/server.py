@@ -49,6 +49,7 @@ class IngestServer:
     def open(self, progress: Callable[[str], None] = log.info) -> None:
         """Recover (rebuild state if needed, replay the WAL into the lake), then start flushing."""
         self.store.open(progress)
+        self.metrics.watch_index(lambda: self.store.index.pending)
         server_key, created = ServerKey.load_or_create(self.store.state_dir / "server_key.pem")
         if self.verify_workers > 0:
             restarts = self.metrics.watch_verifiers(lambda: 0 if self.verifiers is None else self.verifiers.running)

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from store.errors import CustodyError, StorageUnavailable
+from store.indexer import IndexWriter
 from store.lake import Lake, decode_payload
 from store.orphans import exit_with_parent, name_process
 from store.state import IndexEntry, StateDB
@@ -94,10 +95,8 @@ class Store:
         self._writer_process = writer_process
         self._pending: list[tuple[int, int, float]] = []  # (segment, events, monotonic time of first append)
         self._pending_lock = threading.Lock()
-        self._deferred_lock = threading.Lock()
-        self._deferred_entries: list[IndexEntry] = []
-        self._deferred_admin: list[tuple[dict[str, Any], str]] = []
         self.state: StateDB
+        self.index: IndexWriter
         self.wal: WriteAheadLog
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -108,6 +107,7 @@ class Store:
         self._take_lock()
         self.lake.remove_temporary_files()
         self.state = StateDB(self.state_dir / "state.sqlite")
+        self.index = IndexWriter(self.state)
         if not self.state.complete:
             self._rebuild_state(progress)
         self.wal = WriteAheadLog(self.data_dir / "wal", first_segment=self.lake.highest_segment() + 1)
@@ -122,6 +122,7 @@ class Store:
             self._writer.submit(int).result()  # start it now, not in the middle of the first flush
         self._flusher = threading.Thread(target=self._flush_loop, name="custody-flusher", daemon=True)
         self._flusher.start()
+        self.index.start()
 
     def close(self) -> None:
         """Stop the flusher and write everything acknowledged to the lake (SIGTERM path)."""
@@ -137,6 +138,7 @@ class Store:
             self._writer.shutdown()
             self._writer = None
         self.wal.close()
+        self.index.stop()
         self.state.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -184,7 +186,7 @@ class Store:
             progress(f"replaying {len(segments)} write-ahead log segments")
         for segment in segments:
             records = self.wal.read_segment(segment, repair=True)
-            self._index(records)
+            self._index(records, now=True)
             written = self.lake.write_segment(segment, records)
             self.wal.remove(segment)
             progress(f"segment {segment}: {len(records)} events in the log, {written} written to the lake")
@@ -192,11 +194,16 @@ class Store:
     # -- writing ----------------------------------------------------------------------------------------------
 
     def append(self, records: Sequence[WalRecord]) -> None:
-        """Make records durable (one fsync), then index them. Raises StorageUnavailable; then nothing is indexed."""
+        """Make records durable (one fsync), then index them: visible to lookups at once, written to SQLite behind
+        the ack (``store.indexer``). Raises StorageUnavailable; then nothing is indexed."""
         if not records:
             return
-        segment = self.wal.append(records)
-        self._index(records)
+        ticket = self.index.begin()
+        try:
+            segment = self.wal.append(records)
+            self._index(records)
+        finally:
+            self.index.end(ticket)
         with self._pending_lock:
             if self._pending and self._pending[-1][0] == segment:
                 number, count, since = self._pending[-1]
@@ -205,48 +212,34 @@ class Store:
                 self._pending.append((segment, len(records), time.monotonic()))
             self._update_stats()
 
-    def _index(self, records: Sequence[WalRecord]) -> None:
-        """Index durable records. If SQLite fails (its disk is full too), keep them in memory and retry later:
-        they are acknowledged all the same, because the WAL has them."""
-        entries = []
-        admin = []
-        for record in records:
-            entries.append(IndexEntry(record.event_id, record.emitter, record.seq, record.event_hash))
-            if record.emitter == SERVER_EMITTER:
-                payload = decode_payload(record.jws)
-                admin.append((payload["admin"], payload["occurred_at"]))
-        with self._deferred_lock:
-            entries = self._deferred_entries + entries
-            admin = self._deferred_admin + admin
-            try:
-                self.state.record_events(entries, admin)
-            except sqlite3.Error as exc:
-                log.error("event index write failed, %d entries kept in memory until it works: %s", len(entries), exc)
-                self._deferred_entries, self._deferred_admin = entries, admin
-                return
-            self._deferred_entries, self._deferred_admin = [], []
+    def _index(self, records: Sequence[WalRecord], *, now: bool = False) -> None:
+        """Index durable records; admin changes (and, with ``now``, everything) in this thread."""
+        entries = [IndexEntry(record.event_id, record.emitter, record.seq, record.event_hash) for record in records]
+        admin = [
+            (payload["admin"], payload["occurred_at"])
+            for payload in (decode_payload(record.jws) for record in records if record.emitter == SERVER_EMITTER)
+        ]
+        if now or admin:
+            self.index.write_now(entries, admin)
+        else:
+            self.index.add(entries)
 
     def find_event_ids(self, event_ids: Sequence[str]) -> dict[str, IndexEntry]:
-        found = self.state.find_event_ids(event_ids)
-        if self._deferred_entries:
-            wanted = set(event_ids)
-            found.update({entry.event_id: entry for entry in self._deferred_entries if entry.event_id in wanted})
-        return found
+        return self.index.find_event_ids(event_ids)
 
     def hashes_at(self, emitter: str, seqs: Sequence[int]) -> dict[int, str]:
-        found = self.state.hashes_at(emitter, seqs)
-        if self._deferred_entries:
-            wanted = set(seqs)
-            found.update(
-                {e.seq: e.event_hash for e in self._deferred_entries if e.emitter == emitter and e.seq in wanted}
-            )
-        return found
+        return self.index.hashes_at(emitter, seqs)
 
     # -- flushing ---------------------------------------------------------------------------------------------
 
     def flush(self) -> int:
         """Move every closed (and the active) WAL segment into the lake; return the events written."""
         self.wal.rotate()
+        try:
+            self.index.drain()  # a segment leaves the disk only once SQLite has its entries
+        except sqlite3.Error as exc:
+            self.flush_stats.last_error = f"event index: {exc}"
+            raise StorageUnavailable(f"cannot write the event index, the WAL keeps every segment: {exc}") from exc
         written = 0
         for segment in self.wal.segments():
             if segment >= self.wal.active_segment:

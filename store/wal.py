@@ -171,7 +171,7 @@ class WriteAheadLog:
             if fd is None:  # rotated: rotate() synced the segment before closing it
                 return
             try:
-                os.fsync(fd)
+                os.fdatasync(fd)  # the data and the file size, which is all a reader needs
                 durable = target
             except OSError as exc:
                 log.error("wal segment %d: fsync failed: %s", target[0], exc)
@@ -205,18 +205,23 @@ class WriteAheadLog:
         self._abandon_tail(self._fd, durable_offset if durable_segment == self._active else 0)
 
     def _open_active(self) -> int:
+        """The active segment's fd; created here only if ``rotate`` could not create it ahead."""
         if self._fd is None:
-            path = self.path(self._active)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                os.fsync(fd)
-                fsync_directory(self.directory)
-            except OSError:
-                os.close(fd)
-                raise
-            self._fd = fd
-            self._size = os.fstat(fd).st_size
+            self._fd = self._create(self._active)
+            self._size = os.fstat(self._fd).st_size
         return self._fd
+
+    def _create(self, number: int) -> int:
+        """Open (creating) a segment, its entry in the directory on disk. Two fsyncs: ``rotate`` runs this for the
+        next segment outside the lock, so that no request waits for them."""
+        fd = os.open(self.path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.fsync(fd)
+            fsync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def _abandon_tail(self, fd: int, start: int) -> None:
         """After a failed write or fsync (under the segment lock): cut the file back to ``start`` so nothing
@@ -237,23 +242,39 @@ class WriteAheadLog:
         self._active += 1
         self._size = 0
 
-    def rotate(self) -> int | None:
+    def rotate(self, *, open_next: bool = True) -> int | None:
         """Close the active segment if it holds records; return its number (ready to flush) or None. Everything
-        in it is on disk first, so that a flush never moves into the lake a write that could still fail."""
+        in it is on disk first, so that a flush never moves into the lake a write that could still fail. With
+        ``open_next``, the next segment is created first, outside the lock, and becomes the active one."""
         with self._lock:
             if self._fd is None or self._size == 0:
                 return None
+            upcoming = self._active + 1
+        spare = None
+        if open_next:
             try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                log.error("wal segment %d: fsync before closing failed: %s", self._active, exc)
-                self._fail_unsynced()
-                return None
-            self._settle(durable=(self._active, self._size))
-            os.close(self._fd)
-            closed = self._active
-            self._fd = None
-            self._active += 1
+                spare = self._create(upcoming)
+            except OSError as exc:  # the first append will try again, and fail its request if it must
+                log.warning("wal segment %d: cannot create it ahead: %s", upcoming, exc.strerror)
+        with self._lock:
+            closed = None
+            if self._fd is not None and self._size > 0:
+                try:
+                    os.fdatasync(self._fd)
+                except OSError as exc:
+                    log.error("wal segment %d: fsync before closing failed: %s", self._active, exc)
+                    self._fail_unsynced()
+                else:
+                    self._settle(durable=(self._active, self._size))
+                    os.close(self._fd)
+                    closed = self._active
+                    self._fd = None
+                    self._active += 1
+            if spare is not None:
+                if self._fd is None and self._active == upcoming:
+                    self._fd, self._size = spare, 0
+                else:  # a failed write moved on meanwhile: this file stays empty, and the replay deletes it
+                    os.close(spare)
             return closed
 
     @property
@@ -265,7 +286,7 @@ class WriteAheadLog:
         fsync_directory(self.directory)
 
     def close(self) -> None:
-        self.rotate()  # what was written is on disk (or its requests fail) before the segment is closed
+        self.rotate(open_next=False)  # what was written is on disk (or its requests fail) before it is closed
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -236,6 +237,7 @@ def test_a_verifier_killed_under_load_fails_at_most_its_requests_and_is_replaced
         metrics = client.get("/metrics").text
         assert "custody_verifier_processes 2.0" in metrics
         assert "custody_verifier_restarts_total 1.0" in metrics
+        assert re.search(r"^custody_index_pending_entries \d+\.0$", metrics, re.MULTILINE)
     assert server.stop() == 0
     assert [row[1] for row in read_lake(server.data_dir, "emitter, seq") if row[0] == "gw-1"] == sorted(acked)
     assert acked == set(range(1, 4001))
@@ -308,23 +310,31 @@ def test_full_disk_gives_503_keeps_serving_and_resumes(tmp_path: Path) -> None:
 def test_read_only_wal_gives_503_and_resumes(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "data", tmp_path / "server.log").start()
     key, kid = register(server.url, "gw-1")
-    tokens, _ = chain("gw-1", 30, key, kid)
+    tokens, _ = chain("gw-1", 40, key, kid)
     assert httpx.post(f"{server.url}/v1/events", json={"events": tokens[:10]}).status_code == 200
-    wait_until_flushed(server)  # the flusher closed the active segment: the next append opens a new file
+    wait_until_flushed(server)  # the flusher closed segment 1 and created segment 2 ahead, open for writing
     wal = server.data_dir / "wal"
     subprocess.run(["mount", "--bind", str(wal), str(wal)], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(wal)], check=True)
-        response = httpx.post(f"{server.url}/v1/events", json={"events": tokens[10:20]})
+        # A read-only mount stops new files, not writes to a file already open: segment 2 takes these, durably.
+        taken = httpx.post(f"{server.url}/v1/events", json={"events": tokens[10:20]}).json()
+        assert {r["status"] for r in taken["results"]} == {"accepted"}
+        # The next rotation cannot create the segment after it, so the request after that has nowhere to write.
+        deadline = time.monotonic() + 30
+        while not re.search(r"wal segment \d+: cannot create it ahead: Read-only", server.log_path.read_text()):
+            assert time.monotonic() < deadline, server.log_path.read_text()[-2000:]
+            time.sleep(0.05)
+        response = httpx.post(f"{server.url}/v1/events", json={"events": tokens[20:30]})
         assert response.status_code == 503
         assert "Read-only file system" in response.json()["error"]["message"]
-        assert httpx.get(f"{server.url}/v1/emitters/gw-1/head", headers=ADMIN).json()["seq"] == 10
+        assert httpx.get(f"{server.url}/v1/emitters/gw-1/head", headers=ADMIN).json()["seq"] == 20
     finally:
         subprocess.run(["umount", str(wal)], check=True)
-    body = httpx.post(f"{server.url}/v1/events", json={"events": tokens[10:30]}).json()
+    body = httpx.post(f"{server.url}/v1/events", json={"events": tokens[20:40]}).json()
     assert {r["status"] for r in body["results"]} == {"accepted"}
     assert server.stop() == 0
-    assert [row[1] for row in read_lake(server.data_dir, "emitter, seq") if row[0] == "gw-1"] == list(range(1, 31))
+    assert [row[1] for row in read_lake(server.data_dir, "emitter, seq") if row[0] == "gw-1"] == list(range(1, 41))
 
 
 def test_sigterm_flushes_and_a_second_server_cannot_share_the_data_dir(tmp_path: Path) -> None:

@@ -115,12 +115,13 @@ def test_unfinished_parquet_files_are_invisible_and_removed(tmp_path: Path) -> N
 
 
 def _slow_fsync(monkeypatch: pytest.MonkeyPatch, fail_once_after: int | None = None) -> list[int]:
-    """os.fsync made slow (so that writers pile up behind it) and counted; optionally failing once."""
+    """The group commit's os.fdatasync made slow (so that writers pile up behind it) and counted; optionally
+    failing once."""
     import os as real_os
     import time
 
     calls: list[int] = []
-    original = real_os.fsync
+    original = real_os.fdatasync
 
     def fsync(fd: int) -> None:
         calls.append(fd)
@@ -129,7 +130,7 @@ def _slow_fsync(monkeypatch: pytest.MonkeyPatch, fail_once_after: int | None = N
             raise OSError(5, "Input/output error")
         original(fd)
 
-    monkeypatch.setattr("store.wal.os.fsync", fsync)
+    monkeypatch.setattr("store.wal.os.fdatasync", fsync)
     return calls
 
 
@@ -178,3 +179,19 @@ def test_a_failed_group_fsync_fails_exactly_the_writes_it_covered(
         ids = {r.event_id for r in batch}
         # acknowledged: on disk; failed: never read back (nothing unacknowledged resurfaces in the lake)
         assert (ids <= on_disk) if ok else not (ids & on_disk), (ok, sorted(ids))
+
+
+def test_rotate_creates_the_next_segment_ahead_and_close_does_not(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    batch = records(4)
+    wal.append(batch[:2])
+    assert wal.rotate() == 1
+    assert wal.path(2).exists(), "the next segment is created by rotate, not by the next request"
+    assert wal.read_segment(2) == []
+    assert wal.append(batch[2:3]) == 2
+    assert wal.read_segment(2) == batch[2:3]
+    wal.close()
+    assert wal.segments() == [1, 2], "close leaves no empty segment behind"
+    reopened = WriteAheadLog(tmp_path)
+    assert reopened.append(batch[3:]) == 3
+    reopened.close()
