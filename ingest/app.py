@@ -111,6 +111,8 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if manage_lifecycle:
             await run_in_threadpool(server.open)
+            if server.verifiers is not None:
+                await server.verifiers.warm(server.keys)
         try:
             yield
         finally:

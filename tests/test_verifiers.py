@@ -1,5 +1,5 @@
 """The verifier processes follow the key ring: a key revoked or added after they started is seen by the next
-check, although chunks carry only the ring's version."""
+check, although a chunk carries the key specs only when its worker has not been sent that ring version."""
 
 from __future__ import annotations
 
@@ -39,12 +39,15 @@ def test_workers_follow_revocations_and_new_keys(monkeypatch: pytest.MonkeyPatch
                 pool.check(batch, ring, now=now, max_event_bytes=65536, max_skew=timedelta(days=3650))
             )
 
+        loop.run_until_complete(pool.warm(ring))  # what the server does at start: every worker has version 1
+        assert [worker.ring_version for worker in pool._live] == [1, 1]
         assert all(isinstance(item, Verified) for item in check(tokens))
         assert all(isinstance(item, Rejected) and item.code is ErrorCode.UNKNOWN_KEY for item in check(later))
         revoked: KeySpec = ("k1", "gw-1", "acme", public_jwk(first, "k1"), "2026-01-01T00:00:00Z")
         ring.load_specs([revoked, ("k2", "gw-1", "acme", public_jwk(second, "k2"), None)], 2)
         assert all(isinstance(item, Rejected) and item.code is ErrorCode.KEY_REVOKED for item in check(tokens))
         assert all(isinstance(item, Verified) for item in check(later))
+        assert [worker.ring_version for worker in pool._live] == [2, 2]
         checked = check(later[:3] + tokens[:3])  # one chunk: in request order
         assert [type(item).__name__ for item in checked] == ["Verified"] * 3 + ["Rejected"] * 3
     finally:
