@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from store.errors import CustodyError, StorageUnavailable
 from store.indexer import IndexWriter
 from store.lake import Lake, decode_payload
-from store.orphans import exit_with_parent, idle_io_priority, name_process
+from store.orphans import exit_with_parent, name_process
 from store.state import IndexEntry, StateDB
 from store.wal import WalRecord, WriteAheadLog, read_records
 
@@ -73,12 +73,11 @@ def _new_writer() -> ProcessPoolExecutor:
 
 
 def _lower_priority() -> None:
-    """The lake writer yields the CPU and the disk to acknowledgements (a flush may wait, an ack should not), and
-    ends with the server."""
+    """The lake writer yields the CPU to acknowledgements (a flush may wait, an ack should not), and ends with the
+    server."""
     exit_with_parent()
     name_process("custody-lake")
     os.nice(10)
-    idle_io_priority()
 
 
 class Store:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import platform
 import threading
 import time
 
-__all__ = ["exit_with_parent", "idle_io_priority", "name_process"]
+__all__ = ["exit_with_parent", "name_process"]
 
 _CHECK_SECONDS = 0.5
 
@@ -42,23 +41,3 @@ def name_process(name: str) -> None:
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass  # not Linux: the name is a convenience
-
-
-_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}  # syscall numbers; glibc has no wrapper
-_IOPRIO_WHO_PROCESS = 1
-_IOPRIO_CLASS_IDLE = 3
-
-
-def idle_io_priority() -> bool:
-    """Put this process's disk I/O in the idle class (``ionice -c 3``): the I/O scheduler (mq-deadline, BFQ) serves
-    it only when no other process waits for the disk. The lake writer's Parquet writes and fsyncs then no longer
-    queue ahead of the write-ahead log's fsyncs, which every acknowledgement waits for. Returns False where it
-    cannot be set (not Linux, another architecture); schedulers without priorities ignore it."""
-    number = _IOPRIO_SET.get(platform.machine())
-    if number is None:
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        return int(libc.syscall(number, _IOPRIO_WHO_PROCESS, 0, _IOPRIO_CLASS_IDLE << 13)) == 0
-    except (OSError, AttributeError):
-        return False
