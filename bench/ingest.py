@@ -144,12 +144,19 @@ def post_all(
     accepted = [0]
     interval = None if rate is None else batch * clients / rate  # seconds between requests of one client
 
-    def client(mine: list[str], offset: float) -> None:
+    def bodies_of(mine: list[str]) -> list[bytes]:
+        return [
+            orjson.dumps({"events": chains[name][1][i : i + batch]})
+            for name in mine
+            for i in range(0, len(chains[name][1]), batch)
+        ]
+
+    # Every body is serialized before the first request: a client still building its bodies would hold the load
+    # generator's GIL while the others time their requests, and those would measure it.
+    prepared = [bodies_of(mine) for mine in work]
+
+    def client(bodies: list[bytes], offset: float) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        bodies = []
-        for name in mine:
-            tokens = chains[name][1]
-            bodies += [orjson.dumps({"events": tokens[i : i + batch]}) for i in range(0, len(tokens), batch)]
         next_at = time.perf_counter() + offset
         for body in bodies:
             if interval is not None:
@@ -170,7 +177,8 @@ def post_all(
         connection.close()
 
     threads = [
-        threading.Thread(target=client, args=(mine, (interval or 0) * i / clients)) for i, mine in enumerate(work)
+        threading.Thread(target=client, args=(bodies, (interval or 0) * i / clients))
+        for i, bodies in enumerate(prepared)
     ]
     started = time.perf_counter()
     for thread in threads:
