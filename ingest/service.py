@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -76,6 +76,10 @@ class IngestService:
         self._heads: dict[str, Head] = store.state.heads()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # event_ids being decided and appended by a request: emitter locks do not cover two emitters that send
+        # the same event_id, so without this both could be accepted and the lake would hold the id twice
+        self._claimed: set[str] = set()
+        self._claims_changed = threading.Condition()
 
     def head(self, emitter: str) -> Head:
         return self._heads.get(emitter, Head())
@@ -100,9 +104,11 @@ class IngestService:
     def commit(self, checked: list[Verified | Rejected]) -> BatchOutcome:
         """Decide each checked event against its emitter's chain and make the accepted ones durable."""
         emitters = sorted({item.emitter for item in checked if item.emitter is not None})
+        event_ids = {item.event_id for item in checked if isinstance(item, Verified)}
         with ExitStack() as stack:
             for emitter in emitters:
                 stack.enter_context(self.emitter_lock(emitter))
+            stack.enter_context(self._claim(event_ids))
             results, accepted, heads = self._chain(checked)
             received_at_us = time.time_ns() // 1000
             self.store.append(
@@ -115,6 +121,22 @@ class IngestService:
             )
             self._heads.update(heads)
         return BatchOutcome(results, {emitter: self.head(emitter) for emitter in emitters})
+
+    @contextmanager
+    def _claim(self, event_ids: set[str]) -> Iterator[None]:
+        """Hold ``event_ids`` while this request decides and appends them; wait first for any request holding
+        one of them, whose outcome then shows in the index. Claims are taken all at once and never while holding
+        one, so two requests never wait for each other."""
+        with self._claims_changed:
+            while not self._claimed.isdisjoint(event_ids):
+                self._claims_changed.wait()
+            self._claimed |= event_ids
+        try:
+            yield
+        finally:
+            with self._claims_changed:
+                self._claimed -= event_ids
+                self._claims_changed.notify_all()
 
     def _chain(self, checked: list[Verified | Rejected]) -> tuple[list[EventResult], list[Verified], dict[str, Head]]:
         """Decide each verified event against its emitter's head; no state changes here."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -282,6 +285,44 @@ def test_duplicate_is_stored_once_in_one_request_and_across_requests(harness: Ha
     again = harness.post(tokens)  # after the flush, the index still knows them
     assert [r["status"] for r in again["results"]] == ["duplicate", "duplicate"]
     assert stored_emitters(harness) == [("gw-1", 1), ("gw-1", 2)]
+
+
+def test_one_event_id_from_two_emitters_at_once_is_accepted_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emitter locks serialize one emitter's requests, not two emitters': the second request waits for the first
+    one's append and then sees its event_id."""
+    key, kid = harness.register("gw-1")
+    key2, kid2 = harness.register("gw-2")
+    first = payload("gw-1")
+    other = payload("gw-2", event_id=first["event_id"])
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:  # the first request is mid-append when the second one decides
+        time.sleep(0.3)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr("store.wal.os.fdatasync", slow_fdatasync)
+    outcomes: dict[str, list[Any]] = {}
+
+    def post(name: str, token: str) -> None:
+        outcomes[name] = harness.server.service.ingest([token]).results
+
+    threads = [
+        threading.Thread(target=post, args=("gw-1", sign(first, key, kid))),
+        threading.Thread(target=post, args=("gw-2", sign(other, key2, kid2))),
+    ]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert outcomes["gw-1"][0].status.value == "accepted"
+    assert outcomes["gw-2"][0].error is not None
+    assert outcomes["gw-2"][0].error.value == "event_id_conflict"
+    assert "already stored as gw-1 seq 1" in (outcomes["gw-2"][0].detail or "")
+    assert harness.server.store.find_event_ids([first["event_id"]])[first["event_id"]].emitter == "gw-1"
+    assert harness.server.service.head("gw-2").seq == 0
 
 
 def test_event_id_conflict_same_emitter_and_other_emitter(harness: Harness) -> None:
