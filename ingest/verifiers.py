@@ -31,7 +31,7 @@ from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from jwt.utils import base64url_encode
+from jwt.algorithms import OKPAlgorithm
 
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode
@@ -414,7 +414,7 @@ def _self_test() -> None:
         "outcome": "success",
     }
     ring = KeyRing()
-    jwk = {"kty": "OKP", "crv": "Ed25519", "x": base64url_encode(key.public_key().public_bytes_raw()).decode()}
+    jwk = OKPAlgorithm.to_jwk(key.public_key(), as_dict=True)
     ring.load_specs([("self-test-k1", "self-test", "self-test", {**jwk, "kid": "self-test-k1"}, None)], 1)
     token = sign_compact(canonicalize(payload), key, "self-test-k1")
     result = check_event(token, ring, now=now, max_event_bytes=65536, max_skew=timedelta(minutes=5))

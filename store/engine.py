@@ -188,8 +188,11 @@ class Store:
             records = self.wal.read_segment(segment, repair=True)
             self._index(records, now=True)
             written = self.lake.write_segment(segment, records)
-            self.wal.remove(segment)
             progress(f"segment {segment}: {len(records)} events in the log, {written} written to the lake")
+            if self.index.pending:  # SQLite refused them: the flusher deletes the segment once its drain succeeds
+                progress(f"segment {segment}: kept until the event index takes its {self.index.pending} entries")
+                continue
+            self.wal.remove(segment)
 
     # -- writing ----------------------------------------------------------------------------------------------
 

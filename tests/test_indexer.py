@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from store.engine import Store
@@ -112,6 +114,14 @@ def test_a_failing_index_keeps_wal_segments_until_sqlite_has_their_entries(tmp_p
     store.close()
 
 
+def crash(store: Store) -> None:
+    """What kill -9 leaves: nothing flushed or drained, every file descriptor closed."""
+    store.state._conn.close()
+    store.wal.close()
+    assert store._lock_fd is not None
+    os.close(store._lock_fd)
+
+
 def test_entries_pending_at_a_crash_are_indexed_again_by_the_wal_replay(tmp_path: Path) -> None:
     data = tmp_path / "data"
     store = Store(data, writer_process=False)
@@ -120,14 +130,41 @@ def test_entries_pending_at_a_crash_are_indexed_again_by_the_wal_replay(tmp_path
     read_only(store.state, True)
     store.append(batch)
     assert store.index.pending == 3
-    # A crash: nothing is flushed or drained, the process is gone.
-    store.state._conn.close()
-    store.wal.close()
-    assert store._lock_fd is not None
-    os.close(store._lock_fd)
+    crash(store)
     store = Store(data, writer_process=False)
     store.open()
     assert store.index.pending == 0
     assert set(store.state.find_event_ids([r.event_id for r in batch])) == {r.event_id for r in batch}
     assert store.state.heads()["gw-1"].seq == 3
     store.close()
+
+
+def test_the_replay_keeps_a_segment_whose_entries_sqlite_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = Store(data, writer_process=False)
+    store.open()
+    batch = records(3)
+    read_only(store.state, True)
+    store.append(batch)
+    crash(store)
+    # Another connection holds SQLite's write lock through the restart: the replay's index write times out.
+    blocker = sqlite3.connect(data / "state" / "state.sqlite", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    store = Store(data, writer_process=False)
+    store.open()
+    assert store.index.pending == 3
+    kept = store.wal.segments()
+    assert kept, "a segment left the disk before SQLite had its entries"
+    assert {r.event_id for segment in kept for r in store.wal.read_segment(segment)} == {r.event_id for r in batch}
+    assert [row[0] for row in read_lake(store)] == [1, 2, 3]  # the lake has them all the same
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    store.flush()  # the flusher drains the index, then deletes the segment
+    assert store.wal.segments() == []
+    assert store.index.pending == 0
+    assert store.state.heads()["gw-1"].seq == 3
+    store.close()
+
+
+def read_lake(store: Store) -> list[tuple[int]]:
+    return duckdb.sql(f"SELECT seq FROM read_parquet('{store.lake.glob}') ORDER BY seq").fetchall()
