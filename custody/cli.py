@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     compact = commands.add_parser(
         "compact",
         help="merge each partition's Parquet files into one (for lakes built elsewhere; a running server already"
-        " compacts in tiers as it flushes; run this with the server stopped)",
+        " compacts in tiers as it flushes; this refuses to run while a server holds the data dir)",
     )
     compact.add_argument("--data-dir", type=Path, required=True)
     compact.add_argument("--min-files", type=int, default=8, help="only partitions with at least this many files")
@@ -361,9 +361,16 @@ def _findings(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
+    from store.engine import lock_data_dir
     from store.lake import Lake
 
-    removed = Lake(args.data_dir / "lake").compact(min_files=args.min_files, progress=print)
+    if not (args.data_dir / "lake").is_dir():
+        raise CustodyError(f"{args.data_dir} has no lake (no {args.data_dir / 'lake'} directory)")
+    lock = lock_data_dir(args.data_dir)  # a running server compacts the same partitions itself
+    try:
+        removed = Lake(args.data_dir / "lake").compact(min_files=args.min_files, progress=print)
+    finally:
+        os.close(lock)
     print(f"OK: {removed} files merged")
     return 0
 

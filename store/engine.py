@@ -37,7 +37,7 @@ from store.orphans import exit_with_parent, name_process
 from store.state import IndexEntry, StateDB
 from store.wal import WalRecord, WriteAheadLog, read_records
 
-__all__ = ["SERVER_EMITTER", "SYSTEM_TENANT", "FlushStats", "Store"]
+__all__ = ["SERVER_EMITTER", "SYSTEM_TENANT", "FlushStats", "Store", "lock_data_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,19 @@ class FlushStats:
 
     def lag_seconds(self) -> float:
         return 0.0 if self.oldest_unflushed_at is None else time.monotonic() - self.oldest_unflushed_at
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take ``<data-dir>/custody.lock`` (flock, released when the returned descriptor is closed or the process
+    ends); raise CustodyError when another process holds it. ``custody serve`` holds it while it runs, and so does
+    anything else that rewrites the lake."""
+    fd = os.open(data_dir / "custody.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise CustodyError(f"{data_dir} is in use by another custody process") from exc
+    return fd
 
 
 def write_segment_file(wal_path: Path, lake_root: Path, segment: int) -> int:
@@ -145,13 +158,7 @@ class Store:
             self._lock_fd = None
 
     def _take_lock(self) -> None:
-        fd = os.open(self.data_dir / "custody.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise CustodyError(f"{self.data_dir} is in use by another custody process") from exc
-        self._lock_fd = fd
+        self._lock_fd = lock_data_dir(self.data_dir)
 
     # -- recovery ---------------------------------------------------------------------------------------------
 

@@ -155,7 +155,7 @@ class Lake:
 
     def remove_temporary_files(self) -> int:
         removed = 0
-        for path in self.events_dir.glob("tenant=*/date=*/.seg-*.tmp"):
+        for path in self.events_dir.glob("tenant=*/date=*/.*.tmp"):  # of segment files and of compactions
             path.unlink(missing_ok=True)
             removed += 1
         if removed:

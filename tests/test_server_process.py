@@ -345,7 +345,15 @@ def test_sigterm_flushes_and_a_second_server_cannot_share_the_data_dir(tmp_path:
     second = ServerProcess(tmp_path / "data", tmp_path / "second.log")
     with pytest.raises(RuntimeError, match="in use by another custody process"):
         second.start(timeout=30)
+    compact = [sys.executable, "-m", "custody.cli", "compact", "--data-dir", str(server.data_dir), "--min-files", "1"]
+    refused = subprocess.run(compact, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 1
+    assert "in use by another custody process" in refused.stderr
     assert server.stop() == 0
+    assert len([row for row in read_lake(server.data_dir, "emitter") if row[0] == "gw-1"]) == 25
+    compacted = subprocess.run(compact, capture_output=True, text=True, timeout=120, check=False)
+    assert compacted.returncode == 0, compacted.stderr
+    assert compacted.stdout.strip().endswith("files merged")
     assert len([row for row in read_lake(server.data_dir, "emitter") if row[0] == "gw-1"]) == 25
 
 

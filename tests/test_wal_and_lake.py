@@ -108,9 +108,10 @@ def test_unfinished_parquet_files_are_invisible_and_removed(tmp_path: Path) -> N
     lake = Lake(tmp_path / "lake")
     partition = lake.events_dir / "tenant=acme" / "date=2026-11-29"
     partition.mkdir(parents=True)
-    (partition / ".seg-000000000001.parquet.tmp").write_bytes(b"PAR1 half written")
+    (partition / ".seg-000000000001.parquet.4711.tmp").write_bytes(b"PAR1 half written")
+    (partition / ".compact-L1-000000000001-000000000016.parquet.4711.tmp").write_bytes(b"PAR1 half merged")
     assert lake.files() == []
-    assert lake.remove_temporary_files() == 1
+    assert lake.remove_temporary_files() == 2
     assert not list(partition.iterdir())
 
 
