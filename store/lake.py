@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.wal import WalRecord, fsync_directory
 
-__all__ = ["Lake", "decode_payload", "live_files", "segment_range", "signed_events"]
+__all__ = ["SYNC_EVERY_BYTES", "Lake", "PacedFile", "decode_payload", "live_files", "segment_range", "signed_events"]
 
 log = logging.getLogger(__name__)
+
+SYNC_EVERY_BYTES = 512 * 1024
 
 _SEGMENT_FILE = re.compile(r"^seg-(\d{12})\.parquet$")
 _COMPACT_FILE = re.compile(r"^compact-(?:L(\d+)-)?(\d{12})-(\d{12})\.parquet$")
@@ -90,6 +92,63 @@ def signed_events(records: Iterable[WalRecord]) -> Iterator[Signed]:
         yield Signed(decode_payload(record.jws), record.jws, record.kid, record.event_hash, record.received_at_us)
 
 
+class PacedFile:
+    """A new file, written through ``os.write``, that is fdatasync'd every ``sync_every`` bytes and fsync'd on
+    ``close``: the sink ``pq.write_table`` writes a lake file into.
+
+    Written in one go and fsync'd at the end, a lake file (3 MB a second at 2,000 events/s, 24 MB a compaction)
+    puts all its bytes in the disk's queue at once, and a WAL fdatasync behind them waits for them. Synced every
+    512 KiB, no more than that is queued ahead of an ack. ``bench/disk.py`` (the WAL's appends beside a lake-like
+    writer), 3 rounds: WAL fdatasync p99 4.1-6.1 ms, p99.9 12-23 ms, max 49-53 ms in one go; p99 2.3-3.6 ms,
+    p99.9 6.4-22 ms, max 9-33 ms paced.
+    """
+
+    def __init__(self, path: Path, sync_every: int = SYNC_EVERY_BYTES) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._sync_every = sync_every
+        self._position = 0
+        self._unsynced = 0
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        written = 0
+        while written < len(view):
+            written += os.write(self._fd, view[written:])
+        self._position += written
+        self._unsynced += written
+        if self._unsynced >= self._sync_every:
+            os.fdatasync(self._fd)
+            self._unsynced = 0
+        return written
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        """Nothing is buffered here."""
+
+    def close(self) -> None:
+        """fsync (data and metadata), then close; a failed fsync still closes the descriptor, then raises."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+    def __enter__(self) -> PacedFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is not None:  # the caller removes the file: no point in syncing it
+            self.closed = True
+            os.close(self._fd)
+            return
+        self.close()
+
+
 class Lake:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -133,12 +192,8 @@ class Lake:
         directory.mkdir(parents=True, exist_ok=True)
         temporary = directory / f".{final.name}.{os.getpid()}.tmp"  # two writers of one segment never share it
         try:
-            pq.write_table(table, temporary, compression="zstd", row_group_size=128 * 1024)
-            fd = os.open(temporary, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with PacedFile(temporary) as sink:
+                pq.write_table(table, sink, compression="zstd", row_group_size=128 * 1024)
             os.rename(temporary, final)
             fsync_directory(directory)
             if created:

@@ -11,7 +11,8 @@ import pytest
 
 from ingest.sdk import generate_key
 from store.errors import StorageUnavailable
-from store.lake import Lake
+from store.lake import Lake, PacedFile, signed_events
+from store.schema import event_table
 from store.wal import WalRecord, WriteAheadLog
 from tests.signing import chain, hash_of
 
@@ -113,6 +114,40 @@ def test_unfinished_parquet_files_are_invisible_and_removed(tmp_path: Path) -> N
     assert lake.files() == []
     assert lake.remove_temporary_files() == 2
     assert not list(partition.iterdir())
+
+
+def test_paced_file_writes_what_pyarrow_writes_and_syncs_every_n_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    synced_at: list[int] = []
+    original = os.fdatasync
+
+    def counted_fdatasync(fd: int) -> None:
+        synced_at.append(os.fstat(fd).st_size)
+        original(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted_fdatasync)
+    table = event_table(list(signed_events(records(400))))
+    with PacedFile(tmp_path / "paced.parquet", sync_every=16 * 1024) as sink:
+        pq.write_table(table, sink, compression="zstd", row_group_size=128 * 1024)
+    pq.write_table(table, tmp_path / "plain.parquet", compression="zstd", row_group_size=128 * 1024)
+
+    size = (tmp_path / "paced.parquet").stat().st_size
+    assert (tmp_path / "paced.parquet").read_bytes() == (tmp_path / "plain.parquet").read_bytes()
+    assert size > 4 * 16 * 1024, "the table is too small to show the pacing"
+    assert len(synced_at) >= 2, "no pacing: one sync at the end only"
+    gaps = [later - earlier for earlier, later in zip([0, *synced_at], synced_at, strict=False)]
+    assert min(gaps) >= 16 * 1024, f"synced before 16 KiB were written: {gaps}"
+
+
+def test_a_lake_write_that_fails_midway_leaves_no_file_behind(tmp_path: Path) -> None:
+    lake = Lake(tmp_path / "lake")
+    partition = lake.events_dir / "tenant=acme" / "date=2026-11-29"
+    with pytest.raises(AttributeError):  # the sink is open when pyarrow refuses the table
+        lake._write_atomic(partition, partition / "seg-000000000001.parquet", table=None)  # type: ignore[arg-type]
+    assert list(partition.iterdir()) == []
 
 
 def _slow_fsync(monkeypatch: pytest.MonkeyPatch, fail_once_after: int | None = None) -> list[int]:
