@@ -34,6 +34,7 @@ __all__ = [
     "PrivateKey",
     "PublicKey",
     "parse_compact",
+    "public_jwk",
     "sign_compact",
     "verify_signature",
 ]
@@ -138,6 +139,15 @@ def _verify_ed25519(message: bytes, key: Ed25519PublicKey, signature: bytes) -> 
     except BadSignatureError:
         return False
     return True
+
+
+def public_jwk(key: PrivateKey, kid: str) -> dict[str, str]:
+    """The public JWK of a signing key, with ``kid``: what an emitter registers."""
+    if isinstance(key, Ed25519PrivateKey):
+        jwk = OKPAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    else:
+        jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    return {**{name: str(value) for name, value in jwk.items()}, "kid": kid}
 
 
 def sign_compact(payload: bytes, key: PrivateKey, kid: str) -> str:

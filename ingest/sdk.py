@@ -28,10 +28,9 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 
 from ingest.auth import HEAD_AUDIENCE
-from ingest.jws import PrivateKey, sign_compact
+from ingest.jws import PrivateKey, public_jwk, sign_compact
 from store.canonical import ZERO_HASH, canonicalize, event_hash
 
 __all__ = ["Emitter", "EventsRejected", "SignedEvent", "generate_key", "public_jwk", "rfc3339"]
@@ -60,14 +59,6 @@ def generate_key(alg: str = "EdDSA") -> PrivateKey:
     if alg == "ES256":
         return generate_private_key(SECP256R1())
     raise ValueError(f"alg must be EdDSA or ES256, got {alg!r}")
-
-
-def public_jwk(key: PrivateKey, kid: str) -> dict[str, str]:
-    if isinstance(key, Ed25519PrivateKey):
-        jwk = OKPAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    else:
-        jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    return {**{name: str(value) for name, value in jwk.items()}, "kid": kid}
 
 
 def rfc3339(moment: datetime) -> str:

@@ -31,11 +31,10 @@ from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from jwt.algorithms import OKPAlgorithm
 
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode
-from ingest.jws import sign_compact
+from ingest.jws import public_jwk, sign_compact
 from ingest.keys import KeyRing, KeySpec
 from store.canonical import ZERO_HASH, canonicalize
 from store.errors import CustodyError
@@ -414,8 +413,7 @@ def _self_test() -> None:
         "outcome": "success",
     }
     ring = KeyRing()
-    jwk = OKPAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    ring.load_specs([("self-test-k1", "self-test", "self-test", {**jwk, "kid": "self-test-k1"}, None)], 1)
+    ring.load_specs([("self-test-k1", "self-test", "self-test", public_jwk(key, "self-test-k1"), None)], 1)
     token = sign_compact(canonicalize(payload), key, "self-test-k1")
     result = check_event(token, ring, now=now, max_event_bytes=65536, max_skew=timedelta(minutes=5))
     if not isinstance(result, Verified):

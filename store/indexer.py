@@ -45,7 +45,7 @@ class IndexWriter:
         self._lock = threading.Lock()  # guards the fields below
         self._changed = threading.Condition(self._lock)  # pending entries added, an append ended, or stopping
         self._pending: dict[str, IndexEntry] = {}  # by event_id, in the order acknowledged
-        self._admin: list[AdminChange] = []  # admin changes whose write failed
+        self._admin: list[AdminChange] = []  # admin changes not yet in SQLite (their write failed)
         self._tickets = itertools.count()
         self._appending: set[int] = set()  # appends between WAL write and handing over their entries
         self._stopping = False
@@ -67,11 +67,12 @@ class IndexWriter:
             self._appending.discard(ticket)
             self._changed.notify_all()
 
-    def add(self, entries: Sequence[IndexEntry]) -> None:
-        """Make durable entries visible to lookups now and write them to SQLite soon."""
+    def add(self, entries: Sequence[IndexEntry], admin: Sequence[AdminChange] = ()) -> None:
+        """Make durable entries visible to lookups now and write them (and admin changes) to SQLite soon."""
         with self._lock:
             for entry in entries:
                 self._pending[entry.event_id] = entry
+            self._admin.extend(admin)
             self._changed.notify_all()
 
     def write_now(self, entries: Sequence[IndexEntry], admin: Sequence[AdminChange]) -> None:
@@ -82,11 +83,7 @@ class IndexWriter:
                 return
             except sqlite3.Error as exc:
                 self._failed(exc, len(entries))
-        with self._lock:
-            for entry in entries:
-                self._pending[entry.event_id] = entry
-            self._admin.extend(admin)
-            self._changed.notify_all()
+        self.add(entries, admin)
 
     # -- lookups: pending entries first, then SQLite (an entry leaves pending only after SQLite has it) ----------
 

@@ -16,6 +16,7 @@ from store.engine import Store
 from store.errors import StorageUnavailable
 from store.indexer import IndexWriter
 from store.state import IndexEntry, StateDB
+from store.wal import WalRecord
 from tests.test_wal_and_lake import records
 
 
@@ -122,8 +123,8 @@ def crash(store: Store) -> None:
     os.close(store._lock_fd)
 
 
-def test_entries_pending_at_a_crash_are_indexed_again_by_the_wal_replay(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def crash_with_entries_pending(data: Path) -> list[WalRecord]:
+    """Append 3 events while SQLite refuses writes, then crash: the WAL has them, SQLite does not."""
     store = Store(data, writer_process=False)
     store.open()
     batch = records(3)
@@ -131,6 +132,12 @@ def test_entries_pending_at_a_crash_are_indexed_again_by_the_wal_replay(tmp_path
     store.append(batch)
     assert store.index.pending == 3
     crash(store)
+    return batch
+
+
+def test_entries_pending_at_a_crash_are_indexed_again_by_the_wal_replay(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    batch = crash_with_entries_pending(data)
     store = Store(data, writer_process=False)
     store.open()
     assert store.index.pending == 0
@@ -141,12 +148,7 @@ def test_entries_pending_at_a_crash_are_indexed_again_by_the_wal_replay(tmp_path
 
 def test_the_replay_keeps_a_segment_whose_entries_sqlite_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    store = Store(data, writer_process=False)
-    store.open()
-    batch = records(3)
-    read_only(store.state, True)
-    store.append(batch)
-    crash(store)
+    batch = crash_with_entries_pending(data)
     # Another connection holds SQLite's write lock through the restart: the replay's index write times out.
     blocker = sqlite3.connect(data / "state" / "state.sqlite", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
