@@ -18,11 +18,13 @@ from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest.auth import bearer, verify_head_proof
-from ingest.envelope import ErrorEnvelope, error_response, install_error_envelope
+from ingest.envelope import ErrorEnvelope, envelope, error_response, install_error_envelope
 from ingest.server import IngestServer
-from store.errors import InvalidInput, StorageUnavailable, Unauthorized
+from store.errors import CustodyError, InvalidInput, StorageUnavailable, Unauthorized
 
 __all__ = ["create_app"]
 
@@ -129,6 +131,7 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
     )
 
     install_error_envelope(app)
+    app.add_middleware(EventsEndpoint, server=server)
 
     @app.post(
         "/v1/events",
@@ -143,15 +146,12 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
     )
     async def post_events(request: Request) -> Response:
         """Ingest up to 1,000 signed events; ``accepted`` results are fsync'd before this answers."""
-        started = time.perf_counter()
-        tokens = await _read_events(request, server)
-        try:
-            outcome = await server.ingest(tokens)
-        except StorageUnavailable:
-            server.metrics.storage_failures.inc()
-            raise
-        server.metrics.observe(outcome, time.perf_counter() - started)
-        return Response(orjson.dumps(outcome.as_json()), media_type="application/json")
+        # Served by EventsEndpoint in front of FastAPI; this route documents it and answers if that is bypassed.
+        headers = request.headers
+        status, body = await ingest_events(
+            server, headers.get("content-type"), headers.get("content-length"), request.stream()
+        )
+        return Response(body, status_code=status, media_type="application/json")
 
     @app.put("/v1/emitters/{emitter_id}", response_model=EmitterView, responses=_ERRORS)
     async def put_emitter(
@@ -214,16 +214,76 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
     return app
 
 
-async def _read_events(request: Request, server: IngestServer) -> list[object]:
+class EventsEndpoint:
+    """``POST /v1/events`` as a plain ASGI app in front of FastAPI's exception, routing and dependency layers,
+    which cost about 0.2 ms of event-loop CPU per request and do nothing this endpoint needs: it reads its raw body
+    and renders its own errors. Every other request, and the route's OpenAPI entry, stays with FastAPI; an error
+    this code does not expect still reaches the app's 500 handler (``ServerErrorMiddleware`` is outside)."""
+
+    def __init__(self, app: ASGIApp, server: IngestServer) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/events" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
+        try:
+            status, body = await ingest_events(
+                self.server, headers.get(b"content-type"), headers.get(b"content-length"), _body_chunks(receive)
+            )
+        except ClientDisconnect:
+            return  # nothing was checked or acknowledged; there is no one to answer
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+async def ingest_events(
+    server: IngestServer, content_type: str | None, content_length: str | None, chunks: AsyncIterator[bytes]
+) -> tuple[int, bytes]:
+    """The status and JSON body answering one ``POST /v1/events``."""
+    started = time.perf_counter()
+    try:
+        tokens = await _read_events(server, content_type, content_length, chunks)
+        try:
+            outcome = await server.ingest(tokens)
+        except StorageUnavailable:
+            server.metrics.storage_failures.inc()
+            raise
+    except CustodyError as exc:
+        return exc.http_status, orjson.dumps(envelope(exc.code, exc.message, exc.details))
+    server.metrics.observe(outcome, time.perf_counter() - started)
+    return 200, orjson.dumps(outcome.as_json())
+
+
+async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def _read_events(
+    server: IngestServer, content_type: str | None, content_length: str | None, chunks: AsyncIterator[bytes]
+) -> list[object]:
     limits = server.limits
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {media_type or 'nothing'!r}")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        raise PayloadTooLarge(f"body is {declared} bytes; at most {limits.max_body_bytes} per request")
+    if content_length is not None and content_length.isdigit() and int(content_length) > limits.max_body_bytes:
+        raise PayloadTooLarge(f"body is {content_length} bytes; at most {limits.max_body_bytes} per request")
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in chunks:
         body += chunk
         if len(body) > limits.max_body_bytes:
             raise PayloadTooLarge(f"body is more than {limits.max_body_bytes} bytes per request")

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from store.errors import CustodyError
 
-__all__ = ["ErrorEnvelope", "error_response", "install_error_envelope"]
+__all__ = ["ErrorEnvelope", "envelope", "error_response", "install_error_envelope"]
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,12 @@ class ErrorEnvelope(BaseModel):
     error: ErrorBody
 
 
+def envelope(code: str, message: str, details: list[str] | None = None) -> dict[str, dict[str, object]]:
+    return {"error": {"code": code, "message": message, "details": details or []}}
+
+
 def error_response(status: int, code: str, message: str, details: list[str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "details": details or []}}, status_code=status)
+    return JSONResponse(envelope(code, message, details), status_code=status)
 
 
 def install_error_envelope(app: FastAPI) -> None:

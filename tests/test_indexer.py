@@ -170,3 +170,40 @@ def test_the_replay_keeps_a_segment_whose_entries_sqlite_refused(tmp_path: Path)
 
 def read_lake(store: Store) -> list[tuple[int]]:
     return duckdb.sql(f"SELECT seq FROM read_parquet('{store.lake.glob}') ORDER BY seq").fetchall()
+
+
+class CountingState(StateDB):
+    """A real StateDB that counts its write transactions."""
+
+    transactions = 0
+
+    def record_events(self, *args: object, **kwargs: object) -> None:
+        self.transactions += 1
+        super().record_events(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_batches_that_arrive_together_share_one_sqlite_transaction(tmp_path: Path) -> None:
+    state = CountingState(tmp_path / "state.sqlite")
+    index = IndexWriter(state, gather=0.5)
+    index.start()
+    batches = [entries(3, f"gw-{n}") for n in range(20)]
+    for batch in batches:
+        index.add(batch)
+    wait_for(lambda: index.pending == 0)
+    assert state.transactions == 1  # the thread woke on the first batch and gathered the other 19
+    wanted = [entry.event_id for batch in batches for entry in batch]
+    assert set(state.find_event_ids(wanted)) == set(wanted)
+    index.stop()
+
+
+def test_stop_does_not_wait_out_the_gathering_and_writes_what_is_pending(tmp_path: Path) -> None:
+    state = StateDB(tmp_path / "state.sqlite")
+    index = IndexWriter(state, gather=60)
+    index.start()
+    batch = entries(4)
+    index.add(batch)
+    started = time.monotonic()
+    index.stop()
+    assert time.monotonic() - started < 30  # far less than the 60 s gathering window
+    assert index.pending == 0
+    assert set(state.find_event_ids([e.event_id for e in batch])) == {e.event_id for e in batch}

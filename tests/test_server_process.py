@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -255,6 +256,26 @@ def test_events_that_are_not_strings_get_malformed_jws_from_a_server_with_verifi
     assert [r["status"] for r in results] == ["accepted", "rejected", "rejected", "rejected", "rejected", "accepted"]
     assert {r["error"] for r in results[1:5]} == {"malformed_jws"}
     assert server.stop() == 0
+
+
+def test_a_client_gone_mid_body_is_not_answered_and_nothing_of_its_request_is_stored(tmp_path: Path) -> None:
+    """POST /v1/events is served in front of FastAPI (``ingest.app.EventsEndpoint``): a client that closes its
+    connection half way through the body leaves nothing behind, and the same event posted again is accepted."""
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", "--verify-workers", "1").start()
+    key, kid = register(server.url, "gw-1")
+    tokens, _ = chain("gw-1", 1, key, kid)
+    body = orjson.dumps({"events": tokens})
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        head = f"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+        sock.sendall(head.encode() + b"\r\n\r\n" + body[: len(body) // 2])
+        time.sleep(0.3)  # the server has read the headers and the first half
+    time.sleep(0.3)
+    response = httpx.post(f"{server.url}/v1/events", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert [r["status"] for r in response.json()["results"]] == ["accepted"]
+    assert "Traceback" not in server.log_path.read_text()
+    assert server.stop() == 0
+    assert [(row[0], row[1]) for row in wait_for_lake(server.data_dir, 1)] == [("gw-1", 1)]
 
 
 def _can_mount() -> bool:

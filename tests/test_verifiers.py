@@ -17,7 +17,7 @@ from ingest.codes import ErrorCode
 from ingest.keys import KeyRing, KeySpec
 from ingest.sdk import generate_key, public_jwk
 from ingest.verifiers import VerifierPool, VerifierUnavailable
-from tests.signing import chain
+from tests.signing import chain, payload, sign
 
 
 def test_workers_follow_revocations_and_new_keys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,3 +130,36 @@ def test_values_that_are_not_strings_are_rejected_in_place_without_reaching_a_wo
         assert item.code is ErrorCode.MALFORMED_JWS
         assert "expected a JWS compact string" in item.detail
     assert len(only_junk) == 2
+
+
+def test_workers_judge_the_clock_by_the_server_time_and_skew_they_are_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk carries the server's clock and the allowed skew (as numbers, cheaper to pickle than datetimes): the
+    workers use them, not their own clock. Against a server clock set to 2026-01-01T12:00:00Z, an event six minutes
+    later is clock_skew and one four minutes later is accepted, although both are long past by the real clock."""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    key = generate_key()
+    ring = KeyRing()
+    ring.load_specs([("k1", "gw-1", "acme", public_jwk(key, "k1"), None)], 1)
+    server_clock = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    tokens = [
+        sign(payload("gw-1", seq=1, occurred_at="2026-01-01T12:06:00Z"), key, "k1"),
+        sign(payload("gw-1", seq=1, occurred_at="2026-01-01T12:04:00Z"), key, "k1"),
+    ]
+    pool = VerifierPool(1)
+    loop = asyncio.new_event_loop()
+    try:
+        checked = loop.run_until_complete(
+            pool.check(tokens, ring, now=server_clock, max_event_bytes=65536, max_skew=timedelta(minutes=5))
+        )
+    finally:
+        loop.run_until_complete(pool.aclose())
+        loop.close()
+    skewed, near = checked
+    assert isinstance(skewed, Rejected)
+    assert skewed.code is ErrorCode.CLOCK_SKEW
+    assert skewed.detail == (
+        "occurred_at 2026-01-01T12:06:00Z is 360 s ahead of the server clock (2026-01-01T12:00:00Z); at most 300 s"
+        " allowed"
+    )
+    assert isinstance(near, Verified)
+    assert near.seq == 1
