@@ -128,6 +128,9 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
         version="1",
         description="Signed, hash-chained invocation events from gateways and agents. See docs/protocol.md.",
         lifespan=lifespan,
+        # No OpenTelemetry: the server exports Prometheus metrics, and asking for the global providers cost every
+        # request three lookups.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
 
     install_error_envelope(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -24,6 +25,7 @@ class IngestMetrics:
             ["status", "error"],
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str], Any] = {}  # labels() looks a child up under a lock; this does not
         self.ack_latency = Histogram(
             "custody_ack_latency_seconds",
             "Time from reading a POST /v1/events body to its durable acknowledgement.",
@@ -77,8 +79,11 @@ class IngestMetrics:
         counts = collections.Counter(
             (result.status.value, "" if result.error is None else result.error.value) for result in outcome.results
         )
-        for (status, error), count in counts.items():
-            self.events.labels(status, error).inc(count)
+        for pair, count in counts.items():
+            child = self._children.get(pair)
+            if child is None:
+                child = self._children[pair] = self.events.labels(*pair)
+            child.inc(count)
         self.ack_latency.observe(seconds)
 
     def render(self) -> bytes:
