@@ -44,6 +44,9 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=30,
         limit_concurrency=256,
+        # Custody records no client addresses, so it has no use for X-Forwarded-For; uvicorn would rewrite every
+        # request's client address from it (trusting 127.0.0.1) in a middleware of its own.
+        proxy_headers=False,
     )
     logging.getLogger(__name__).info("custody ingest on http://%s:%d, data in %s", host, port, data_dir)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (flushing the WAL in the lifespan), then re-raises the signal
