@@ -16,7 +16,7 @@ import orjson
 from pydantic import ValidationError
 
 from ingest.codes import ErrorCode
-from ingest.event import Event, describe_validation_error
+from ingest.event import describe_validation_error, occurred_at_datetime, validate_event
 from ingest.jws import JwsError, parse_compact, verify_signature
 from ingest.keys import KeyRing
 from store.canonical import canonicalize, canonicalize_checked, event_hash, needs_utf16_order
@@ -95,28 +95,28 @@ def check_event(
             owner,
         )
     try:
-        event = Event.model_validate(payload)
+        event = validate_event(payload)
     except ValidationError as exc:
         return Rejected(ErrorCode.INVALID_PAYLOAD, _explain(payload, exc), event_id, owner)
     # The strict schema admitted only integers within +/-2**53 and valid strings, and every key is a fixed ASCII
     # field name except those of attrs: the canonical form needs no walk over the values.
-    canonical = canonicalize_checked(payload, utf16_order=needs_utf16_order(event.attrs or ()))
+    canonical = canonicalize_checked(payload, utf16_order=needs_utf16_order(event.get("attrs") or ()))
     if canonical != parsed.payload and _has_duplicate_keys(parsed.payload):
         return Rejected(ErrorCode.INVALID_PAYLOAD, "payload repeats an object key", event_id, owner)
-    occurred_at = event.occurred_at_datetime()
+    occurred_at = occurred_at_datetime(event)
     if occurred_at > now + max_skew:
         return Rejected(
             ErrorCode.CLOCK_SKEW,
-            f"occurred_at {event.occurred_at} is {(occurred_at - now).total_seconds():.0f} s ahead of the server"
+            f"occurred_at {event['occurred_at']} is {(occurred_at - now).total_seconds():.0f} s ahead of the server"
             f" clock ({now.strftime('%Y-%m-%dT%H:%M:%SZ')}); at most {max_skew.total_seconds():.0f} s allowed",
-            event.event_id,
+            event["event_id"],
             owner,
         )
     return Verified(
-        event_id=event.event_id,
+        event_id=event["event_id"],
         emitter=owner,
-        seq=event.seq,
-        prev_hash=event.prev_hash,
+        seq=event["seq"],
+        prev_hash=event["prev_hash"],
         event_hash=event_hash(canonical),
         kid=parsed.kid,
         jws=str(token),

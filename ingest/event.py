@@ -1,24 +1,27 @@
 """The event payload of the ingest protocol (``docs/protocol.md``), validated with pydantic in strict mode.
 
 Strict mode means no coercion: ``"7"`` is not a seq and ``true`` is not an integer. Unknown fields are refused, so
-nothing a gateway sends is silently dropped from the typed columns. Floats are refused before this model runs (by
-the canonicalizer, which sees every number). Per-type rules (a ``tool.invocation`` has a tool and a decision, ...)
-are checked after the field types.
+nothing a gateway sends is silently dropped from the typed columns. A float fails the schema, and the rejection then
+quotes the canonicalizer's reason (``ingest.checks``), which names the number. Per-type rules (a ``tool.invocation``
+has a tool and a decision, ...) are checked after the field types.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 __all__ = [
     "EMITTER_ID",
     "EVENT_TYPES",
-    "Event",
+    "EventPayload",
     "describe_validation_error",
+    "occurred_at_datetime",
+    "validate_event",
 ]
 
 EMITTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -41,60 +44,72 @@ AttrValue = Annotated[str, StringConstraints(max_length=4096)] | SafeInt | bool
 _MAX_DELEGATION_DEPTH = 32
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+# The schema is TypedDicts, not models: pydantic checks the payload dict without building an object per nested
+# field, 17.5 us an event against 30.5 us for the same rules as BaseModels (measured side by side). After the
+# signature, this is the verifiers' largest step. (pydantic needs typing_extensions' TypedDict before Python 3.12.)
 
 
-class Actor(_Strict):
+class Actor(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
     sub: Name
-    act: Actor | None = None
+    act: NotRequired[Actor | None]
 
 
-class Delegation(_Strict):
+class Delegation(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
     sub: Name
-    act: Actor | None = None
+    act: NotRequired[Actor | None]
 
 
-class Credential(_Strict):
+class Credential(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: Name
     kind: Literal["agent_token", "user_session", "service_account", "api_key"]
     client_id: Name
     scopes: Scopes
-    expires_at: Timestamp | SafeInt | None = None
+    expires_at: NotRequired[Timestamp | SafeInt | None]
 
 
-class Tool(_Strict):
+class Tool(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
     name: Name
     server: Name
 
 
-class Resource(_Strict):
+class Resource(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
     type: Name
     id: Name
     tenant: Identifier
 
 
-class Decision(_Strict):
+class Decision(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
     result: Literal["allow", "deny"]
     required_scope: Name | None
-    policy: Text | None = None
-    reason: Text | None = None
+    policy: NotRequired[Text | None]
+    reason: NotRequired[Text | None]
 
 
-class Delegate(_Strict):
+class Delegate(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
     agent: Name
     credential_id: Name
     scopes: Scopes
 
 
-class Approval(_Strict):
+class Approval(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
     id: Name
     approved_by: Name
     scopes: Scopes
     task: Text
 
 
-class Event(_Strict):
+class EventPayload(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
     v: Annotated[int, Field(ge=1, le=1)]  # not Literal[1]: that admits true, since True == 1 in Python
     event_id: EventId
     type: Literal["tool.invocation", "agent.delegation", "task.approval", "credential.issued", "credential.revoked"]
@@ -103,53 +118,66 @@ class Event(_Strict):
     tenant: Identifier
     seq: Annotated[int, Field(ge=1, le=2**53)]
     prev_hash: Hash
-    delegation: Delegation | None = None
-    credential: Credential | None = None
-    tool: Tool | None = None
-    resource: Resource | None = None
-    decision: Decision | None = None
-    outcome: Literal["success", "error"] | None = None
-    parent_event_id: EventId | None = None
-    trace_id: Name | None = None
-    approval_id: Name | None = None
-    delegate: Delegate | None = None
-    approval: Approval | None = None
-    revoked_at: Timestamp | None = None
-    reason: Text | None = None
-    attrs: (
+    delegation: NotRequired[Delegation | None]
+    credential: NotRequired[Credential | None]
+    tool: NotRequired[Tool | None]
+    resource: NotRequired[Resource | None]
+    decision: NotRequired[Decision | None]
+    outcome: NotRequired[Literal["success", "error"] | None]
+    parent_event_id: NotRequired[EventId | None]
+    trace_id: NotRequired[Name | None]
+    approval_id: NotRequired[Name | None]
+    delegate: NotRequired[Delegate | None]
+    approval: NotRequired[Approval | None]
+    revoked_at: NotRequired[Timestamp | None]
+    reason: NotRequired[Text | None]
+    attrs: NotRequired[
         Annotated[
             dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], AttrValue], Field(max_length=256)
         ]
         | None
-    ) = None
+    ]
 
-    @model_validator(mode="after")
-    def _per_type_rules(self) -> Event:
-        required = _REQUIRED[self.type]
-        missing = [name for name in required if getattr(self, name) is None]
-        if missing:
-            raise ValueError(f"a {self.type} event needs {', '.join(missing)}")
-        if self.tool is not None and self.type != "tool.invocation":
-            raise ValueError(f"tool is only for tool.invocation events, not {self.type}")
-        if self.approval is not None and self.approval_id is not None and self.approval.id != self.approval_id:
-            raise ValueError(f"approval_id {self.approval_id!r} differs from approval.id {self.approval.id!r}")
-        if self.seq == 1 and self.prev_hash != "0" * 64:
-            raise ValueError("prev_hash of seq 1 must be 64 zeros")
-        depth, actor = 0, self.delegation.act if self.delegation else None
-        while actor is not None:
-            depth += 1
-            actor = actor.act
-        if depth > _MAX_DELEGATION_DEPTH:
-            raise ValueError(f"delegation is {depth} agents deep, more than {_MAX_DELEGATION_DEPTH}")
-        _check_date("occurred_at", self.occurred_at)
-        if self.revoked_at is not None:
-            _check_date("revoked_at", self.revoked_at)
-        if self.credential is not None and isinstance(self.credential.expires_at, str):
-            _check_date("credential.expires_at", self.credential.expires_at)
-        return self
 
-    def occurred_at_datetime(self) -> datetime:
-        return datetime.fromisoformat(self.occurred_at[:-1]).replace(tzinfo=UTC)
+def _per_type_rules(event: EventPayload) -> EventPayload:
+    kind = event["type"]
+    missing = [name for name in _REQUIRED[kind] if event.get(name) is None]
+    if missing:
+        raise ValueError(f"a {kind} event needs {', '.join(missing)}")
+    if event.get("tool") is not None and kind != "tool.invocation":
+        raise ValueError(f"tool is only for tool.invocation events, not {kind}")
+    approval, approval_id = event.get("approval"), event.get("approval_id")
+    if approval is not None and approval_id is not None and approval["id"] != approval_id:
+        raise ValueError(f"approval_id {approval_id!r} differs from approval.id {approval['id']!r}")
+    if event["seq"] == 1 and event["prev_hash"] != "0" * 64:
+        raise ValueError("prev_hash of seq 1 must be 64 zeros")
+    delegation = event.get("delegation")
+    depth, actor = 0, delegation.get("act") if delegation else None
+    while actor is not None:
+        depth += 1
+        actor = actor.get("act")
+    if depth > _MAX_DELEGATION_DEPTH:
+        raise ValueError(f"delegation is {depth} agents deep, more than {_MAX_DELEGATION_DEPTH}")
+    _check_date("occurred_at", event["occurred_at"])
+    revoked_at = event.get("revoked_at")
+    if revoked_at is not None:
+        _check_date("revoked_at", revoked_at)
+    credential = event.get("credential")
+    if credential is not None and isinstance(credential.get("expires_at"), str):
+        _check_date("credential.expires_at", credential["expires_at"])  # type: ignore[arg-type]
+    return event
+
+
+_EVENT = TypeAdapter(Annotated[EventPayload, AfterValidator(_per_type_rules)])
+
+
+def validate_event(payload: dict[str, Any]) -> EventPayload:
+    """The payload checked against the protocol's schema and per-type rules; raises ``ValidationError``."""
+    return _EVENT.validate_python(payload)
+
+
+def occurred_at_datetime(event: EventPayload) -> datetime:
+    return datetime.fromisoformat(event["occurred_at"][:-1]).replace(tzinfo=UTC)
 
 
 _REQUIRED = {
