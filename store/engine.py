@@ -70,9 +70,15 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def write_segment_file(wal_path: Path, lake_root: Path, segment: int) -> int:
+CATCH_UP_AFTER = 30.0  # seconds of flush lag after which the lake writer stops yielding every core to acks
+_writer_policy: int | None = None  # the lake-writer process's scheduling policy; None in any other process
+
+
+def write_segment_file(wal_path: Path, lake_root: Path, segment: int, *, behind: bool = False) -> int:
     """Read a closed WAL segment, write it to the lake, and compact the partitions it touched (tiered); runs in
-    the lake-writer process."""
+    the lake-writer process. ``behind``: the lake is more than ``CATCH_UP_AFTER`` seconds behind the WAL, so the
+    writer runs at normal priority (nice 10) instead of ``SCHED_IDLE`` until it is not."""
+    _schedule_writer(idle=not behind)
     lake = Lake(lake_root)
     written = lake.write_segment(segment, read_records(wal_path)[0])
     lake.compact_tiers(lake.touched)
@@ -92,22 +98,44 @@ def _lower_priority() -> None:
     It runs under ``SCHED_IDLE``: it gets a core only when no acknowledgement, verification or other ordinary task
     wants it. At nice 10 alone its share of a busy core still delayed acks: 20-event requests at 3,400 events/s on
     2 cores had p99 27-51 ms with it, 17-20 ms under SCHED_IDLE (6 paired runs each) and 13-15 ms with no flushes
-    at all. The cost: under sustained saturation the lake falls behind (``custody_flush_lag_seconds``) until the
-    load eases; acknowledged events are in the WAL all along. The nice value still lowers its I/O priority where the
-    I/O scheduler honours it."""
+    at all. Under sustained saturation it would never run, so once the lake is ``CATCH_UP_AFTER`` seconds behind,
+    the flusher asks for normal scheduling (still nice 10) until it has caught up; acknowledged events are in the
+    WAL all along. The nice value also lowers its I/O priority where the I/O scheduler honours it."""
+    global _writer_policy
     exit_with_parent()
     os.nice(10)
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError) as exc:  # not Linux, or refused: nice 10 alone still applies
-        log.warning("the lake writer keeps normal scheduling at nice 10: %s", exc)
+    _writer_policy = os.SCHED_OTHER
+    _schedule_writer(idle=True)
     name_process("custody-lake")  # last: once ps shows the name, the priorities above are in place
 
 
+def _schedule_writer(*, idle: bool) -> None:
+    """In the lake-writer process only: ``SCHED_IDLE``, or normal scheduling while the lake is far behind."""
+    global _writer_policy
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    if _writer_policy is None or _writer_policy == policy:
+        return
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+        _writer_policy = policy
+    except (AttributeError, OSError) as exc:  # not Linux, or refused: nice 10 alone applies from now on
+        log.warning("the lake writer keeps its scheduling (nice 10): %s", exc)
+        _writer_policy = None
+
+
 class Store:
-    def __init__(self, data_dir: Path, *, flush_interval: float = 1.0, writer_process: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        flush_interval: float = 1.0,
+        writer_process: bool = True,
+        catch_up_after: float = CATCH_UP_AFTER,
+    ) -> None:
         self.data_dir = data_dir
         self.flush_interval = flush_interval
+        self.catch_up_after = catch_up_after
+        self._behind = False  # the lake writer was last asked for normal scheduling
         self.lake = Lake(data_dir / "lake")
         self.state_dir = data_dir / "state"
         self.flush_stats = FlushStats()
@@ -284,12 +312,23 @@ class Store:
             return write_segment_file(wal_path, self.lake.root, segment)
         if self._writer is None:
             self._writer = _new_writer()
+        behind = self.flush_stats.lag_seconds() >= self.catch_up_after
+        if behind != self._behind:
+            self._behind = behind
+            if behind:
+                log.warning(
+                    "the lake is %.0f s behind the write-ahead log: the lake writer runs at normal priority until it"
+                    " catches up",
+                    self.flush_stats.lag_seconds(),
+                )
+            else:
+                log.info("the lake has caught up; the lake writer yields to acknowledgements again")
         try:
-            return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment).result()
+            return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment, behind=behind).result()
         except BrokenProcessPool:
             log.error("the lake writer process died; starting a new one")
             self._writer = _new_writer()
-            return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment).result()
+            return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment, behind=behind).result()
 
     def _update_stats(self) -> None:
         self.flush_stats.unflushed_events = sum(count for _, count, _ in self._pending)

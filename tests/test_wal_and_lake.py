@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -231,3 +232,25 @@ def test_rotate_creates_the_next_segment_ahead_and_close_does_not(tmp_path: Path
     reopened = WriteAheadLog(tmp_path)
     assert reopened.append(batch[3:]) == 3
     reopened.close()
+
+
+@pytest.mark.parametrize(("catch_up_after", "policy"), [(3600.0, os.SCHED_IDLE), (0.0, os.SCHED_OTHER)])
+def test_the_lake_writer_yields_to_acks_until_the_lake_is_far_behind(
+    tmp_path: Path, catch_up_after: float, policy: int
+) -> None:
+    """The lake writer runs under SCHED_IDLE; once the flush lag reaches ``catch_up_after`` (30 s in the server),
+    the flusher has it run at normal priority until the lake has caught up, so saturation cannot starve it."""
+    from store.engine import Store
+    from tests.test_server_process import helpers_named
+
+    store = Store(tmp_path / "data", flush_interval=3600, catch_up_after=catch_up_after)
+    store.open(lambda _: None)
+    try:
+        store.start_flusher()
+        store.append(records(3))
+        assert store.flush() == 3
+        [writer] = helpers_named(os.getpid(), "custody-lake")
+        assert os.sched_getscheduler(writer) == policy
+    finally:
+        store.close()
+    assert len(Lake(tmp_path / "data" / "lake").files()) == 1
