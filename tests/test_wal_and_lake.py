@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import types
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -236,13 +238,15 @@ def test_rotate_creates_the_next_segment_ahead_and_close_does_not(tmp_path: Path
 
 @pytest.mark.parametrize(("catch_up_after", "policy"), [(3600.0, os.SCHED_IDLE), (0.0, os.SCHED_OTHER)])
 def test_the_lake_writer_yields_to_acks_until_the_lake_is_far_behind(
-    tmp_path: Path, catch_up_after: float, policy: int
+    tmp_path: Path, catch_up_after: float, policy: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lake writer runs under SCHED_IDLE; once the flush lag reaches ``catch_up_after`` (30 s in the server),
     the flusher has it run at normal priority until the lake has caught up, so saturation cannot starve it."""
     from store.engine import Store
     from tests.test_server_process import helpers_named
 
+    # A spawned process re-runs the parent's __main__; after the dashboard's AppTests that is dashboard/app.py.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     store = Store(tmp_path / "data", flush_interval=3600, catch_up_after=catch_up_after)
     store.open(lambda _: None)
     try:
