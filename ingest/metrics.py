@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -25,7 +24,7 @@ class IngestMetrics:
             ["status", "error"],
             registry=self.registry,
         )
-        self._children: dict[tuple[str, str], Any] = {}  # labels() looks a child up under a lock; this does not
+        self._children: dict[tuple[str, str], Counter] = {}  # labels() looks a child up under a lock; this does not
         self.ack_latency = Histogram(
             "custody_ack_latency_seconds",
             "Time from reading a POST /v1/events body to its durable acknowledgement.",
