@@ -86,9 +86,18 @@ class VerifierPool:
         self._specs: tuple[int, bytes] = (-1, b"")
 
     async def check(
-        self, tokens: Sequence[object], keys: KeyRing, *, now: datetime, max_event_bytes: int, max_skew: timedelta
+        self,
+        tokens: Sequence[object],
+        keys: KeyRing,
+        *,
+        now: datetime,
+        max_event_bytes: int,
+        max_skew: timedelta,
+        leave_free: int = 0,
     ) -> list[Verified | Rejected]:
-        """The stateless checks of ``tokens``, in their order, spread over the workers."""
+        """The stateless checks of ``tokens``, in their order, spread over the workers. ``leave_free``: use that
+        many workers fewer (at least one), to leave a core to the lake writer while it catches up: at equal
+        priority it got about 0.3 of 2 saturated cores and wrote 5,000 events/s while 5,600 came in."""
         if not tokens:
             return []
         await self._attach()
@@ -106,13 +115,14 @@ class VerifierPool:
         texts = [token for token in tokens if isinstance(token, str)]
         if not texts:
             return [item for item in checked if item is not None]
-        chunks = max(1, min(len(self._live), len(texts) // _MIN_CHUNK))
+        live = self._live[: max(1, len(self._live) - leave_free)]
+        chunks = max(1, min(len(live), len(texts) // _MIN_CHUNK))
         size = -(-len(texts) // chunks)
         chunked: list[list[object]] = [list(texts[start : start + size]) for start in range(0, len(texts), size)]
         clock, skew = now.timestamp(), max_skew.total_seconds()
         sent = []
         for chunk in chunked:
-            worker = min(self._live, key=lambda live: live.outstanding)
+            worker = min(live, key=lambda candidate: candidate.outstanding)
             message = (version, self._specs_for(worker, version, specs), chunk, clock, max_event_bytes, skew)
             sent.append((worker, worker.send(message, len(chunk))))
         flat: list[_Flat] = []

@@ -14,10 +14,12 @@ missing, replays every WAL segment into the state and the lake, and only then st
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import multiprocessing
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -71,56 +73,63 @@ def lock_data_dir(data_dir: Path) -> int:
 
 
 CATCH_UP_AFTER = 30.0  # seconds of flush lag after which the lake writer stops yielding every core to acks
-_writer_policy: int | None = None  # the lake-writer process's scheduling policy; None in any other process
+_WRITER_POLL = 0.5  # how often the flusher, waiting for a lake write, checks whether the lake is far behind
+_idle_writer = False  # this process is the lake writer and runs under SCHED_IDLE (set in that process only)
 
 
-def write_segment_file(wal_path: Path, lake_root: Path, segment: int, *, behind: bool = False) -> int:
+def write_segment_file(wal_path: Path, lake_root: Path, segment: int, *, idle: bool = False) -> int:
     """Read a closed WAL segment, write it to the lake, and compact the partitions it touched (tiered); runs in
-    the lake-writer process. ``behind``: the lake is more than ``CATCH_UP_AFTER`` seconds behind the WAL, so the
-    writer runs at normal priority (nice 10) instead of ``SCHED_IDLE`` until it is not."""
-    _schedule_writer(idle=not behind)
+    the lake-writer process. ``idle``: run under ``SCHED_IDLE`` from now on (a writer started at normal priority
+    to catch up is told so once the lake has caught up)."""
+    if idle:
+        _become_idle()
     lake = Lake(lake_root)
     written = lake.write_segment(segment, read_records(wal_path)[0])
     lake.compact_tiers(lake.touched)
     return written
 
 
-def _new_writer() -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(
-        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
+def _start_writer(*, idle: bool) -> tuple[ProcessPoolExecutor, int]:
+    """A lake-writer process, started now (not in the middle of a flush), and its pid."""
+    writer = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_writer_started,
+        initargs=(idle,),
     )
+    return writer, writer.submit(os.getpid).result()
 
 
-def _lower_priority() -> None:
+def _writer_started(idle: bool) -> None:
     """The lake writer yields the CPU to acknowledgements (a flush may wait, an ack should not), and ends with the
     server.
 
     It runs under ``SCHED_IDLE``: it gets a core only when no acknowledgement, verification or other ordinary task
-    wants it. At nice 10 alone its share of a busy core still delayed acks: 20-event requests at 3,400 events/s on
+    wants it. At nice 10 its share of a busy core still delayed acks: 20-event requests at 3,400 events/s on
     2 cores had p99 27-51 ms with it, 17-20 ms under SCHED_IDLE (6 paired runs each) and 13-15 ms with no flushes
-    at all. Under sustained saturation it would never run, so once the lake is ``CATCH_UP_AFTER`` seconds behind,
-    the flusher asks for normal scheduling (still nice 10) until it has caught up; acknowledged events are in the
-    WAL all along. The nice value also lowers its I/O priority where the I/O scheduler honours it."""
-    global _writer_policy
+    at all. Under saturation it gets almost nothing (a 2-core load of 7,500 events/s for 80 s: 5,500 events
+    written), and a process cannot leave ``SCHED_IDLE`` without ``CAP_SYS_NICE``. So once the lake is
+    ``catch_up_after`` seconds behind, the flusher replaces it, even in the middle of a write, with a writer at
+    normal priority, which drops to ``SCHED_IDLE`` once the lake has caught up (``Store._write_segment``).
+    Acknowledged events are in the WAL all along."""
     exit_with_parent()
-    os.nice(10)
-    _writer_policy = os.SCHED_OTHER
-    _schedule_writer(idle=True)
-    name_process("custody-lake")  # last: once ps shows the name, the priorities above are in place
+    if idle:
+        _become_idle()
+    name_process("custody-lake")  # last: once ps shows the name, the scheduling above is in place
 
 
-def _schedule_writer(*, idle: bool) -> None:
-    """In the lake-writer process only: ``SCHED_IDLE``, or normal scheduling while the lake is far behind."""
-    global _writer_policy
-    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
-    if _writer_policy is None or _writer_policy == policy:
+def _become_idle() -> None:
+    """In the lake-writer process: ``SCHED_IDLE`` from now on (lowering the priority needs no privilege); where
+    that is refused, nice 10."""
+    global _idle_writer
+    if _idle_writer:
         return
+    _idle_writer = True
     try:
-        os.sched_setscheduler(0, policy, os.sched_param(0))
-        _writer_policy = policy
-    except (AttributeError, OSError) as exc:  # not Linux, or refused: nice 10 alone applies from now on
-        log.warning("the lake writer keeps its scheduling (nice 10): %s", exc)
-        _writer_policy = None
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux, or refused
+        log.warning("the lake writer cannot run under SCHED_IDLE (%s); it runs at nice 10 instead", exc)
+        os.nice(10)
 
 
 class Store:
@@ -135,7 +144,7 @@ class Store:
         self.data_dir = data_dir
         self.flush_interval = flush_interval
         self.catch_up_after = catch_up_after
-        self._behind = False  # the lake writer was last asked for normal scheduling
+        self._catching_up = False  # the lake writer runs at normal priority until the lake has caught up
         self.lake = Lake(data_dir / "lake")
         self.state_dir = data_dir / "state"
         self.flush_stats = FlushStats()
@@ -143,6 +152,8 @@ class Store:
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         self._writer: ProcessPoolExecutor | None = None
+        self._writer_pid = 0
+        self._rotated_at = time.monotonic()
         self._flushing_in_background = False
         self._writer_process = writer_process
         self._pending: list[tuple[int, int, float]] = []  # (segment, events, monotonic time of first append)
@@ -170,8 +181,7 @@ class Store:
         it never competes with the ack path for the GIL."""
         self._flushing_in_background = self._writer_process
         if self._writer_process:
-            self._writer = _new_writer()
-            self._writer.submit(int).result()  # start it now, not in the middle of the first flush
+            self._writer, self._writer_pid = _start_writer(idle=True)
         self._flusher = threading.Thread(target=self._flush_loop, name="custody-flusher", daemon=True)
         self._flusher.start()
         self.index.start()
@@ -283,6 +293,7 @@ class Store:
 
     def flush(self) -> int:
         """Move every closed (and the active) WAL segment into the lake; return the events written."""
+        self._rotated_at = time.monotonic()
         self.wal.rotate()
         try:
             self.index.drain()  # a segment leaves the disk only once SQLite has its entries
@@ -306,29 +317,81 @@ class Store:
         return written
 
     def _write_segment(self, segment: int) -> int:
-        """Turn one closed WAL segment into Parquet in the lake-writer process (in this one when there is none)."""
+        """Turn one closed WAL segment into Parquet in the lake-writer process (in this one when there is none).
+
+        The writer runs under ``SCHED_IDLE`` and gets almost no CPU while acks keep both cores busy. Once the lake
+        is ``catch_up_after`` seconds behind, a writer at normal priority takes over: the idle one is killed, even
+        in the middle of a write (the lake is safe against that as against kill -9 of the server: files appear
+        by rename, a compaction deletes its inputs only once its output is durable), and the segment is written
+        again. It drops back to ``SCHED_IDLE`` once the lag is under a tenth of the limit."""
         wal_path = self.wal.path(segment)
         if not self._flushing_in_background:
             return write_segment_file(wal_path, self.lake.root, segment)
-        if self._writer is None:
-            self._writer = _new_writer()
-        behind = self.flush_stats.lag_seconds() >= self.catch_up_after
-        if behind != self._behind:
-            self._behind = behind
-            if behind:
-                log.warning(
-                    "the lake is %.0f s behind the write-ahead log: the lake writer runs at normal priority until it"
-                    " catches up",
-                    self.flush_stats.lag_seconds(),
-                )
-            else:
-                log.info("the lake has caught up; the lake writer yields to acknowledgements again")
-        try:
-            return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment, behind=behind).result()
-        except BrokenProcessPool:
-            log.error("the lake writer process died; starting a new one")
-            self._writer = _new_writer()
-            return self._writer.submit(write_segment_file, wal_path, self.lake.root, segment, behind=behind).result()
+        restarted = False
+        while True:
+            self._choose_priority()
+            if self._writer is None:
+                self._writer, self._writer_pid = _start_writer(idle=not self._catching_up)
+            future = self._writer.submit(
+                write_segment_file, wal_path, self.lake.root, segment, idle=not self._catching_up
+            )
+            try:
+                while True:
+                    try:
+                        return future.result(timeout=_WRITER_POLL)
+                    except TimeoutError:
+                        if not self._catching_up and self._far_behind():
+                            self._replace_idle_writer()
+                            break
+                        self._rotate_when_due()
+            except BrokenProcessPool:
+                self._writer = None
+                if restarted:  # twice in one segment: the flush fails and is retried at the next interval
+                    raise
+                restarted = True
+                log.error("the lake writer process died; starting a new one")
+
+    def _rotate_when_due(self) -> None:
+        """While a write waits for CPU, close the active WAL segment every ``flush_interval`` anyway: the next
+        flushes then write segments of a second's events each, not one holding all that came in meanwhile (a
+        30 s backlog at 7,500 events/s would be one 240 MB segment, read whole into the writer)."""
+        if time.monotonic() - self._rotated_at >= self.flush_interval:
+            self._rotated_at = time.monotonic()
+            self.wal.rotate()
+
+    @property
+    def catching_up(self) -> bool:
+        """The lake is far behind and a writer at normal priority is catching up: the server then leaves it a
+        core (``VerifierPool.check``'s ``leave_free``)."""
+        return self._catching_up
+
+    def _far_behind(self) -> bool:
+        return self.flush_stats.lag_seconds() >= self.catch_up_after
+
+    def _choose_priority(self) -> None:
+        """Catch up at normal priority from a lag of ``catch_up_after`` until the lag is under a tenth of it."""
+        lag = self.flush_stats.lag_seconds()
+        if not self._catching_up and lag >= self.catch_up_after:
+            self._replace_idle_writer()
+        elif self._catching_up and lag < self.catch_up_after / 10:
+            self._catching_up = False
+            log.info("the lake has caught up (%.1f s behind); the lake writer yields to acknowledgements again", lag)
+
+    def _replace_idle_writer(self) -> None:
+        """Kill the idle lake writer (it would get no CPU until the load eases); the next write starts one at
+        normal priority. Its unfinished temporary files are removed: no other process writes the lake."""
+        log.warning(
+            "the lake is %.0f s behind the write-ahead log: a lake writer at normal priority takes over until it"
+            " has caught up",
+            self.flush_stats.lag_seconds(),
+        )
+        self._catching_up = True
+        if self._writer is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._writer_pid, signal.SIGKILL)
+            self._writer.shutdown(wait=False, cancel_futures=True)  # an idle process may take seconds to exit
+            self._writer = None
+        self.lake.remove_temporary_files()
 
     def _update_stats(self) -> None:
         self.flush_stats.unflushed_events = sum(count for _, count, _ in self._pending)

@@ -214,7 +214,7 @@ class Lake:
             path.unlink(missing_ok=True)
             removed += 1
         if removed:
-            log.info("removed %d unfinished Parquet files from an earlier run", removed)
+            log.info("removed %d unfinished Parquet files of a lake writer that ended", removed)
         return removed
 
     def files(self) -> list[Path]:
@@ -244,6 +244,7 @@ class Lake:
         each event is rewritten once per level (a day of one flush a second: 5 levels, < 80 files)."""
         removed = 0
         for directory in directories:
+            self.remove_covered_files(directory)
             level = 0
             while level < 10:
                 files = sorted(
@@ -257,16 +258,32 @@ class Lake:
                 removed += fanout
         return removed
 
+    def remove_covered_files(self, directory: Path) -> int:
+        """Delete the files of a partition that a wider compacted file holds: the inputs of a compaction whose
+        writer ended after its output appeared and before it deleted them (readers skip them: ``live_files``)."""
+        paths = list(directory.glob("*.parquet"))
+        live = set(live_files(paths))
+        covered = sorted(path for path in paths if segment_range(path) is not None and path not in live)
+        if covered:
+            fsync_directory(directory)  # the wider file's name is on disk before its inputs leave
+            for path in covered:
+                path.unlink(missing_ok=True)
+            fsync_directory(directory)
+            log.info("%s: removed %d files that a compacted file holds", directory, len(covered))
+        return len(covered)
+
     def _merge(self, directory: Path, paths: list[Path], prefix: str) -> Path:
         """One sorted file holding ``paths``; written durably before they are deleted."""
         ranges = [segment_range(path) for path in paths]
         low = min(r[0] for r in ranges if r)
         high = max(r[1] for r in ranges if r)
-        table = pa.concat_tables([pq.read_table(path, schema=EVENT_SCHEMA) for path in paths])
+        # use_threads=False: Arrow's pool threads would keep the scheduling of the thread that started them, and
+        # the lake writer changes its own (store.engine)
+        table = pa.concat_tables([pq.read_table(path, schema=EVENT_SCHEMA, use_threads=False) for path in paths])
         table = table.sort_by([("emitter", "ascending"), ("seq", "ascending")])
         final = directory / f"{prefix}-{low:012d}-{high:012d}.parquet"
         self._write_atomic(directory, final, table)
         for path in paths:
-            path.unlink()
+            path.unlink(missing_ok=True)
         fsync_directory(directory)
         return final

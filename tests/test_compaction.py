@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import shutil
 
+import duckdb
 import pyarrow.parquet as pq
 
 from query.chains import verify_chains
@@ -104,3 +105,28 @@ def test_tiered_compaction_bounds_files_per_partition_and_keeps_every_event(tmp_
     assert seqs == list(range(1, 71))
     ranges = sorted(r for r in (segment_range(path) for path in files) if r)
     assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges)), ranges  # disjoint
+
+
+def test_inputs_left_by_a_writer_killed_mid_compaction_are_removed(tmp_path) -> None:
+    """A lake writer killed after a compaction's output appeared and before it deleted its inputs (the flusher
+    kills a starved writer): readers skip the inputs at once, and the next compaction of the partition deletes
+    them, so a plain DuckDB glob counts every event once again."""
+    lake = Lake(tmp_path / "lake")
+    records = make_records(5)
+    for segment, record in enumerate(records[:4], 1):
+        lake.write_segment(segment, [record])
+    [partition] = {path.parent for path in lake.files()}
+    inputs = {path: path.read_bytes() for path in lake.files()}
+    merged = lake._merge(partition, sorted(inputs), "compact-L1")
+    for path, data in inputs.items():  # the state the killed writer left: output and inputs side by side
+        path.write_bytes(data)
+
+    def plain_count() -> int:
+        return int(duckdb.sql(f"select count(*) from read_parquet('{lake.glob}')").fetchall()[0][0])
+
+    assert lake.files() == [merged]
+    assert plain_count() == 8
+    lake.write_segment(5, records[4:])
+    assert lake.compact_tiers(lake.touched) == 0  # nothing to merge: 2 files at two levels
+    assert sorted(path.name for path in partition.iterdir()) == [merged.name, "seg-000000000005.parquet"]
+    assert plain_count() == 5

@@ -163,3 +163,36 @@ def test_workers_judge_the_clock_by_the_server_time_and_skew_they_are_sent(monke
     )
     assert isinstance(near, Verified)
     assert near.seq == 1
+
+
+def test_a_pool_leaving_a_core_free_uses_one_worker_fewer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the lake writer catches up, the server asks for ``leave_free=1``: every chunk then goes to the other
+    workers. Shown with the second worker stopped: a request that would be split over both completes anyway."""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    key = generate_key()
+    tokens, _ = chain("gw-1", 40, key, "k1")
+    ring = KeyRing()
+    ring.load_specs([("k1", "gw-1", "acme", public_jwk(key, "k1"), None)], 1)
+    pool = VerifierPool(2)
+    loop = asyncio.new_event_loop()
+    stopped = pool._live[1].pid
+    assert stopped is not None
+    try:
+        loop.run_until_complete(pool.warm(ring))
+        os.kill(stopped, signal.SIGSTOP)
+
+        async def check(leave_free: int) -> list[Verified | Rejected]:
+            now = datetime.now(UTC)
+            return await pool.check(
+                tokens, ring, now=now, max_event_bytes=65536, max_skew=timedelta(days=1), leave_free=leave_free
+            )
+
+        checked = loop.run_until_complete(asyncio.wait_for(check(leave_free=1), timeout=30))
+        assert all(isinstance(item, Verified) for item in checked)
+        assert len(checked) == 40
+        with pytest.raises(TimeoutError):  # the same request split over both workers waits for the stopped one
+            loop.run_until_complete(asyncio.wait_for(check(leave_free=0), timeout=2))
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        loop.run_until_complete(pool.aclose())
+        loop.close()

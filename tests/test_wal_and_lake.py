@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
 import sys
 import types
 from datetime import UTC, datetime
@@ -17,6 +19,7 @@ from store.errors import StorageUnavailable
 from store.lake import Lake, PacedFile, signed_events
 from store.schema import event_table
 from store.wal import WalRecord, WriteAheadLog
+from tests import conftest
 from tests.signing import chain, hash_of
 
 KEY = generate_key()
@@ -237,8 +240,9 @@ def test_rotate_creates_the_next_segment_ahead_and_close_does_not(tmp_path: Path
 def test_the_lake_writer_yields_to_acks_unless_the_lake_is_far_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The lake writer runs under SCHED_IDLE; while the flush lag is at least ``catch_up_after`` (30 s in the
-    server), the flusher has it run at normal priority, and once the lake has caught up, under SCHED_IDLE again."""
+    """The lake writer runs under SCHED_IDLE; once the flush lag reaches ``catch_up_after`` (30 s in the server),
+    a new writer at normal priority takes over (no process leaves SCHED_IDLE without CAP_SYS_NICE), and once the
+    lake has caught up, that writer runs under SCHED_IDLE too."""
     from store.engine import Store
     from tests.test_server_process import helpers_named
 
@@ -249,15 +253,94 @@ def test_the_lake_writer_yields_to_acks_unless_the_lake_is_far_behind(
     batch = records(9)
     try:
         store.start_flusher()
-        [writer] = helpers_named(os.getpid(), "custody-lake")
-        policies = []
+        policies, writers = [], []
         for catch_up_after, events in ((3600.0, batch[:3]), (0.0, batch[3:6]), (3600.0, batch[6:])):
             store.catch_up_after = catch_up_after  # 0: any lag counts as far behind
             store.append(events)
             assert store.flush() == 3
+            [writer] = helpers_named(os.getpid(), "custody-lake")
             policies.append(os.sched_getscheduler(writer))
+            writers.append(writer)
         assert policies == [os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_IDLE]
-        assert helpers_named(os.getpid(), "custody-lake") == [writer]  # one writer process throughout
+        assert writers[0] != writers[1] == writers[2]
     finally:
         store.close()
     assert len(Lake(tmp_path / "data" / "lake").files()) == 3
+
+
+_STARVED_WRITER = """
+import json, logging, os, signal, sys, threading, time
+from pathlib import Path
+
+import duckdb
+
+def may_leave_sched_idle():
+    answer = []
+    def probe():
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        try:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            answer.append(True)
+        except PermissionError:
+            answer.append(False)
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return answer[0]
+
+from store.engine import Store
+from store.lake import Lake
+from tests.test_server_process import helpers_named
+from tests.test_wal_and_lake import records
+
+logging.basicConfig(level=logging.INFO)
+data = Path(sys.argv[1])
+store = Store(data, flush_interval=3600, catch_up_after=2.0)
+store.open(lambda _: None)
+store.start_flusher()
+[idle] = helpers_named(os.getpid(), "custody-lake")
+report = {"privileged": may_leave_sched_idle(), "idle_policy": os.sched_getscheduler(idle)}
+os.kill(idle, signal.SIGSTOP)  # starved: no CPU at all, as under a load that keeps every core busy
+batch = records(8)
+store.append(batch[:5])
+started = time.monotonic()
+report["written"] = store.flush()
+report["seconds"] = time.monotonic() - started
+[writer] = helpers_named(os.getpid(), "custody-lake")
+report["replaced"] = writer != idle
+report["catch_up_policy"] = os.sched_getscheduler(writer)
+store.catch_up_after = 3600.0
+store.append(batch[5:])
+report["written_after"] = store.flush()
+report["after_policy"] = os.sched_getscheduler(writer)
+report["same_writer_after"] = helpers_named(os.getpid(), "custody-lake") == [writer]
+store.close()
+report["lake_rows"] = duckdb.sql(f"select count(*) from read_parquet('{Lake(data / 'lake').glob}')").fetchall()[0][0]
+report["temporary_files"] = len(list((data / "lake" / "events").glob("**/.*.tmp")))
+print(json.dumps(report))
+"""
+
+
+def test_a_starved_lake_writer_is_replaced_mid_write_without_privileges(tmp_path: Path) -> None:
+    """The flusher does not wait for a write that gets no CPU: once the lag reaches the limit, it kills the idle
+    writer and a writer at normal priority writes the segment again. Run without CAP_SYS_NICE (as a deployed
+    server is), where no process can leave SCHED_IDLE: the replacement needs no privilege."""
+    command = [sys.executable, "-c", _STARVED_WRITER, str(tmp_path / "data")]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-sys_nice", *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=conftest.REPO, check=False)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["privileged"] is False, "the test must run where SCHED_IDLE cannot be left"
+    assert report["idle_policy"] == os.SCHED_IDLE
+    assert report["written"] == 5
+    assert 2.0 <= report["seconds"] < 60, report  # it waited for the 2 s limit, not for the stopped writer
+    assert report["replaced"]
+    assert report["catch_up_policy"] == os.SCHED_OTHER
+    assert "a lake writer at normal priority takes over" in done.stderr
+    assert report["written_after"] == 3
+    assert report["after_policy"] == os.SCHED_IDLE
+    assert report["same_writer_after"]
+    assert "the lake writer yields to acknowledgements again" in done.stderr
+    assert report["lake_rows"] == 8
+    assert report["temporary_files"] == 0
