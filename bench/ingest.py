@@ -3,9 +3,11 @@
 Prints, from one run: the in-process ceiling (raw cryptography verify + orjson parse + JCS hash + one fsync per
 batch, one process, one core), the server's accepted (durable) events/s on one core and on both (each the median
 of --rounds runs, taken in turn with the ceiling, because this VM's speed drifts), ack latency p50/p99 at half of
-the measured maximum, and the server's RSS.
+the measured maximum, and the server's RSS. The maxima are bursts of a few seconds, in which the lake writer (which
+yields every core to acknowledgements) writes nothing; ``--sustain 90`` adds a 90 s full load, in which the lake
+must keep up, and latency at half of that rate.
 
-    .venv/bin/python bench/ingest.py [--emitters 16] [--events 3000] [--batch 500] [--rounds 3]
+    .venv/bin/python bench/ingest.py [--emitters 16] [--events 3000] [--batch 500] [--rounds 3] [--sustain 90]
 """
 
 from __future__ import annotations
@@ -202,6 +204,87 @@ def catch_up(url: str, timeout: float = 300.0) -> tuple[int, float]:
     return waiting, time.perf_counter() - started
 
 
+def sustained(
+    root: Path, emitters: int, seconds: float, expected_rate: float, batch: int, clients: int
+) -> tuple[float, float, float]:
+    """A 2-core load at full speed for about ``seconds``, long enough that the lake writer must keep up (from 30 s
+    of lag a writer at normal priority catches up while the verifiers leave it a core). Prints the lake's backlog
+    every 5 s; returns (events/s accepted over the whole run, the largest flush lag seen, its value at the end)."""
+    per_emitter = int(expected_rate * seconds / emitters) + 1
+    print(f"sustained load: pre-signing {emitters} x {per_emitter:,} events ...", flush=True)
+    chains = presign(emitters, per_emitter)
+    server = Server(root / "data-sustained", TOKEN)
+    register(server.url, chains)
+    samples: list[tuple[float, float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        started = time.perf_counter()
+        while not done.wait(1.0):
+            text = httpx.get(f"{server.url}/metrics", timeout=10).text
+            values = {
+                line.split()[0]: float(line.split()[1])
+                for line in text.splitlines()
+                if line.startswith(("custody_flush_lag_seconds ", "custody_unflushed_events "))
+            }
+            elapsed = time.perf_counter() - started
+            samples.append((elapsed, values["custody_unflushed_events"], values["custody_flush_lag_seconds"]))
+            if len(samples) % 5 == 0:
+                print(
+                    f"  {elapsed:5.0f} s: {values['custody_unflushed_events']:9,.0f} acknowledged events not yet in"
+                    f" the lake, flush lag {values['custody_flush_lag_seconds']:5.1f} s",
+                    flush=True,
+                )
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rate, _ = post_all(server.url, chains, batch, clients)
+    done.set()
+    sampler.join()
+    waiting, caught_up = catch_up(server.url)
+    server.stop()
+    worst = max(lag for _, _, lag in samples)
+    print(
+        f"sustained load: {rate:,.0f} events/s accepted over {emitters * per_emitter / rate:.0f} s (batches of {batch},"
+        f" {clients} connections); flush lag at most {worst:.1f} s, {samples[-1][2]:.1f} s at the end;"
+        f" {waiting:,} events not yet in the lake at the end, all in it {caught_up:.1f} s later",
+        flush=True,
+    )
+    return rate, worst, samples[-1][2]
+
+
+def latency_rounds(
+    root: Path,
+    label: str,
+    chains: dict[str, tuple[Ed25519PrivateKey, list[str]]],
+    rate: float,
+    batch: int,
+    clients: int,
+    rounds: int,
+) -> list[float]:
+    """``rounds`` runs at ``rate`` events/s of ``batch``-event requests; prints each, returns the p99s (ms)."""
+    p99s = []
+    for round_number in range(1, rounds + 1):
+        server = Server(root / f"data-latency-{label}-{round_number}", TOKEN)
+        register(server.url, chains)
+        achieved, latencies = post_all(server.url, chains, batch, clients, rate=rate)
+        rss, peak, with_helpers = server.rss_mib()
+        server.stop()
+        p99s.append(percentile(latencies, 99) * 1000)
+        print(
+            f"at half {label} (round {round_number}; {rate:,.0f} events/s offered, {achieved:,.0f} achieved,"
+            f" batches of {batch}): ack latency p50 {percentile(latencies, 50) * 1000:.1f} ms,"
+            f" p99 {p99s[-1]:.1f} ms; RSS {rss:.0f} MiB (peak {peak:.0f} MiB,"
+            f" {with_helpers:.0f} MiB with helper processes)",
+            flush=True,
+        )
+    print(
+        f"at half {label}, p99 of {rounds} rounds: median {statistics.median(p99s):.1f} ms"
+        f" (from {min(p99s):.1f} to {max(p99s):.1f})"
+    )
+    return p99s
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -216,6 +299,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each maximum (the median is used)")
     parser.add_argument(
         "--latency-rounds", type=int, default=3, help="runs at half the 2-core maximum (p99 varies run to run)"
+    )
+    parser.add_argument(
+        "--sustain",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="also a full 2-core load for this long (90 s: about 700,000 events, 1.5 GB pre-signed), the lake keeping"
+        " up, and latency at half of that rate",
     )
     parser.add_argument(
         "--small-batches", type=int, nargs="*", default=[20, 5], help="request sizes measured at half their own maximum"
@@ -265,26 +356,20 @@ def main() -> None:
             f" 1 core / ceiling: {results['1 core'] / results['ceiling']:.0%} (against the libsodium ceiling:"
             f" {results['1 core'] / results['libsodium']:.0%});  2 cores / 1 core: {scaling:.2f}x"
         )
-        half = results["2 cores"] / 2
-        p99s = []
-        for round_number in range(1, args.latency_rounds + 1):
-            server = Server(root / f"data-latency-{round_number}", TOKEN)
-            register(server.url, chains)
-            rate, latencies = post_all(server.url, chains, args.latency_batch, args.clients, rate=half)
-            rss, peak, with_helpers = server.rss_mib()
-            server.stop()
-            p99s.append(percentile(latencies, 99) * 1000)
-            print(
-                f"at half load (round {round_number}; {half:,.0f} events/s offered, {rate:,.0f} achieved, batches of"
-                f" {args.latency_batch}): ack latency p50 {percentile(latencies, 50) * 1000:.1f} ms,"
-                f" p99 {p99s[-1]:.1f} ms; RSS {rss:.0f} MiB (peak {peak:.0f} MiB,"
-                f" {with_helpers:.0f} MiB with helper processes)",
-                flush=True,
-            )
-        print(
-            f"at half load, p99 of {args.latency_rounds} rounds: median {statistics.median(p99s):.1f} ms"
-            f" (from {min(p99s):.1f} to {max(p99s):.1f})"
+        latency_rounds(
+            root,
+            "the 2-core maximum",
+            chains,
+            results["2 cores"] / 2,
+            args.latency_batch,
+            args.clients,
+            args.latency_rounds,
         )
+        if args.sustain:
+            rate, _, _ = sustained(root, args.emitters, args.sustain, results["2 cores"], args.batch, args.clients)
+            latency_rounds(
+                root, "the sustained maximum", chains, rate / 2, args.latency_batch, args.clients, args.latency_rounds
+            )
         # Small requests cost more per event (HTTP, the thread hop, the fsync): their maximum is lower, so "half of
         # max load" is also measured against the maximum of that request size.
         for batch in args.small_batches:
