@@ -243,14 +243,15 @@ def sustained(
     sampler.join()
     waiting, caught_up = catch_up(server.url)
     server.stop()
-    worst = max(lag for _, _, lag in samples)
+    worst = max((lag for _, _, lag in samples), default=0.0)
+    last = samples[-1][2] if samples else 0.0  # a run shorter than a second has no sample
     print(
         f"sustained load: {rate:,.0f} events/s accepted over {emitters * per_emitter / rate:.0f} s (batches of {batch},"
-        f" {clients} connections); flush lag at most {worst:.1f} s, {samples[-1][2]:.1f} s at the end;"
+        f" {clients} connections); flush lag at most {worst:.1f} s, {last:.1f} s at the end;"
         f" {waiting:,} events not yet in the lake at the end, all in it {caught_up:.1f} s later",
         flush=True,
     )
-    return rate, worst, samples[-1][2]
+    return rate, worst, last
 
 
 def latency_rounds(
