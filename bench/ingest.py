@@ -204,18 +204,16 @@ def catch_up(url: str, timeout: float = 300.0) -> tuple[int, float]:
     return waiting, time.perf_counter() - started
 
 
-def sustained(
-    root: Path, emitters: int, seconds: float, expected_rate: float, batch: int, clients: int
-) -> tuple[float, float, float]:
+def sustained(root: Path, emitters: int, seconds: float, expected_rate: float, batch: int, clients: int) -> float:
     """A 2-core load at full speed for about ``seconds``, long enough that the lake writer must keep up (from 30 s
     of lag a writer at normal priority catches up while the verifiers leave it a core). Prints the lake's backlog
-    every 5 s; returns (events/s accepted over the whole run, the largest flush lag seen, its value at the end)."""
+    every 5 s; returns the events/s accepted over the whole run."""
     per_emitter = int(expected_rate * seconds / emitters) + 1
     print(f"sustained load: pre-signing {emitters} x {per_emitter:,} events ...", flush=True)
     chains = presign(emitters, per_emitter)
     server = Server(root / "data-sustained", TOKEN)
     register(server.url, chains)
-    samples: list[tuple[float, float, float]] = []
+    lags: list[float] = []  # the flush lag, once a second
     done = threading.Event()
 
     def sample() -> None:
@@ -228,8 +226,8 @@ def sustained(
                 if line.startswith(("custody_flush_lag_seconds ", "custody_unflushed_events "))
             }
             elapsed = time.perf_counter() - started
-            samples.append((elapsed, values["custody_unflushed_events"], values["custody_flush_lag_seconds"]))
-            if len(samples) % 5 == 0:
+            lags.append(values["custody_flush_lag_seconds"])
+            if len(lags) % 5 == 0:
                 print(
                     f"  {elapsed:5.0f} s: {values['custody_unflushed_events']:9,.0f} acknowledged events not yet in"
                     f" the lake, flush lag {values['custody_flush_lag_seconds']:5.1f} s",
@@ -243,15 +241,15 @@ def sustained(
     sampler.join()
     waiting, caught_up = catch_up(server.url)
     server.stop()
-    worst = max((lag for _, _, lag in samples), default=0.0)
-    last = samples[-1][2] if samples else 0.0  # a run shorter than a second has no sample
+    if not lags:  # a run shorter than a second has no sample
+        lags.append(0.0)
     print(
         f"sustained load: {rate:,.0f} events/s accepted over {emitters * per_emitter / rate:.0f} s (batches of {batch},"
-        f" {clients} connections); flush lag at most {worst:.1f} s, {last:.1f} s at the end;"
+        f" {clients} connections); flush lag at most {max(lags):.1f} s, {lags[-1]:.1f} s at the end;"
         f" {waiting:,} events not yet in the lake at the end, all in it {caught_up:.1f} s later",
         flush=True,
     )
-    return rate, worst, last
+    return rate
 
 
 def latency_rounds(
@@ -262,8 +260,8 @@ def latency_rounds(
     batch: int,
     clients: int,
     rounds: int,
-) -> list[float]:
-    """``rounds`` runs at ``rate`` events/s of ``batch``-event requests; prints each, returns the p99s (ms)."""
+) -> None:
+    """``rounds`` runs at ``rate`` events/s of ``batch``-event requests; prints each and the median p99."""
     p99s = []
     for round_number in range(1, rounds + 1):
         server = Server(root / f"data-latency-{label}-{round_number}", TOKEN)
@@ -283,7 +281,6 @@ def latency_rounds(
         f"at half {label}, p99 of {rounds} rounds: median {statistics.median(p99s):.1f} ms"
         f" (from {min(p99s):.1f} to {max(p99s):.1f})"
     )
-    return p99s
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -367,7 +364,7 @@ def main() -> None:
             args.latency_rounds,
         )
         if args.sustain:
-            rate, _, _ = sustained(root, args.emitters, args.sustain, results["2 cores"], args.batch, args.clients)
+            rate = sustained(root, args.emitters, args.sustain, results["2 cores"], args.batch, args.clients)
             latency_rounds(
                 root, "the sustained maximum", chains, rate / 2, args.latency_batch, args.clients, args.latency_rounds
             )
