@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -149,8 +151,13 @@ def test_paced_file_writes_what_pyarrow_writes_and_syncs_every_n_bytes(
 def test_a_lake_write_that_fails_midway_leaves_no_file_behind(tmp_path: Path) -> None:
     lake = Lake(tmp_path / "lake")
     partition = lake.events_dir / "tenant=acme" / "date=2026-11-29"
-    with pytest.raises(AttributeError):  # the sink is open when pyarrow refuses the table
-        lake._write_atomic(partition, partition / "seg-000000000001.parquet", table=None)  # type: ignore[arg-type]
+
+    def row_groups() -> Iterator[pa.Table]:  # a compaction whose input fails after a row group was written
+        yield event_table(list(signed_events(records(3))))
+        raise OSError("input file unreadable")
+
+    with pytest.raises(OSError, match="unreadable"):
+        lake._write_atomic(partition, partition / "seg-000000000001.parquet", row_groups())
     assert list(partition.iterdir()) == []
 
 
