@@ -73,6 +73,7 @@ def lock_data_dir(data_dir: Path) -> int:
 
 
 CATCH_UP_AFTER = 30.0  # seconds of flush lag after which the lake writer stops yielding every core to acks
+_REBUILD_BATCH_ROWS = 16 * 1024  # rows of a lake file read at a time while the event index is rebuilt
 _WRITER_POLL = 0.5  # how often the flusher, waiting for a lake write, checks whether the lake is far behind
 _idle_writer = False  # this process is the lake writer and runs under SCHED_IDLE (set in that process only)
 
@@ -217,19 +218,23 @@ class Store:
         self.state.reset()
         admin: list[tuple[int, dict[str, Any], str]] = []
         for number, path in enumerate(files, 1):
-            table = pq.read_table(path, columns=["event_id", "emitter", "seq", "event_hash", "occurred_at", "jws"])
-            columns = table.to_pydict()
-            entries = [
-                IndexEntry(event_id, emitter, seq, digest)
-                for event_id, emitter, seq, digest in zip(
-                    columns["event_id"], columns["emitter"], columns["seq"], columns["event_hash"], strict=True
-                )
-            ]
-            for emitter, seq, jws in zip(columns["emitter"], columns["seq"], columns["jws"], strict=True):
-                if emitter == SERVER_EMITTER:
-                    payload = decode_payload(jws)
-                    admin.append((seq, payload["admin"], payload["occurred_at"]))
-            self.state.record_events(entries)
+            # a batch at a time: a compacted file can hold a day of a busy tenant, too much to hold as Python objects
+            batches = pq.ParquetFile(path, pre_buffer=False).iter_batches(
+                batch_size=_REBUILD_BATCH_ROWS, columns=["event_id", "emitter", "seq", "event_hash", "jws"]
+            )
+            for batch in batches:
+                columns = batch.to_pydict()
+                entries = [
+                    IndexEntry(event_id, emitter, seq, digest)
+                    for event_id, emitter, seq, digest in zip(
+                        columns["event_id"], columns["emitter"], columns["seq"], columns["event_hash"], strict=True
+                    )
+                ]
+                for emitter, seq, jws in zip(columns["emitter"], columns["seq"], columns["jws"], strict=True):
+                    if emitter == SERVER_EMITTER:
+                        payload = decode_payload(jws)
+                        admin.append((seq, payload["admin"], payload["occurred_at"]))
+                self.state.record_events(entries)
             if number % 100 == 0:
                 progress(f"indexed {number}/{len(files)} files")
         admin.sort(key=lambda item: item[0])

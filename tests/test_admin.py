@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from ingest.app import create_app
 from ingest.sdk import generate_key, public_jwk
 from ingest.server import IngestServer
+from store import engine
 from tests.conftest import ADMIN, ADMIN_TOKEN, Harness, read_lake
 from tests.signing import chain
 
@@ -223,7 +224,10 @@ def test_registry_heads_and_keys_survive_a_restart(tmp_path: Path) -> None:
     assert oct((data / "state" / "server_key.pem").stat().st_mode & 0o777) == "0o600"
 
 
-def test_state_is_rebuilt_from_the_lake_when_lost(tmp_path: Path) -> None:
+def test_state_is_rebuilt_from_the_lake_when_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read a row at a time (the rebuild reads lake files in batches), the registry, heads and event index come
+    back from the lake."""
+    monkeypatch.setattr(engine, "_REBUILD_BATCH_ROWS", 1)
     data = tmp_path / "data"
     key = generate_key()
     with serving(data) as client:
