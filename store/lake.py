@@ -42,8 +42,11 @@ log = logging.getLogger(__name__)
 
 SYNC_EVERY_BYTES = 512 * 1024
 MERGE_BUFFER_BYTES = 32 * 1024 * 1024  # what a compaction holds of its inputs at a time, all inputs together
+# Row groups of lake files: scans of the lake slow down with smaller ones (blast radius over 10M events: 2.7 s
+# with 128k rows, 4.3 s with 8k), so a compaction holds one whole row group (about 200 MB of 1.6 KB events)
+# before it writes it; events large enough to fill the byte limit first make smaller groups.
 ROW_GROUP_ROWS = 128 * 1024
-ROW_GROUP_BYTES = 32 * 1024 * 1024  # a compacted file's row group is written once it holds this much
+ROW_GROUP_BYTES = 256 * 1024 * 1024
 _ORDER = [("emitter", "ascending"), ("seq", "ascending")]
 _PROBE_ROWS = 64
 _READ_BUFFER_BYTES = 256 * 1024
@@ -334,9 +337,9 @@ def merge_sorted(
     A k-way merge a batch at a time: each input holds a batch of about ``buffer_bytes / k`` bytes; every held row
     up to the smallest of the inputs' largest held keys is final (no input can still hold a smaller one), so
     those rows are sorted together and passed on, and the input that set that bound reads its next batch.
-    Memory is bounded by ``buffer_bytes`` plus one row group, whatever the inputs hold: reading them whole, a
-    merge of 16 files of 64,000 events each peaked at 4.5 GB. An input that is not sorted loses nothing: its
-    rows all appear once, only not in order."""
+    Memory is bounded by ``buffer_bytes`` plus one row group, whatever the inputs hold (16 files of 1.6 KB
+    events: 642-809 MiB of RSS for 256,000 to 2,560,000 events); read whole, 1,024,000 events took 4,528 MiB.
+    An input that is not sorted loses nothing: its rows all appear once, only not in order."""
     inputs = [_Input(_batches(path, buffer_bytes // max(1, len(paths)))) for path in paths]
     pending: list[pa.Table] = []
     pending_rows = pending_bytes = 0
@@ -352,10 +355,15 @@ def merge_sorted(
         pending.append(merged)
         pending_rows += merged.num_rows
         pending_bytes += merged.nbytes
-        if pending_rows >= ROW_GROUP_ROWS or pending_bytes >= row_group_bytes:
+        if pending_rows >= ROW_GROUP_ROWS:  # a full row group; the rest starts the next one
+            held_back = pa.concat_tables(pending)
+            yield held_back.slice(0, ROW_GROUP_ROWS)
+            pending = [held_back.slice(ROW_GROUP_ROWS)]
+            pending_rows, pending_bytes = pending[0].num_rows, pending[0].nbytes
+        elif pending_bytes >= row_group_bytes:  # large events: fewer rows
             yield pa.concat_tables(pending)
             pending, pending_rows, pending_bytes = [], 0, 0
-    if pending:
+    if pending_rows:
         yield pa.concat_tables(pending)
 
 
