@@ -55,9 +55,14 @@ _READ_BUFFER_BYTES = 256 * 1024
 _WRITE_BATCH_ROWS = 128
 # Columns whose every value is different: a dictionary cannot shrink them, and a reader holds a column chunk's
 # dictionary page (up to 1 MiB) while it reads the chunk, which a merge of many files pays once per input.
+# Both options name Parquet leaf columns: a list column's is ``<name>.list.element`` (by its bare name it would
+# silently get neither dictionary nor statistics).
+_LEAVES = {
+    field.name: f"{field.name}.list.element" if pa.types.is_list(field.type) else field.name for field in EVENT_SCHEMA
+}
 _UNIQUE_COLUMNS = frozenset({"event_id", "event_hash", "prev_hash", "jws"})
-_DICTIONARY_COLUMNS = [field.name for field in EVENT_SCHEMA if field.name not in _UNIQUE_COLUMNS]
-_STATISTICS_COLUMNS = [field.name for field in EVENT_SCHEMA if field.name != "jws"]  # no query filters on it
+_DICTIONARY_COLUMNS = [leaf for name, leaf in _LEAVES.items() if name not in _UNIQUE_COLUMNS]
+_STATISTICS_COLUMNS = [leaf for name, leaf in _LEAVES.items() if name != "jws"]  # no query filters on jws
 
 _SEGMENT_FILE = re.compile(r"^seg-(\d{12})\.parquet$")
 _COMPACT_FILE = re.compile(r"^compact-(?:L(\d+)-)?(\d{12})-(\d{12})\.parquet$")
