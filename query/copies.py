@@ -9,6 +9,7 @@ readers read the lake file instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["CopyDir"]
+__all__ = ["CopyDir", "CopyWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,13 @@ class CopyDir:
 
     def write(self, copy: Path, table: pa.Table, *, row_group_size: int) -> Path | None:
         """Write ``table`` as ``copy``; None (logged) when the directory cannot take it."""
-        temporary = copy.with_name(f".{copy.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, temporary, compression="zstd", row_group_size=row_group_size)
-            os.replace(temporary, copy)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            log.info("no copy %s (%s); its rows are read from the lake file", copy, exc)
-            return None
-        return copy
+        writer = self.writer(copy, table.schema, row_group_size=row_group_size)
+        writer.add(table)
+        return writer.finish()
+
+    def writer(self, copy: Path, schema: pa.Schema, *, row_group_size: int) -> CopyWriter:
+        """A copy written a part at a time (``add``), renamed into place by ``finish``."""
+        return CopyWriter(self.directory, copy, schema, row_group_size)
 
     def remove_except(self, kept: set[str]) -> None:
         """Remove the copies not named in ``kept`` (of files gone or changed, left by this or another process)."""
@@ -55,3 +53,51 @@ class CopyDir:
         for name in names:
             if name not in kept:
                 (self.directory / name).unlink(missing_ok=True)
+
+
+class CopyWriter:
+    """A copy being written: parts go to a temporary file as they come. If the directory cannot take them (read
+    only, full) the writer logs it once and ignores the rest: the caller reads on, and gets None from ``finish``."""
+
+    def __init__(self, directory: Path, copy: Path, schema: pa.Schema, row_group_size: int) -> None:
+        self.copy = copy
+        self._row_group_size = row_group_size
+        self._temporary = copy.with_name(f".{copy.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self._writer: pq.ParquetWriter | None = None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self._temporary, schema, compression="zstd")
+        except OSError as exc:
+            self._failed(exc)
+
+    def add(self, table: pa.Table) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer.write_table(table, row_group_size=self._row_group_size)
+        except OSError as exc:
+            self._failed(exc)
+
+    def metadata(self, values: dict[bytes, bytes]) -> None:
+        """Key-value metadata for the file's footer (known once every part was added)."""
+        if self._writer is not None:
+            self._writer.add_key_value_metadata(values)
+
+    def finish(self) -> Path | None:
+        if self._writer is None:
+            return None
+        try:
+            self._writer.close()
+            os.replace(self._temporary, self.copy)
+        except OSError as exc:
+            self._failed(exc)
+            return None
+        return self.copy
+
+    def _failed(self, exc: OSError) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(OSError):
+                self._writer.close()
+            self._writer = None
+        self._temporary.unlink(missing_ok=True)
+        log.info("no copy %s (%s); its rows are read from the lake file", self.copy, exc)

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from query import reach_copies
 from query.blast import identity_blast_radius
 from query.lake import LakeReader
 from query.reach_copies import ReachCopies
@@ -125,3 +126,30 @@ def test_resources_are_listed_most_used_first(lake: Path) -> None:
     assert reach.resources_total == len(reach.resources) == len(set(allowed))
     top = identity_blast_radius(reader, "agent", agent, resource_limit=10)
     assert top.resources == reach.resources[:10]
+
+
+def test_copies_written_in_sorted_runs_give_the_lakes_answers(lake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file longer than a run is copied a run at a time, each run sorted by agent (the copy of a compacted file
+    of millions of events takes no more memory than a small one's): with runs of 40 rows, the copies' facts are
+    those of copies sorted whole, and the blast radii are the lake's."""
+    reader = LakeReader(lake)
+    whole = ReachCopies(reader)
+    whole.refresh()
+    covered, _ = whole.split(reader.files())
+    facts = {path: whole.facts(copy) for path, copy in covered.items()}
+    shutil.rmtree(lake / "index" / "reach")
+    monkeypatch.setattr(reach_copies, "_RUN_ROWS", 40)
+    runs = ReachCopies(reader)
+    runs.refresh()
+    covered, _ = runs.split(reader.files())
+    assert {path: runs.facts(copy) for path, copy in covered.items()} == facts
+    assert any(fact.foreign_clients for fact in facts.values())
+    agents = [pq.read_table(copy, columns=["agent"]).column("agent").to_pylist() for copy in covered.values()]
+    key = lambda agent: (agent is None, agent)  # noqa: E731 - sorted by agent, nulls last
+    assert all(run == sorted(run, key=key) for order in agents for run in _chunks(order, 40))
+    assert any(order != sorted(order, key=key) for order in agents), "no file was longer than a run"
+    assert answers(reader, runs) == answers(reader, None)
+
+
+def _chunks(values: list[Any], size: int) -> list[list[Any]]:
+    return [values[start : start + size] for start in range(0, len(values), size)]

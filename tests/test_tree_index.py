@@ -4,6 +4,7 @@ changes: new files, compaction, a file rewritten in place."""
 from __future__ import annotations
 
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from query import tree_index
 from query.lake import LakeReader
 from query.paths import DelegationPath, delegation_path
 from query.tree_index import TreeIndex
@@ -136,3 +139,36 @@ def test_row_copies_that_no_longer_match_the_lake_are_never_used(harness: Harnes
     assert left
     assert left <= live  # no copy of a compacted-away file is left behind
     index.close()
+
+
+def test_files_read_in_small_batches_give_the_same_index_and_row_copies(
+    org: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lake file is read, and its row copy written, a batch of rows at a time (a compacted file can hold
+    millions of events): in batches of 25 rows, every event's task tree is located in the same files and rows,
+    and each row copy holds its file's rows in order."""
+    built = {}
+    for read_rows in (None, 25):
+        data = tmp_path / f"batches-{read_rows}"
+        shutil.copytree(org["data"] / "lake", data / "lake")
+        if read_rows is not None:
+            monkeypatch.setattr(tree_index, "_READ_ROWS", read_rows)
+        index = TreeIndex(LakeReader(data))
+        index.refresh()
+        ids = [row[0] for row in read_lake(data, "event_id")]
+        located = {
+            event_id: {path.relative_to(data): rows for path, rows in (index.locate(event_id) or {}).items()}
+            for event_id in ids[::7]
+        }
+        copies = {path.name: pq.read_table(path) for path in sorted((data / "index" / "rows").glob("*.parquet"))}
+        built[read_rows] = (located, copies, index)
+    (located, copies, _), (located_small, copies_small, _) = built[None], built[25]
+    assert located == located_small
+    assert sum(len(rows) for found in located.values() for rows in found.values()) > 1000
+    assert copies.keys() == copies_small.keys()
+    assert len(copies) > 10
+    assert all(copies_small[name].equals(copies[name]) for name in copies)
+    largest = max(copies_small.values(), key=lambda table: table.num_rows)
+    assert largest.num_rows > 4 * 25, "no file needed more than a few batches"
+    for _, _, index in built.values():
+        index.close()
