@@ -214,7 +214,7 @@ def _runs(parquet: pq.ParquetFile, rows: int) -> Iterator[pa.Table]:
     """The ``COLUMNS`` of a lake file, ``rows`` at a time (one empty table for a file without rows)."""
     pending: list[pa.RecordBatch] = []
     held, yielded = 0, False
-    for batch in parquet.iter_batches(batch_size=min(rows, _ROWS), columns=COLUMNS, use_threads=False):
+    for batch in parquet.iter_batches(batch_size=min(rows, _ROWS), columns=COLUMNS):
         pending.append(batch)
         held += batch.num_rows
         if held >= rows:

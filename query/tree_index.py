@@ -243,7 +243,7 @@ class TreeIndex:
         hashes: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         rows = 0
         columns = _COPY_COLUMNS if copying else _KEY_COLUMNS
-        for batch in parquet.iter_batches(batch_size=_READ_ROWS, columns=columns, use_threads=False):
+        for batch in parquet.iter_batches(batch_size=_READ_ROWS, columns=columns):
             table = pa.Table.from_batches([batch]).select(columns)
             if copying:
                 writer = writer or self.copies.writer(name, table.schema, row_group_size=_COPY_ROWS)
