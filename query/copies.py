@@ -34,12 +34,6 @@ class CopyDir:
         relative = str(path.relative_to(self.events_dir))
         return self.directory / f"{hashlib.sha256(relative.encode()).hexdigest()[:24]}-{size}-{mtime}.parquet"
 
-    def write(self, copy: Path, table: pa.Table, *, row_group_size: int) -> Path | None:
-        """Write ``table`` as ``copy``; None (logged) when the directory cannot take it."""
-        writer = self.writer(copy, table.schema, row_group_size=row_group_size)
-        writer.add(table)
-        return writer.finish()
-
     def writer(self, copy: Path, schema: pa.Schema, *, row_group_size: int) -> CopyWriter:
         """A copy written a part at a time (``add``), renamed into place by ``finish``."""
         return CopyWriter(self.directory, copy, schema, row_group_size)

@@ -375,10 +375,9 @@ class Store:
 
     def _choose_priority(self) -> None:
         """Catch up at normal priority from a lag of ``catch_up_after`` until the lag is under a tenth of it."""
-        lag = self.flush_stats.lag_seconds()
-        if not self._catching_up and lag >= self.catch_up_after:
+        if not self._catching_up and self._far_behind():
             self._replace_idle_writer()
-        elif self._catching_up and lag < self.catch_up_after / 10:
+        elif self._catching_up and (lag := self.flush_stats.lag_seconds()) < self.catch_up_after / 10:
             self._catching_up = False
             log.info("the lake has caught up (%.1f s behind); the lake writer yields to acknowledgements again", lag)
 

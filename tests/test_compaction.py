@@ -17,7 +17,7 @@ from query.integrity import verify_lake
 from query.lake import LakeReader
 from query.search import EventFilter, search
 from store.lake import Lake, live_files, merge_sorted, segment_range, signed_events
-from store.schema import event_table
+from store.schema import EVENT_SCHEMA, event_table
 from store.wal import WalRecord
 from tests.conftest import Harness
 from tests.signing import chain
@@ -163,6 +163,30 @@ def test_a_merge_interleaves_its_inputs_in_order_a_batch_at_a_time(tmp_path) -> 
     pq.write_table(_sorted_table(extra)[::-1], tmp_path / "reversed.parquet")
     merged = pa.concat_tables(merge_sorted([*paths, tmp_path / "reversed.parquet"], buffer_bytes=64 * 1024))
     assert sorted(merged.column("event_id").to_pylist()) == sorted(r.event_id for r in everything + extra)
+
+
+def test_a_merge_reads_an_input_of_another_schema_in_the_lakes(tmp_path) -> None:
+    """An input written elsewhere (``custody compact`` of an imported lake) that lacks a column and stores another
+    as a wider type is merged in the lake's schema: the missing column null, the other cast, as reading it with
+    the lake's schema gives."""
+    ours = _sorted_table(make_records(30, "gw-a"))
+    theirs = _sorted_table(make_records(30, "gw-b"))
+    theirs = theirs.drop_columns(["attrs"]).set_column(
+        theirs.schema.get_field_index("delegation_depth"),
+        "delegation_depth",
+        theirs["delegation_depth"].cast(pa.int64()),
+    )
+    pq.write_table(ours, tmp_path / "ours.parquet")
+    pq.write_table(theirs, tmp_path / "theirs.parquet")
+    assert not pq.read_schema(tmp_path / "theirs.parquet").equals(EVENT_SCHEMA)
+
+    merged = pa.concat_tables(merge_sorted([tmp_path / "ours.parquet", tmp_path / "theirs.parquet"]))
+
+    expected = pa.concat_tables([ours, pq.read_table(tmp_path / "theirs.parquet", schema=EVENT_SCHEMA)]).sort_by(
+        [("emitter", "ascending"), ("seq", "ascending")]
+    )
+    assert merged.schema.equals(EVENT_SCHEMA)
+    assert merged.equals(expected)
 
 
 _BOUNDED_MERGE = """
