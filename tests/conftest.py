@@ -26,7 +26,7 @@ from ingest.server import IngestServer
 from ingest.service import Limits
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+VECTORS = REPO / "tests" / "vectors"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -1,4 +1,4 @@
-"""RFC 8785 canonicalization against the shared conformance vectors (written elsewhere)."""
+"""RFC 8785 canonicalization against conformance vectors written elsewhere (tests/vectors/jcs, with their licence)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 
 from store.canonical import canonicalize, event_hash
 from store.errors import CanonicalizationError
-from tests.conftest import SHARED
+from tests.conftest import VECTORS
 
-VECTORS = json.loads((SHARED / "vectors" / "jcs" / "canonicalization_vectors.json").read_text(encoding="utf-8"))
-CASES = VECTORS["canonicalization_vectors"]
+JCS = json.loads((VECTORS / "jcs" / "canonicalization_vectors.json").read_text(encoding="utf-8"))
+CASES = JCS["canonicalization_vectors"]
 
 
 def _has_non_integer(value: Any) -> bool:

@@ -25,7 +25,7 @@ import pytest
 from ingest.sdk import Emitter, generate_key, public_jwk
 from store.canonical import canonicalize, event_hash
 from tests.conftest import ADMIN, ServerProcess, invocation, read_lake
-from tests.signing import chain
+from tests.signing import GrowingChain, chain
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,7 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
     server.start()
     emitters = {f"gw-{i}": register(server.url, f"gw-{i}") for i in range(3)}
-    chains = {name: chain(name, 6000, key, kid)[0] for name, (key, kid) in emitters.items()}
+    chains = {name: GrowingChain(name, key, kid) for name, (key, kid) in emitters.items()}
     acked: dict[str, set[int]] = {name: set() for name in emitters}
     rng = random.Random(9)
 
@@ -137,8 +137,8 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
         with httpx.Client(base_url=url, timeout=5) as client:
             head = client.get(f"/v1/emitters/{name}/head", headers=ADMIN).json()["seq"]
             position = head
-            while not stop.is_set() and position < len(chains[name]):
-                batch = chains[name][position : position + 40]
+            while not stop.is_set():
+                batch = chains[name].batch(position, 40)
                 try:
                     body = client.post("/v1/events", json={"events": batch}).json()
                 except (httpx.TransportError, ValueError):
