@@ -96,6 +96,25 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("--min-files", type=int, default=8, help="only partitions with at least this many files")
     compact.set_defaults(run=_compact)
 
+    quarantine = commands.add_parser(
+        "quarantine",
+        help="acknowledged events the lake could not store: list them, or write them to the lake again",
+        description="An acknowledged event the lake cannot store is kept whole in DATA_DIR/quarantine with the"
+        " reason, and every other event goes on to the lake (docs/operations.md).",
+    )
+    quarantine_commands = quarantine.add_subparsers(required=True, metavar="ACTION")
+    quarantined = quarantine_commands.add_parser("list", help="every quarantined event with its reason")
+    quarantined.add_argument("--data-dir", type=Path, required=True)
+    quarantined.add_argument("--json", action="store_true", help="JSON lines, with each event's JWS")
+    quarantined.set_defaults(run=_quarantine_list)
+    reingest = quarantine_commands.add_parser(
+        "reingest",
+        help="write every quarantined event to the lake (with no server running, after an upgrade that stores"
+        " them); those still refused stay quarantined with the new reason",
+    )
+    reingest.add_argument("--data-dir", type=Path, required=True)
+    reingest.set_defaults(run=_quarantine_reingest)
+
     api = commands.add_parser(
         "serve-query",
         help="run the read API (events, paths, blast radius, taint, findings, verify) over a data dir",
@@ -373,6 +392,37 @@ def _compact(args: argparse.Namespace) -> int:
         os.close(lock)
     print(f"OK: {removed} files merged")
     return 0
+
+
+def _quarantine_list(args: argparse.Namespace) -> int:
+    from store.quarantine import Quarantine
+
+    if not (args.data_dir / "lake").is_dir():
+        raise CustodyError(f"{args.data_dir} is not a Custody data dir (no {args.data_dir / 'lake'} directory)")
+    events = Quarantine(args.data_dir / "quarantine").events()
+    for event in events:
+        if args.json:
+            print(orjson.dumps(event.as_json()).decode())
+        else:
+            record = event.record
+            print(
+                f"segment {event.segment}: event {record.event_id} ({record.emitter} seq {record.seq}): {event.reason}"
+            )
+    if not args.json:
+        print(f"{len(events)} quarantined events")
+    return 0
+
+
+def _quarantine_reingest(args: argparse.Namespace) -> int:
+    from store.engine import reingest_quarantined
+
+    if not (args.data_dir / "lake").is_dir():
+        raise CustodyError(f"{args.data_dir} is not a Custody data dir (no {args.data_dir / 'lake'} directory)")
+    result = reingest_quarantined(args.data_dir)
+    for event_id, reason in result.refused:
+        print(f"FAIL: event {event_id} is still refused and stays quarantined: {reason}")
+    print(f"{'FAIL' if result.refused else 'OK'}: {result.written} events written to the lake")
+    return 1 if result.refused else 0
 
 
 def _serve_query(args: argparse.Namespace) -> int:

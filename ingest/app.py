@@ -207,7 +207,12 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
             return error_response(503, "starting", "replaying the write-ahead log")
         stats = server.store.flush_stats
         return JSONResponse(
-            {"status": "ok", "unflushed_events": stats.unflushed_events, "flush_error": stats.last_error}
+            {
+                "status": "ok",
+                "unflushed_events": stats.unflushed_events,
+                "flush_error": stats.last_error,
+                "quarantined_events": stats.quarantined_events,
+            }
         )
 
     @app.get("/metrics", response_class=Response)

@@ -2,12 +2,15 @@
 
 ``check_event`` turns a JWS string into a ``Verified`` event or a ``Rejected`` one, in this order: JWS shape,
 algorithm, key, signature, revocation, payload JSON, canonical form, emitter and tenant, the payload schema, the
-clock. Chain checks (seq, prev_hash, duplicates) need the emitter's head and happen later, under its lock.
+clock, and last the lake row the event becomes (what is acknowledged, the lake can always store). Chain checks
+(seq, prev_hash, duplicates) need the emitter's head and happen later, under its lock.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,8 +24,11 @@ from ingest.jws import JwsError, parse_compact, verify_signature
 from ingest.keys import KeyRing
 from store.canonical import canonicalize, canonicalize_checked, event_hash, needs_utf16_order
 from store.errors import CanonicalizationError
+from store.rows import Signed, row_problem, row_values
 
-__all__ = ["Rejected", "Verified", "check_event"]
+__all__ = ["MAX_NESTING", "Rejected", "Verified", "check_event"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +50,24 @@ class Rejected:
     emitter: str | None = None  # the key owner, when known: later events of that emitter are then after_rejected
 
 
+# How deep a payload may nest: the event itself, delegation and 32 nested act objects, with room to spare. Deeper
+# input is refused before anything recursive sees it (pydantic, the canonicalizer, the duplicate-key parse).
+MAX_NESTING = 40
+
+
 def check_event(
+    token: object, keys: KeyRing, *, now: datetime, max_event_bytes: int, max_skew: timedelta
+) -> Verified | Rejected:
+    """Every stateless check of one event. Whatever the input, this returns: an exception while checking one
+    event is that event's ``invalid_payload``, never a failed batch or a dead verifier process."""
+    try:
+        return _check(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew)
+    except Exception as exc:
+        log.exception("an event could not be checked; it is refused as invalid_payload")
+        return Rejected(ErrorCode.INVALID_PAYLOAD, f"payload could not be checked ({type(exc).__name__})")
+
+
+def _check(
     token: object, keys: KeyRing, *, now: datetime, max_event_bytes: int, max_skew: timedelta
 ) -> Verified | Rejected:
     try:
@@ -79,6 +102,10 @@ def check_event(
         return Rejected(ErrorCode.INVALID_PAYLOAD, f"payload is not JSON: {exc}", emitter=owner)
     if not isinstance(payload, dict):
         return Rejected(ErrorCode.INVALID_PAYLOAD, "payload is not a JSON object", emitter=owner)
+    if parsed.payload.count(b"{") + parsed.payload.count(b"[") > MAX_NESTING and _too_deep(parsed.payload):
+        return Rejected(
+            ErrorCode.INVALID_PAYLOAD, f"payload nests more than {MAX_NESTING} objects and arrays deep", emitter=owner
+        )
     event_id = payload.get("event_id") if isinstance(payload.get("event_id"), str) else None
     if payload.get("emitter") != owner:
         return Rejected(
@@ -98,7 +125,7 @@ def check_event(
         event = validate_event(payload)
     except ValidationError as exc:
         return Rejected(ErrorCode.INVALID_PAYLOAD, _explain(payload, exc), event_id, owner)
-    # The strict schema admitted only integers within +/-2**53 and valid strings, and every key is a fixed ASCII
+    # The strict schema admitted only integers within +/-(2**53 - 1) and valid strings, and every key is a fixed ASCII
     # field name except those of attrs: the canonical form needs no walk over the values.
     canonical = canonicalize_checked(payload, utf16_order=needs_utf16_order(event.get("attrs") or ()))
     if canonical != parsed.payload and _has_duplicate_keys(parsed.payload):
@@ -112,15 +139,41 @@ def check_event(
             event["event_id"],
             owner,
         )
+    digest = event_hash(canonical)
+    problem = row_problem(row_values(Signed(payload, str(token), parsed.kid, digest, 0)))
+    if problem is not None:
+        return Rejected(ErrorCode.INVALID_PAYLOAD, f"the lake cannot store this event: {problem}", event_id, owner)
     return Verified(
         event_id=event["event_id"],
         emitter=owner,
         seq=event["seq"],
         prev_hash=event["prev_hash"],
-        event_hash=event_hash(canonical),
+        event_hash=digest,
         kid=parsed.kid,
         jws=str(token),
     )
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` nests deeper than ``MAX_NESTING``, read without recursion. The raw text, not
+    the parsed object: of a repeated key the parser keeps the last value, and the duplicate-key parse reads all."""
+    depth, in_string = 0, False
+    for token in _STRUCTURE.finditer(raw):
+        char = token.group()
+        if in_string:
+            in_string = char != b'"'  # an escaped quote is matched whole as \\. and never ends the string
+        elif char == b'"':
+            in_string = True
+        elif char in (b"{", b"["):
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        elif char in (b"}", b"]"):
+            depth -= 1
+    return False
+
+
+_STRUCTURE = re.compile(rb'\\.|["{}\[\]]', re.DOTALL)
 
 
 def _explain(payload: dict[str, Any], error: ValidationError) -> str:

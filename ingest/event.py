@@ -18,6 +18,7 @@ from typing_extensions import TypedDict
 __all__ = [
     "EMITTER_ID",
     "EVENT_TYPES",
+    "MAX_INTEGER",
     "EventPayload",
     "describe_validation_error",
     "occurred_at_datetime",
@@ -38,7 +39,11 @@ Identifier = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
 Timestamp = Annotated[str, StringConstraints(pattern=_TIMESTAMP_PATTERN)]
 EventId = Annotated[str, StringConstraints(pattern=_UUID_PATTERN)]
 Hash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-SafeInt = Annotated[int, Field(ge=-(2**53), le=2**53)]
+# I-JSON (RFC 7493): the integers every JSON parser reads exactly. (RFC 8785 itself could carry +/-2**53.)
+MAX_INTEGER = 2**53 - 1
+SafeInt = Annotated[int, Field(ge=-MAX_INTEGER, le=MAX_INTEGER)]
+# Epoch seconds up to 9999-12-31T23:59:59Z: the instants every reader of the lake can hold (store.rows).
+EpochSeconds = Annotated[int, Field(ge=0, le=253_402_300_799)]
 AttrValue = Annotated[str, StringConstraints(max_length=4096)] | SafeInt | bool
 
 _MAX_DELEGATION_DEPTH = 32
@@ -69,7 +74,7 @@ class Credential(TypedDict):
     kind: Literal["agent_token", "user_session", "service_account", "api_key"]
     client_id: Name
     scopes: Scopes
-    expires_at: NotRequired[Timestamp | SafeInt | None]
+    expires_at: NotRequired[Timestamp | EpochSeconds | None]
 
 
 class Tool(TypedDict):
@@ -116,7 +121,7 @@ class EventPayload(TypedDict):
     occurred_at: Timestamp
     emitter: Identifier
     tenant: Identifier
-    seq: Annotated[int, Field(ge=1, le=2**53)]
+    seq: Annotated[int, Field(ge=1, le=MAX_INTEGER)]
     prev_hash: Hash
     delegation: NotRequired[Delegation | None]
     credential: NotRequired[Credential | None]

@@ -48,6 +48,12 @@ class IngestMetrics:
             registry=self.registry,
         )
         lag.set_function(flush_stats.lag_seconds)
+        quarantined = Gauge(
+            "custody_quarantined_events",
+            "Acknowledged events the lake could not store, kept in <data-dir>/quarantine (see custody quarantine).",
+            registry=self.registry,
+        )
+        quarantined.set_function(lambda: flush_stats.quarantined_events)
 
     def watch_index(self, pending: Callable[[], int]) -> None:
         """Export the acknowledged events whose index entries are not yet in SQLite."""

@@ -29,7 +29,7 @@ from query.reach_copies import COLUMNS, CopyFacts, ReachCopies
 from query.search import event_dicts
 from store.engine import SYSTEM_TENANT
 from store.errors import InvalidInput
-from store.lake import partition_of_file
+from store.lake import HIVE_OPTIONS, partition_of_file
 
 __all__ = ["IdentityBlastRadius", "Subject", "Taint", "forward_taint", "identity_blast_radius"]
 
@@ -247,7 +247,7 @@ def _reach_views(
     covered, rest = copies.split(files)
     columns = ", ".join(f'"{name}"' for name in [*COLUMNS, "tenant"])
     lake = (
-        f"SELECT {columns} FROM read_parquet([{sql_paths(rest)}], hive_partitioning = true)"
+        f"SELECT {columns} FROM read_parquet([{sql_paths(rest)}], {HIVE_OPTIONS})"
         if rest
         else f"SELECT {columns} FROM events WHERE false"
     )

@@ -31,7 +31,7 @@ from query.lake import LakeReader, open_duckdb
 from store.canonical import ZERO_HASH, canonicalize, event_hash
 from store.engine import SERVER_EMITTER, SYSTEM_TENANT
 from store.errors import CanonicalizationError, CustodyError
-from store.lake import partition_of_file
+from store.lake import HIVE_OPTIONS, partition_of_file
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.state import StateDB
 
@@ -163,7 +163,7 @@ def verify_event(
     that_day = [path for path in everywhere if day is not None and partition_of_file(path)[1] == day]
     connection = open_duckdb(memory_limit=None)  # as before: the verifier's sort may use the machine's memory
     try:
-        source = "read_parquet($files, hive_partitioning = true, filename = true)"
+        source = f"read_parquet($files, {HIVE_OPTIONS}, filename = true)"
 
         def first_found(sql: str, params: dict[str, Any]) -> Any:
             for files in (that_day, everywhere) if that_day else (everywhere,):
@@ -206,7 +206,7 @@ def _batches(data_dir: Path, only_files: set[Path] | None = None) -> Iterator[pa
         return
     connection = open_duckdb(memory_limit=None)  # as before: the verifier's sort may use the machine's memory
     reader = connection.sql(
-        "SELECT *, filename FROM read_parquet($files, hive_partitioning = true, filename = true)"
+        f"SELECT *, filename FROM read_parquet($files, {HIVE_OPTIONS}, filename = true)"
         " ORDER BY emitter = $server DESC, emitter, seq",  # the server stream first: it registers the keys
         params={"files": files, "server": SERVER_EMITTER},
     ).to_arrow_reader(50_000)

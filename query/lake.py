@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from store.engine import SYSTEM_TENANT
-from store.lake import live_files
+from store.lake import HIVE_OPTIONS, live_files
 from store.schema import EVENT_SCHEMA
 
 __all__ = ["LakeReader", "open_duckdb", "sql_paths"]
@@ -90,8 +90,7 @@ class LakeReader:
                 connection.execute("CREATE TEMP VIEW all_events AS SELECT * FROM selected_rows")
             elif files:
                 connection.execute(
-                    f"CREATE TEMP VIEW all_events AS SELECT * FROM read_parquet([{sql_paths(files)}],"
-                    " hive_partitioning = true)"
+                    f"CREATE TEMP VIEW all_events AS SELECT * FROM read_parquet([{sql_paths(files)}], {HIVE_OPTIONS})"
                 )
             else:
                 empty = pa.table(

@@ -34,12 +34,20 @@ import pyarrow.parquet as pq
 
 from store.errors import CustodyError, StorageUnavailable
 from store.indexer import IndexWriter
-from store.lake import Lake, decode_payload
+from store.lake import Lake, SegmentWrite, decode_payload
 from store.orphans import exit_with_parent, name_process
 from store.state import IndexEntry, StateDB
 from store.wal import WalRecord, WriteAheadLog, read_records
 
-__all__ = ["SERVER_EMITTER", "SYSTEM_TENANT", "FlushStats", "Store", "lock_data_dir"]
+__all__ = [
+    "SERVER_EMITTER",
+    "SYSTEM_TENANT",
+    "FlushStats",
+    "Reingested",
+    "Store",
+    "lock_data_dir",
+    "reingest_quarantined",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,7 @@ class FlushStats:
     unflushed_events: int = 0
     oldest_unflushed_at: float | None = None
     last_error: str | None = None
+    quarantined_events: int = 0  # acknowledged events the lake refused, kept in <data-dir>/quarantine
 
     def lag_seconds(self) -> float:
         return 0.0 if self.oldest_unflushed_at is None else time.monotonic() - self.oldest_unflushed_at
@@ -78,16 +87,16 @@ _WRITER_POLL = 0.5  # how often the flusher, waiting for a lake write, checks wh
 _idle_writer = False  # this process is the lake writer and runs under SCHED_IDLE (set in that process only)
 
 
-def write_segment_file(wal_path: Path, lake_root: Path, segment: int, *, idle: bool = False) -> int:
+def write_segment_file(wal_path: Path, lake_root: Path, segment: int, *, idle: bool = False) -> SegmentWrite:
     """Read a closed WAL segment, write it to the lake, and compact the partitions it touched (tiered); runs in
     the lake-writer process. ``idle``: run under ``SCHED_IDLE`` from now on (a writer started at normal priority
     to catch up is told so once the lake has caught up)."""
     if idle:
         _become_idle()
     lake = Lake(lake_root)
-    written = lake.write_segment(segment, read_records(wal_path)[0])
+    result = lake.write_segment(segment, read_records(wal_path)[0])
     lake.compact_tiers(lake.touched)
-    return written
+    return result
 
 
 def _start_writer(*, idle: bool) -> tuple[ProcessPoolExecutor, int]:
@@ -133,6 +142,36 @@ def _become_idle() -> None:
         os.nice(10)
 
 
+@dataclass(frozen=True)
+class Reingested:
+    """What ``reingest_quarantined`` did: events now in the lake, and those the lake still refuses (event id,
+    reason), which stay quarantined."""
+
+    written: int
+    refused: list[tuple[str, str]]
+
+
+def reingest_quarantined(data_dir: Path) -> Reingested:
+    """Write every quarantined event to the lake (after an upgrade that can store them), with no server running.
+    Those the lake still refuses go back to the quarantine with the new reason; none is ever dropped."""
+    lock = lock_data_dir(data_dir)
+    try:
+        lake = Lake(data_dir / "lake")
+        lake.remove_temporary_files()
+        wal = data_dir / "wal"
+        in_wal = [int(path.stem) for path in wal.glob("*.wal") if path.stem.isdigit()] if wal.is_dir() else []
+        number = max([lake.highest_segment(), lake.quarantine.highest_segment(), *in_wal]) + 1
+        number, records = lake.quarantine.begin_reingest(number)
+        if not records:
+            return Reingested(0, [])
+        result = lake.write_segment(number, records)
+        lake.compact_tiers(lake.touched)
+        lake.quarantine.end_reingest(number)
+        return Reingested(result.written, result.quarantined)
+    finally:
+        os.close(lock)
+
+
 class Store:
     def __init__(
         self,
@@ -174,7 +213,8 @@ class Store:
         self.index = IndexWriter(self.state)
         if not self.state.complete:
             self._rebuild_state(progress)
-        self.wal = WriteAheadLog(self.data_dir / "wal", first_segment=self.lake.highest_segment() + 1)
+        self.wal = WriteAheadLog(self.data_dir / "wal", first_segment=self._highest_segment() + 1)
+        self.flush_stats.quarantined_events = self.lake.quarantine.count()
         self._replay(progress)
 
     def start_flusher(self) -> None:
@@ -206,6 +246,10 @@ class Store:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _highest_segment(self) -> int:
+        """The highest segment number the lake or the quarantine holds: WAL segments are numbered above it."""
+        return max(self.lake.highest_segment(), self.lake.quarantine.highest_segment())
 
     def _take_lock(self) -> None:
         self._lock_fd = lock_data_dir(self.data_dir)
@@ -248,8 +292,9 @@ class Store:
         for segment in segments:
             records = self.wal.read_segment(segment, repair=True)
             self._index(records, now=True)
-            written = self.lake.write_segment(segment, records)
-            progress(f"segment {segment}: {len(records)} events in the log, {written} written to the lake")
+            result = self.lake.write_segment(segment, records)
+            progress(f"segment {segment}: {len(records)} events in the log, {result.written} written to the lake")
+            self._report_quarantined(segment, result)
             if self.index.pending:  # SQLite refused them: the flusher deletes the segment once its drain succeeds
                 progress(f"segment {segment}: kept until the event index takes its {self.index.pending} entries")
                 continue
@@ -310,7 +355,9 @@ class Store:
             if segment >= self.wal.active_segment:
                 continue
             try:
-                written += self._write_segment(segment)
+                result = self._write_segment(segment)
+                self._report_quarantined(segment, result)
+                written += result.written
                 self.wal.remove(segment)
             except OSError as exc:
                 self.flush_stats.last_error = f"segment {segment}: {exc}"
@@ -321,7 +368,20 @@ class Store:
         self.flush_stats.last_error = None
         return written
 
-    def _write_segment(self, segment: int) -> int:
+    def _report_quarantined(self, segment: int, result: SegmentWrite) -> None:
+        """Make quarantined events visible at once: the log names each, /healthz and /metrics count them."""
+        for event_id, reason in result.quarantined:
+            log.error(
+                "segment %s: acknowledged event %s cannot be stored in the lake and is quarantined (%s); see"
+                " `custody quarantine list`",
+                segment,
+                event_id,
+                reason,
+            )
+        if result.quarantined:
+            self.flush_stats.quarantined_events = self.lake.quarantine.count()
+
+    def _write_segment(self, segment: int) -> SegmentWrite:
         """Turn one closed WAL segment into Parquet in the lake-writer process (in this one when there is none).
 
         The writer runs under ``SCHED_IDLE`` and gets almost no CPU while acks keep both cores busy. Once the lake
@@ -407,5 +467,6 @@ class Store:
                 self.flush()
             except CustodyError as exc:
                 log.error("flush failed, will retry: %s", exc)
-            except Exception:  # the flusher must outlive any one bad segment
+            except Exception as exc:  # the flusher must outlive any one bad segment
+                self.flush_stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("flush failed, will retry")

@@ -14,6 +14,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -23,18 +24,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
+from store.quarantine import Quarantine
+from store.rows import row_problem, row_values
+from store.schema import EVENT_SCHEMA, Signed, partition_of, rows_table
 from store.wal import WalRecord, fsync_directory
 
 __all__ = [
+    "HIVE_OPTIONS",
     "MERGE_BUFFER_BYTES",
     "SYNC_EVERY_BYTES",
     "Lake",
     "PacedFile",
+    "SegmentWrite",
     "decode_payload",
     "live_files",
     "merge_sorted",
     "segment_range",
+    "signed_event",
     "signed_events",
 ]
 
@@ -63,6 +69,10 @@ _LEAVES = {
 _UNIQUE_COLUMNS = frozenset({"event_id", "event_hash", "prev_hash", "jws"})
 _DICTIONARY_COLUMNS = [leaf for name, leaf in _LEAVES.items() if name not in _UNIQUE_COLUMNS]
 _STATISTICS_COLUMNS = [leaf for name, leaf in _LEAVES.items() if name != "jws"]  # no query filters on jws
+
+# The partition keys as DuckDB must read them: without types it guesses from the directory names, and a tenant
+# named "0" or "007" would come back as the integer 0 or 7 (found by tests/test_lake_roundtrip.py).
+HIVE_OPTIONS = "hive_partitioning = true, hive_types = {'tenant': VARCHAR, 'date': DATE}"
 
 _SEGMENT_FILE = re.compile(r"^seg-(\d{12})\.parquet$")
 _COMPACT_FILE = re.compile(r"^compact-(?:L(\d+)-)?(\d{12})-(\d{12})\.parquet$")
@@ -119,10 +129,38 @@ def decode_payload(jws: str) -> dict[str, Any]:
     return payload
 
 
+def signed_event(record: WalRecord) -> Signed:
+    """A record's signed payload with what the lake stores beside it."""
+    return Signed(decode_payload(record.jws), record.jws, record.kid, record.event_hash, record.received_at_us)
+
+
 def signed_events(records: Iterable[WalRecord]) -> Iterator[Signed]:
-    """Each record's signed payload with what the lake stores beside it."""
     for record in records:
-        yield Signed(decode_payload(record.jws), record.jws, record.kid, record.event_hash, record.received_at_us)
+        yield signed_event(record)
+
+
+@dataclass(frozen=True)
+class SegmentWrite:
+    """What writing one WAL segment did: rows newly written, and the (event id, reason) of each quarantined."""
+
+    written: int
+    quarantined: list[tuple[str, str]]
+
+
+def _table(rows: list[tuple[WalRecord, tuple[Any, ...]]]) -> tuple[pa.Table, list[tuple[WalRecord, str]]]:
+    """The lake table of checked rows. Should Arrow still refuse the batch, each row is tried alone and those it
+    refuses are returned with the reason instead."""
+    try:
+        return rows_table([values for _, values in rows]), []
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        pass
+    tables, refused = [], []
+    for record, values in rows:
+        try:
+            tables.append(rows_table([values]))
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+            refused.append((record, f"the lake refused the row: {type(exc).__name__}: {exc}"))
+    return (pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table()), refused
 
 
 class PacedFile:
@@ -188,37 +226,58 @@ class Lake:
         self.events_dir = root / "events"
         self.events_dir.mkdir(parents=True, exist_ok=True)
         self.touched: list[Path] = []  # partitions the last write_segment wrote to
+        self.quarantine = Quarantine(root.parent / "quarantine")
 
     @property
     def glob(self) -> str:
         """The pattern to hand to ``read_parquet(..., hive_partitioning=true)``."""
         return str(self.events_dir / "**" / "*.parquet")
 
-    def write_segment(self, segment: int, records: list[WalRecord]) -> int:
-        """Write a WAL segment's records as Parquet, one file per partition; return the rows newly written."""
-        by_partition: dict[tuple[str, str], list[Signed]] = defaultdict(list)
+    def write_segment(self, segment: int, records: list[WalRecord]) -> SegmentWrite:
+        """Write a WAL segment's records as Parquet, one file per partition. A record the lake cannot hold is
+        quarantined with its reason (``store.quarantine``) and every other record is written."""
+        by_partition: dict[tuple[str, str], list[tuple[WalRecord, tuple[Any, ...]]]] = defaultdict(list)
+        refused: list[tuple[WalRecord, str]] = []
         seen: set[tuple[str, int]] = set()
-        for event in signed_events(records):
-            key = (event.payload["emitter"], event.payload["seq"])
-            if key in seen:
+        for record in records:
+            if (record.emitter, record.seq) in seen:
                 continue
-            seen.add(key)
-            tenant, when = partition_of(event.payload)
-            by_partition[(tenant, when.isoformat())].append(event)
+            seen.add((record.emitter, record.seq))
+            try:
+                event = signed_event(record)
+                values = row_values(event)
+                problem = row_problem(values)
+                tenant, when = partition_of(event.payload)
+            except Exception as exc:  # one record, however malformed, must not stop the others
+                problem = f"cannot read the event: {type(exc).__name__}: {exc}"
+            if problem is not None:
+                refused.append((record, problem))
+                continue
+            by_partition[(tenant, when.isoformat())].append((record, values))
+        tables = {}
+        for partition, rows in by_partition.items():
+            rows.sort(key=lambda row: (row[0].emitter, row[0].seq))
+            tables[partition], more = _table(rows)
+            refused += more
+        if refused:
+            self.quarantine.put(segment, refused)  # durable before any lake file, and so before the WAL deletes it
         written = 0
-        self.touched = [self.events_dir / f"tenant={tenant}" / f"date={day}" for tenant, day in by_partition]
-        for (tenant, day), events in sorted(by_partition.items()):
+        self.touched = [self.events_dir / f"tenant={tenant}" / f"date={day}" for tenant, day in tables]
+        for (tenant, day), table in sorted(tables.items()):
             directory = self.events_dir / f"tenant={tenant}" / f"date={day}"
             final = directory / f"seg-{segment:012d}.parquet"
-            if final.exists() or any(
-                (covered := segment_range(path)) and covered[0] <= segment <= covered[1]
-                for path in directory.glob("compact-*.parquet")
+            if (
+                table.num_rows == 0
+                or final.exists()
+                or any(
+                    (covered := segment_range(path)) and covered[0] <= segment <= covered[1]
+                    for path in directory.glob("compact-*.parquet")
+                )
             ):
                 continue
-            events.sort(key=lambda event: (event.payload["emitter"], event.payload["seq"]))
-            self._write_atomic(directory, final, [event_table(events)])
-            written += len(events)
-        return written
+            self._write_atomic(directory, final, [table])
+            written += table.num_rows
+        return SegmentWrite(written, [(record.event_id, reason) for record, reason in refused])
 
     def _write_atomic(self, directory: Path, final: Path, row_groups: Iterable[pa.Table]) -> None:
         """Write ``row_groups`` (one Parquet row group each, up to ``ROW_GROUP_ROWS`` rows) to ``final`` by an

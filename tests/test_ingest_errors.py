@@ -13,7 +13,7 @@ import pytest
 
 from ingest.sdk import generate_key, public_jwk, rfc3339
 from store.canonical import ZERO_HASH
-from tests.conftest import ADMIN, Harness, read_lake
+from tests.conftest import ADMIN, Harness, invocation, read_lake
 from tests.signing import b64, chain, hash_of, hs256_token, payload, sign, sign_raw, unsigned_token
 
 
@@ -195,6 +195,13 @@ def test_tenant_mismatch(harness: Harness) -> None:
         ({"resource": {"type": "t", "id": "1", "tenant": "Not A Tenant"}}, "resource.tenant"),
         ({"prev_hash": "1" * 64}, "prev_hash of seq 1 must be 64 zeros"),
         ({"seq": 0}, "seq: Input should be greater than or equal to 1"),
+        ({"seq": 2**53}, "seq: Input should be less than or equal to 9007199254740991"),
+        ({"attrs": {"n": -(2**53)}}, "attrs.n"),
+        # An expiry no lake column holds (it stopped the lake for every tenant): refused at the door.
+        ({"credential": {**invocation()["credential"], "expires_at": 2**53 - 1}}, "credential.expires_at"),
+        ({"credential": {**invocation()["credential"], "expires_at": 253_402_300_800}}, "credential.expires_at"),
+        ({"credential": {**invocation()["credential"], "expires_at": -1}}, "credential.expires_at"),
+        ({"occurred_at": "0000-01-01T00:00:00Z"}, "is not a real date"),
     ],
 )
 def test_invalid_payload(harness: Harness, change: dict[str, Any], detail: str) -> None:

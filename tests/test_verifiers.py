@@ -10,14 +10,15 @@ import sys
 import types
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
-from ingest.checks import Rejected, Verified
+from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode
 from ingest.keys import KeyRing, KeySpec
 from ingest.sdk import generate_key, public_jwk
 from ingest.verifiers import VerifierPool, VerifierUnavailable
-from tests.signing import chain, payload, sign
+from tests.signing import chain, payload, sign, sign_raw
 
 
 def test_workers_follow_revocations_and_new_keys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,3 +197,73 @@ def test_a_pool_leaving_a_core_free_uses_one_worker_fewer(monkeypatch: pytest.Mo
         os.kill(stopped, signal.SIGCONT)
         loop.run_until_complete(pool.aclose())
         loop.close()
+
+
+def deep_payloads() -> dict[str, bytes]:
+    """Payloads of a registered emitter that once raised outside any handler: in the canonicalizer on the rejection
+    path, or in the duplicate-key parse."""
+    delegation = b"".join(b'{"sub":"agent-%d","act":' % depth for depth in range(1, 300)) + b'{"sub":"x"}' + b"}" * 299
+    base = payload("gw-1", 1)
+    del base["delegation"], base["attrs"]
+    raw = orjson.dumps(base)[:-1]  # the payload without its closing brace, to append raw JSON to
+    return {
+        "delegation 300 deep": raw + b',"delegation":' + delegation + b"}",
+        "attrs array 1000 deep": raw + b',"attrs":{"a":' + b"[" * 1000 + b'"x"' + b"]" * 1000 + b"}}",
+        "repeated key, first value 1010 deep": raw
+        + b',"reason":'
+        + b"[" * 1010
+        + b"1"
+        + b"]" * 1010
+        + b',"reason":"x"}',
+        "33 agents deep": orjson.dumps({**base, "delegation": _nested(34)}),
+    }
+
+
+def _nested(names: int) -> dict[str, object]:
+    node: dict[str, object] = {"sub": f"agent-{names}"}
+    for depth in range(names - 1, 0, -1):
+        node = {"sub": f"agent-{depth}", "act": node}
+    return node
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["server threads", "verifier processes"])
+def test_hostile_nesting_is_an_invalid_payload_and_kills_no_process(
+    monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    key = generate_key()
+    ring = KeyRing()
+    ring.load_specs([("k1", "gw-1", "acme", public_jwk(key, "k1"), None)], 1)
+    hostile = deep_payloads()
+    # Deep as the protocol allows, with brackets in its strings: accepted.
+    good = sign(payload("gw-1", 1, delegation=_nested(33), reason="{[" * 500 + '\\"{'), key, "k1")
+    tokens: list[object] = [*(sign_raw(raw, key, "k1") for raw in hostile.values()), good]
+    now = datetime.now(UTC)
+    if workers == 0:
+        checked = [
+            check_event(token, ring, now=now, max_event_bytes=65536, max_skew=timedelta(days=1)) for token in tokens
+        ]
+    else:
+        pool = VerifierPool(workers)
+        pids = {worker.pid for worker in pool._live}
+        loop = asyncio.new_event_loop()
+        try:
+            checked = loop.run_until_complete(
+                pool.check(tokens * 8, ring, now=now, max_event_bytes=65536, max_skew=timedelta(days=1))
+            )[: len(tokens)]
+            assert {worker.pid for worker in pool._live} == pids  # none died, none was replaced
+        finally:
+            loop.run_until_complete(pool.aclose())
+            loop.close()
+    expected = [
+        "nests more than 40",
+        "nests more than 40",
+        "nests more than 40",
+        "delegation is 33 agents deep, more than 32",
+    ]
+    for (name, _), item, detail in zip(hostile.items(), checked, expected, strict=False):
+        assert isinstance(item, Rejected), name
+        assert item.code is ErrorCode.INVALID_PAYLOAD, (name, item)
+        assert detail in item.detail, (name, item.detail)
+        assert item.emitter == "gw-1"
+    assert isinstance(checked[-1], Verified)

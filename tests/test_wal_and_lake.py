@@ -100,8 +100,8 @@ def test_append_to_an_unwritable_directory_raises_storage_unavailable(tmp_path: 
 def test_lake_segment_write_is_idempotent_and_partitioned(tmp_path: Path) -> None:
     lake = Lake(tmp_path / "lake")
     batch = records(3) + records(2, emitter="gw-2")
-    assert lake.write_segment(7, batch) == 5
-    assert lake.write_segment(7, batch) == 0  # a crash after the rename, before the WAL delete
+    assert lake.write_segment(7, batch).written == 5
+    assert lake.write_segment(7, batch).written == 0  # a crash after the rename, before the WAL delete
     files = lake.files()
     today = datetime.now(UTC).date().isoformat()
     assert [path.relative_to(lake.events_dir).as_posix() for path in files] == [

@@ -1,0 +1,196 @@
+"""The lake row an event becomes, in plain Python: which columns there are, their values, and whether the lake can
+hold them.
+
+This module is the one map from a signed payload to lake columns. ``store.schema`` turns its rows into Arrow
+columns for the lake writer; the verifiers call ``row_problem`` before an event is acknowledged, so that what ingest
+acknowledges the lake can always store (a value the lake cannot hold is ``invalid_payload`` at the door, never a
+lake writer stuck on one record). It imports no Arrow, so that the verifier processes stay small.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final, Literal, NamedTuple
+
+import orjson
+
+__all__ = [
+    "LAKE_COLUMNS",
+    "MAX_TIMESTAMP_US",
+    "MIN_TIMESTAMP_US",
+    "Signed",
+    "delegation_chain",
+    "row_problem",
+    "row_values",
+]
+
+ColumnKind = Literal["string", "strings", "int32", "int64", "timestamp"]
+
+# (column, kind) in lake order. Timestamps are microseconds since the epoch, UTC.
+LAKE_COLUMNS: Final[tuple[tuple[str, ColumnKind], ...]] = (
+    ("event_id", "string"),
+    ("type", "string"),
+    ("occurred_at", "timestamp"),
+    ("received_at", "timestamp"),
+    ("emitter", "string"),
+    ("seq", "int64"),
+    ("prev_hash", "string"),
+    ("event_hash", "string"),
+    ("kid", "string"),
+    ("user", "string"),
+    ("agent", "string"),
+    ("delegation_chain", "strings"),
+    ("delegation_depth", "int32"),
+    ("credential_id", "string"),
+    ("credential_kind", "string"),
+    ("credential_client_id", "string"),
+    ("credential_scopes", "strings"),
+    ("credential_expires_at", "timestamp"),
+    ("tool_name", "string"),
+    ("tool_server", "string"),
+    ("resource_type", "string"),
+    ("resource_id", "string"),
+    ("resource_tenant", "string"),
+    ("decision_result", "string"),
+    ("decision_required_scope", "string"),
+    ("decision_policy", "string"),
+    ("decision_reason", "string"),
+    ("outcome", "string"),
+    ("parent_event_id", "string"),
+    ("trace_id", "string"),
+    ("approval_id", "string"),
+    ("delegate_agent", "string"),
+    ("delegate_credential_id", "string"),
+    ("delegate_scopes", "strings"),
+    ("approval_approved_by", "string"),
+    ("approval_scopes", "strings"),
+    ("approval_task", "string"),
+    ("revoked_at", "timestamp"),
+    ("reason", "string"),
+    ("attrs", "string"),
+    ("admin", "string"),
+    ("jws", "string"),
+)
+
+# The instants every reader can hold: Python's datetime (the read API, the CLI, the dashboard) ends at year 9999,
+# Arrow's and DuckDB's microsecond timestamps reach further.
+MIN_TIMESTAMP_US: Final = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z
+MAX_TIMESTAMP_US: Final = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+_INT_RANGES: Final = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+_CHECKED: Final = tuple(
+    (index, name, kind) for index, (name, kind) in enumerate(LAKE_COLUMNS) if kind in ("timestamp", "int32", "int64")
+)
+
+
+class Signed(NamedTuple):
+    """What the lake stores beside the payload: the JWS itself and what the server derived or assigned."""
+
+    payload: dict[str, Any]
+    jws: str
+    kid: str
+    event_hash: str
+    received_at_us: int
+
+
+def delegation_chain(delegation: dict[str, Any] | None) -> list[str]:
+    """``[user, first agent, ..., current agent]`` from an RFC 8693 ``{"sub", "act": {"sub", "act": ...}}``."""
+    if not delegation:
+        return []
+    actors = []
+    act = delegation.get("act")
+    while act:
+        actors.append(act["sub"])
+        act = act.get("act")
+    return [delegation["sub"], *reversed(actors)]
+
+
+def row_values(event: Signed) -> tuple[Any, ...]:
+    """One row's values in ``LAKE_COLUMNS`` order. Timestamps stay RFC 3339 strings or become integer
+    microseconds (``credential.expires_at`` in epoch seconds), for Arrow to parse a column at a time."""
+    payload = event.payload
+    chain = delegation_chain(payload.get("delegation"))
+    credential = payload.get("credential") or {}
+    tool = payload.get("tool") or {}
+    resource = payload.get("resource") or {}
+    decision = payload.get("decision") or {}
+    delegate = payload.get("delegate") or {}
+    approval = payload.get("approval") or {}
+    expires_at = credential.get("expires_at")
+    attrs = payload.get("attrs")
+    admin = payload.get("admin")
+    return (
+        payload["event_id"],
+        payload["type"],
+        payload["occurred_at"],
+        event.received_at_us,
+        payload["emitter"],
+        payload["seq"],
+        payload["prev_hash"],
+        event.event_hash,
+        event.kid,
+        chain[0] if chain else None,
+        chain[-1] if len(chain) > 1 else None,
+        chain or None,
+        len(chain) - 1 if chain else None,
+        credential.get("id"),
+        credential.get("kind"),
+        credential.get("client_id"),
+        credential.get("scopes"),
+        expires_at * 1_000_000 if isinstance(expires_at, int) else expires_at,
+        tool.get("name"),
+        tool.get("server"),
+        resource.get("type"),
+        resource.get("id"),
+        resource.get("tenant"),
+        decision.get("result"),
+        decision.get("required_scope"),
+        decision.get("policy"),
+        decision.get("reason"),
+        payload.get("outcome"),
+        payload.get("parent_event_id"),
+        payload.get("trace_id"),
+        payload.get("approval_id") or approval.get("id"),
+        delegate.get("agent"),
+        delegate.get("credential_id"),
+        delegate.get("scopes"),
+        approval.get("approved_by"),
+        approval.get("scopes"),
+        approval.get("task"),
+        payload.get("revoked_at"),
+        payload.get("reason"),
+        None if attrs is None else orjson.dumps(attrs, option=orjson.OPT_SORT_KEYS).decode(),
+        None if admin is None else orjson.dumps(admin, option=orjson.OPT_SORT_KEYS).decode(),
+        event.jws,
+    )
+
+
+def row_problem(values: tuple[Any, ...]) -> str | None:
+    """Why the lake cannot hold this row (a number outside its column's range, a timestamp outside years
+    1-9999), or None. Strings and lists need no check: the payload schema admits only valid Unicode."""
+    for index, name, kind in _CHECKED:
+        value = values[index]
+        if value is None:
+            continue
+        if kind == "timestamp":
+            problem = _timestamp_problem(value)
+            if problem is not None:
+                return f"{name}: {problem}"
+            continue
+        low, high = _INT_RANGES[kind]
+        if not isinstance(value, int) or not low <= value <= high:
+            return f"{name}: {value!r} does not fit the lake's {kind} column"
+    return None
+
+
+def _timestamp_problem(value: object) -> str | None:
+    if isinstance(value, str):
+        if not value.endswith("Z"):
+            return f"{value!r} is not a UTC timestamp ending in Z"
+        try:
+            datetime.fromisoformat(value[:-1])  # any date and time it parses lies within years 1-9999
+        except ValueError as exc:
+            return f"{value!r} is not a date and time: {exc}"
+        return None
+    if not isinstance(value, int) or not MIN_TIMESTAMP_US <= value <= MAX_TIMESTAMP_US:
+        return f"{value!r} microseconds is outside 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
+    return None
