@@ -12,13 +12,16 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import orjson
 
 from custody import __version__
 from custody.recert_cli import add_recert
 from store.errors import CustodyError
+
+if TYPE_CHECKING:
+    from custody.serving import HttpLimits
 
 __all__ = ["main"]
 
@@ -54,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-events", type=int, default=1000, help="events per request (default 1000)")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="bytes per request (8 MiB)")
     serve.add_argument("--flush-interval", type=float, default=1.0, help="seconds between lake flushes (default 1)")
+    _http_arguments(serve)
     serve.add_argument(
         "--verify-workers",
         type=int,
@@ -121,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the read API. Tokens come from --tokens FILE or CUSTODY_READ_TOKENS (see custody token).",
     )
     _reader_arguments(api, port=8701)
+    _http_arguments(api)
     api.set_defaults(run=_serve_query)
 
     dashboard = commands.add_parser(
@@ -175,6 +180,47 @@ def _reader_arguments(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument("--tokens", type=Path, help="token file written by custody token issue")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+
+
+def _http_arguments(parser: argparse.ArgumentParser) -> None:
+    """Deadlines and the in-work limit of an HTTP server facing a network (custody.serving)."""
+    parser.add_argument(
+        "--header-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds a connection has to send a request's headers, from connecting or from its last response"
+        " (default 10); a late one gets 408 and is closed",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        help="seconds a request has to send its body once its headers are in (default 30)",
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=256,
+        help="requests processed at once, counted from a whole body to the response (default 256); more get 503",
+    )
+
+
+def _http_limits(args: argparse.Namespace) -> HttpLimits:
+    from custody import serving
+
+    return serving.HttpLimits(
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_requests=max(1, args.max_requests)
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from exc
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds between 0 and 3600")
+    return value
 
 
 def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -426,19 +472,13 @@ def _quarantine_reingest(args: argparse.Namespace) -> int:
 
 
 def _serve_query(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from custody.serving import serve_query
     from query.api import create_query_app
     from query.tokens import TokenStore
 
     _require_tokens(args.tokens)
-    uvicorn.run(
-        create_query_app(args.data_dir, TokenStore(args.tokens)),
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        access_log=False,
-    )
+    app = create_query_app(args.data_dir, TokenStore(args.tokens))
+    serve_query(app, host=args.host, port=args.port, http=_http_limits(args))
     return 0
 
 
@@ -502,16 +542,17 @@ def _serve(args: argparse.Namespace) -> int:
     token = os.environ.get("CUSTODY_ADMIN_TOKEN")
     if not token:
         raise CustodyError("CUSTODY_ADMIN_TOKEN is not set: the server has no default admin token and will not start")
-    from ingest.runner import serve
+    from custody.serving import serve_ingest
     from ingest.service import Limits
 
     limits = Limits(max_events=args.max_events, max_body_bytes=args.max_body_bytes)
-    serve(
+    serve_ingest(
         args.data_dir,
         token,
         host=args.host,
         port=args.port,
         limits=limits,
+        http=_http_limits(args),
         flush_interval=args.flush_interval,
         verify_workers=args.verify_workers,
     )

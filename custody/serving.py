@@ -1,0 +1,256 @@
+"""Serving Custody's HTTP APIs (``custody serve``, ``custody serve-query``) to a network that may be hostile.
+
+uvicorn alone times out nothing before a request is whole, and its ``limit_concurrency`` counts open connections:
+260 sockets that never sent a byte answered every later request with 503, for as long as they were held. Here:
+
+- ``DeadlineProtocol``: a connection must deliver a request's headers within ``header_timeout`` seconds of
+  connecting (or of its previous response), and its body within ``body_timeout`` seconds of the headers; otherwise
+  it gets ``408 request_timeout`` and is closed. Idle keep-alive connections close after ``keep_alive`` seconds.
+- ``RequestLimit``: at most ``max_requests`` requests are processed at once. A request counts from the moment its
+  body is whole until its response is sent, so connections that are still sending (or sending nothing) never take
+  a place from a client whose request is ready; one over the limit gets ``503 overloaded`` with ``Retry-After``.
+
+Open connections themselves are bounded by the file descriptors the process may hold (raised to the hard limit
+at start) and by the deadlines, which close a slow one within seconds. docs/operations.md has the defaults and how
+to run behind a reverse proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ingest.app import create_app
+from ingest.envelope import envelope
+from ingest.server import IngestServer
+from ingest.service import Limits
+
+__all__ = ["DeadlineProtocol", "HttpLimits", "RequestLimit", "serve_ingest", "serve_query", "uvicorn_config"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    header_timeout: float = 10.0  # seconds from connect (or the last response) to a request's last header
+    body_timeout: float = 30.0  # seconds from the headers to the body's last byte (8 MiB at 280 KB/s)
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_requests: int = 256  # requests processed at once (body received, response not yet sent)
+    max_buffered_body: int = 8 * 1024 * 1024 + 1  # what RequestLimit reads ahead; a longer body streams on
+
+
+def serve_ingest(
+    data_dir: Path,
+    admin_token: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8700,
+    limits: Limits | None = None,
+    http: HttpLimits | None = None,
+    flush_interval: float = 1.0,
+    verify_workers: int = 0,
+) -> None:
+    """Run the ingest API. Recovery happens in the app's lifespan, before the port takes traffic; SIGTERM and
+    Ctrl-C stop accepting, finish requests in flight, and flush the WAL into the lake."""
+    try:
+        server = IngestServer(
+            data_dir, admin_token, limits=limits, flush_interval=flush_interval, verify_workers=verify_workers
+        )
+    except ValueError as exc:
+        from store.errors import CustodyError
+
+        raise CustodyError(str(exc)) from exc
+    config = uvicorn_config(
+        create_app(server),
+        host=host,
+        port=port,
+        limits=http or HttpLimits(),
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        # Custody records no client addresses, so it has no use for X-Forwarded-For; uvicorn would rewrite every
+        # request's client address from it (trusting 127.0.0.1) in a middleware of its own.
+        proxy_headers=False,
+    )
+    log.info("custody ingest on http://%s:%d, data in %s", host, port, data_dir)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT (flushing the WAL in the lifespan), then re-raises the signal
+    # with the previous handler in place. This handler makes that final step a clean exit 0.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _exit_cleanly)
+    uvicorn.Server(config).run()
+
+
+def serve_query(app: ASGIApp, *, host: str, port: int, http: HttpLimits | None = None) -> None:
+    """Run the read API."""
+    config = uvicorn_config(
+        app, host=host, port=port, limits=http or HttpLimits(), log_level="info", access_log=False, proxy_headers=False
+    )
+    uvicorn.Server(config).run()
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def uvicorn_config(app: ASGIApp, *, host: str, port: int, limits: HttpLimits, **options: Any) -> uvicorn.Config:
+    """A uvicorn config serving ``app`` with ``limits``."""
+    _raise_open_files_limit()
+    return uvicorn.Config(
+        RequestLimit(app, limits.max_requests, limits.max_buffered_body),
+        host=host,
+        port=port,
+        http=_protocol(limits),
+        timeout_keep_alive=max(1, round(limits.keep_alive)),
+        **options,
+    )
+
+
+def _protocol(limits: HttpLimits) -> type[DeadlineProtocol]:
+    class Configured(DeadlineProtocol):
+        header_timeout = limits.header_timeout
+        body_timeout = limits.body_timeout
+
+    return Configured
+
+
+class DeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for the headers and one for the body of every request."""
+
+    header_timeout = HttpLimits.header_timeout
+    body_timeout = HttpLimits.body_timeout
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.header_timeout, "headers")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:  # a keep-alive connection's next request
+            self._arm(self.header_timeout, "headers")
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm(self.body_timeout, "body")
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self, seconds: float, part: str) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._expired, seconds, part)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, seconds: float, part: str) -> None:
+        """Answer 408 where no response has started, then close; a request waiting for its body sees a
+        disconnect, so nothing of it is processed."""
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        answering = cycle is None or cycle.response_complete or not cycle.response_started
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if answering:
+            body = orjson.dumps(
+                envelope("request_timeout", f"the request's {part} did not arrive within {seconds:g} s")
+            )
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        self.transport.close()
+
+
+class RequestLimit:
+    """At most ``max_requests`` requests in work at once, counted from a whole body to the response's end."""
+
+    def __init__(self, app: ASGIApp, max_requests: int, max_buffered_body: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.max_buffered_body = max_buffered_body
+        self.in_work = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received: list[Message] = []
+        size = 0
+        while size <= self.max_buffered_body:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the body never came (a deadline closed the connection): nothing to process
+            received.append(message)
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        if self.in_work >= self.max_requests:
+            await _overloaded(send, self.max_requests)
+            return
+        self.in_work += 1
+        try:
+            await self.app(scope, _replay(received, receive), send)
+        finally:
+            self.in_work -= 1
+
+
+def _replay(received: list[Message], receive: Receive) -> Callable[[], Awaitable[Message]]:
+    """``receive`` for the app: the messages read ahead, then the connection's own."""
+    pending = list(received)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+async def _overloaded(send: Send, limit: int) -> None:
+    body = orjson.dumps(envelope("overloaded", f"{limit} requests are in work already; retry in a second"))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _raise_open_files_limit() -> None:
+    """Every open connection is a file descriptor: take all the hard limit allows."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-files limit: %s", exc)
