@@ -121,7 +121,7 @@ class Registry:
         if unknown:
             raise InvalidInput(f"unexpected members {sorted(unknown)}; expected tenant, kind, keys")
         tenant, kind, jwks = body.get("tenant"), body.get("kind"), body.get("keys")
-        if not isinstance(tenant, str) or not EMITTER_ID.match(tenant):
+        if not isinstance(tenant, str) or not EMITTER_ID.fullmatch(tenant):
             raise InvalidInput(f"tenant must match {EMITTER_ID.pattern}, got {tenant!r}")
         if kind not in EMITTER_KINDS:
             raise InvalidInput(f"kind must be one of {', '.join(EMITTER_KINDS)}, got {kind!r}")
@@ -254,7 +254,7 @@ class Registry:
 
 
 def _check_emitter_id(emitter_id: str) -> None:
-    if not EMITTER_ID.match(emitter_id):
+    if not EMITTER_ID.fullmatch(emitter_id):
         raise InvalidInput(f"emitter id must match {EMITTER_ID.pattern}, got {emitter_id!r}")
     if emitter_id.startswith("custody."):
         raise InvalidInput(f"emitter ids starting with 'custody.' are reserved for the server, got {emitter_id!r}")

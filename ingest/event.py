@@ -25,7 +25,7 @@ __all__ = [
     "validate_event",
 ]
 
-EMITTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+EMITTER_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")  # fullmatch only: match() with $ admits a trailing newline
 _ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,127}$"
 _TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
 _UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"

@@ -23,7 +23,7 @@ from store.state import EmitterRecord, KeyRecord
 
 __all__ = ["KeyEntry", "KeyRing", "KeySpec", "public_jwk", "validate_jwk"]
 
-_KID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_KID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch only
 _ALLOWED_MEMBERS = {
     "OKP": {"kty", "crv", "x", "kid", "alg", "use"},
     "EC": {"kty", "crv", "x", "y", "kid", "alg", "use"},
@@ -46,7 +46,7 @@ def validate_jwk(jwk: object, where: str) -> tuple[dict[str, Any], PublicKey]:
     if jwk.get("crv") != _CURVE[kty]:
         raise InvalidInput(f"{where}: crv must be {_CURVE[kty]} for kty {kty}, got {jwk.get('crv')!r}")
     kid = jwk.get("kid")
-    if not isinstance(kid, str) or not _KID.match(kid):
+    if not isinstance(kid, str) or not _KID.fullmatch(kid):
         raise InvalidInput(f"{where}: kid must match {_KID.pattern}, got {kid!r}")
     alg = jwk.get("alg")
     if alg is not None and alg != ALG_FOR_KTY[kty]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ __all__ = ["ROLES", "Principal", "TokenStore"]
 Role = Literal["admin", "analyst", "auditor"]
 ROLES: tuple[Role, ...] = ("admin", "analyst", "auditor")
 ENV = "CUSTODY_READ_TOKENS"
+TENANT = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")  # the protocol's tenant ids (docs/protocol.md)
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,10 @@ class Principal:
     tenant: str | None
 
     def scope(self, requested: str | None) -> str | None:
-        """The tenant a request may see: its own when bound (asking for another is refused), else as asked."""
+        """The tenant a request may see: its own when bound (asking for another is refused), else as asked. A
+        tenant that is not a tenant id is refused here, before it reaches a query, a file name or a header."""
+        if requested is not None and not TENANT.fullmatch(requested):
+            raise InvalidInput(f"tenant must match {TENANT.pattern}, got {requested!r}")
         if self.tenant is None:
             return requested
         if requested not in (None, self.tenant):
@@ -75,7 +80,9 @@ class TokenStore:
                 if role not in ROLES:
                     break
                 tenant = entry.get("tenant")
-                return Principal(str(entry["name"]), role, str(tenant) if tenant else None)
+                if tenant is not None and not (isinstance(tenant, str) and TENANT.fullmatch(tenant)):
+                    break  # never read a tenant that is not one (such as "") as "all tenants"
+                return Principal(str(entry["name"]), role, tenant)
         raise Unauthorized("unknown or revoked token")
 
     def issue(self, name: str, role: str, tenant: str | None) -> str:
@@ -83,6 +90,9 @@ class TokenStore:
             raise InvalidInput("issuing needs a token file (--file)")
         if role not in ROLES:
             raise InvalidInput(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if tenant is not None and not TENANT.fullmatch(tenant):
+            # An empty tenant was stored as "" and read back as no tenant: a token for every tenant.
+            raise InvalidInput(f"tenant must match {TENANT.pattern}, got {tenant!r}; omit --tenant for all tenants")
         entries = self._entries()
         if any(entry.get("name") == name for entry in entries):
             raise Conflict(f"a token named {name!r} exists; revoke it first or choose another name")

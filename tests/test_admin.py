@@ -85,6 +85,8 @@ def test_a_registered_key_is_never_replaced(harness: Harness) -> None:
         ("GW_1", {"tenant": "acme", "kind": "gateway"}, "emitter id must match"),
         ("custody.fake", {"tenant": "acme", "kind": "gateway"}, "reserved for the server"),
         ("gw-1", {"tenant": "_system", "kind": "gateway"}, "tenant must match"),
+        ("gw-1%0A", {"tenant": "acme", "kind": "gateway"}, "emitter id must match"),  # re.match with $ took it
+        ("gw-1", {"tenant": "acme\n", "kind": "gateway"}, "tenant must match"),
         ("gw-1", {"tenant": "acme", "kind": "robot"}, "kind must be one of"),
         ("gw-1", {"tenant": "acme", "kind": "gateway", "keys": []}, "keys must be a list of 1 to 32"),
     ],
@@ -108,6 +110,7 @@ IDENTITY_POINT = base64.urlsafe_b64encode(bytes([1] + [0] * 31)).rstrip(b"=").de
         (lambda jwk: {**jwk, "x": "AAAA"}, "not a valid Ed25519 public key"),
         (lambda jwk: {**jwk, "x": IDENTITY_POINT}, "a small-order or non-canonical point"),
         (lambda jwk: {**jwk, "kid": "bad kid!"}, "kid must match"),
+        (lambda jwk: {**jwk, "kid": "k1\n"}, "kid must match"),
         (lambda jwk: {**jwk, "alg": "ES256"}, "alg must be EdDSA"),
         (lambda jwk: {**jwk, "extra": "x"}, "unexpected JWK members"),
     ],

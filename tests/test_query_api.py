@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 
 from query.api import create_query_app
 from query.tokens import TokenStore
+from store.errors import InvalidInput, Unauthorized
 from tests import scenario
 from tests.conftest import Harness
 
@@ -133,6 +136,33 @@ def test_tokens_are_stored_hashed_and_can_be_revoked(api, tmp_path: Path) -> Non
     assert oct((tmp_path / "tokens.json").stat().st_mode & 0o777) == "0o600"
     TokenStore(tmp_path / "tokens.json").revoke("gil")
     assert client.get("/v1/events", headers=as_(tokens["analyst-globex"])).status_code == 401
+
+
+@pytest.mark.parametrize("tenant", ["", "ACME", "acme\n", "../acme"])
+def test_a_token_is_never_issued_for_a_tenant_that_is_not_one(tmp_path: Path, tenant: str) -> None:
+    with pytest.raises(InvalidInput, match="tenant must match"):
+        TokenStore(tmp_path / "tokens.json").issue("ann", "analyst", tenant)  # "" used to mean every tenant
+
+
+def test_a_stored_empty_tenant_is_not_read_as_every_tenant(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    secret = TokenStore(path).issue("ann", "analyst", "acme")
+    entries = orjson.loads(path.read_bytes())
+    entries[0]["tenant"] = ""  # as an older version wrote `custody token issue --tenant ""`
+    path.write_bytes(orjson.dumps(entries))
+    with pytest.raises(Unauthorized):
+        TokenStore(path).authenticate(secret)
+
+
+def test_a_recert_download_is_named_from_a_checked_tenant_only(api) -> None:
+    client, tokens, _, _ = api
+    for tenant in ("acme\r\nSet-Cookie: x=1", 'acme"; filename="evil.exe', "Acme"):
+        response = client.get("/v1/recert", params={"tenant": tenant}, headers=as_(tokens["admin"]))
+        assert response.status_code == 400, response.text
+        assert "tenant must match" in response.json()["error"]["message"]
+    good = client.get("/v1/recert", params={"tenant": "acme", "format": "csv"}, headers=as_(tokens["admin"]))
+    assert good.status_code == 200
+    assert re.fullmatch(r'attachment; filename="recert-acme-[0-9TZ:-]+\.csv"', good.headers["content-disposition"])
 
 
 def test_bad_parameters_use_the_envelope(api) -> None:
