@@ -29,6 +29,9 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # Everything Custody writes (lake, WAL, state, keys, reports) is for this account alone: other local accounts
+    # would otherwise read every tenant's events around the tenant-bound tokens.
+    os.umask(0o077)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

@@ -205,8 +205,11 @@ class Store:
     # -- lifecycle --------------------------------------------------------------------------------------------
 
     def open(self, progress: Callable[[str], None] = log.info) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.state_dir.mkdir(exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.data_dir.stat().st_mode & 0o077:
+            log.warning("%s was readable by other accounts; it is now 0700 (owner only)", self.data_dir)
+            self.data_dir.chmod(0o700)
+        self.state_dir.mkdir(mode=0o700, exist_ok=True)
         self._take_lock()
         self.lake.remove_temporary_files()
         self.state = StateDB(self.state_dir / "state.sqlite")

@@ -392,3 +392,20 @@ def test_serve_refuses_to_start_without_an_admin_token(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "CUSTODY_ADMIN_TOKEN is not set" in result.stderr
+
+
+def test_the_data_dir_is_for_the_server_account_alone(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)  # as an operator might create it: the server tightens it
+    server = ServerProcess(data, tmp_path / "server.log").start()
+    key, kid = register(server.url, "gw-1")
+    tokens, _ = chain("gw-1", 5, key, kid)
+    assert httpx.post(f"{server.url}/v1/events", json={"events": tokens}).status_code == 200
+    assert server.stop() == 0
+    assert read_lake(data, "emitter")  # the lake, the WAL, state and keys were all written
+    paths = [data, *data.rglob("*")]
+    assert any(path.suffix == ".parquet" for path in paths)
+    assert any(path.name == "state.sqlite" for path in paths)
+    opened = {str(path.relative_to(tmp_path)): oct(path.stat().st_mode & 0o777) for path in paths}
+    assert {name: mode for name, mode in opened.items() if int(mode, 8) & 0o077} == {}
