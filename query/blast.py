@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from query.lake import LakeReader, sql_paths
 from query.reach_copies import COLUMNS, CopyFacts, ReachCopies
 from query.search import event_dicts
+from query.spreadsheet import csv_cell
 from store.engine import SYSTEM_TENANT
 from store.errors import InvalidInput
 from store.lake import HIVE_OPTIONS, partition_of_file
@@ -307,7 +308,9 @@ class Taint:
         writer = csv.writer(out)
         writer.writerow(columns)
         for event in self.events:
-            writer.writerow([" > ".join(event[c] or []) if c == "delegation_chain" else event.get(c) for c in columns])
+            writer.writerow(
+                [csv_cell(" > ".join(event[c] or []) if c == "delegation_chain" else event.get(c)) for c in columns]
+            )
         return out.getvalue()
 
 

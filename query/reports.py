@@ -30,6 +30,7 @@ from jwt.algorithms import OKPAlgorithm
 from ingest.admin import ServerKey
 from ingest.jws import JwsError, parse_compact, sign_compact, verify_signature
 from query.recert import Review
+from query.spreadsheet import csv_cell
 from store.canonical import canonicalize
 from store.errors import InvalidInput
 from store.schema import parse_timestamp
@@ -287,7 +288,7 @@ def _csv(body: dict[str, Any], jws: str) -> str:
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for agent in body["agents"]:
-        writer.writerow(cells(agent))
+        writer.writerow({column: csv_cell(value) for column, value in cells(agent).items()})
     out.write(f"# signature: {jws}\n")
     return out.getvalue()
 
