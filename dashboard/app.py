@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import session, sign_in_form
+from dashboard.text import md
 
 st.set_page_config(page_title="Custody", page_icon=":material/policy:", layout="wide")
 
@@ -33,7 +34,7 @@ data.tree_index(str(current.data_dir))  # starts building the delegation-path in
 data.reach_copies(str(current.data_dir))  # starts writing the blast radius's reach copies in the background
 with st.sidebar:
     bound = f"tenant {current.tenant}" if current.tenant else "all tenants"
-    st.caption(f"Signed in as **{current.principal.name}** ({current.principal.role}, {bound})")
+    st.caption(f"Signed in as **{md(current.principal.name)}** ({current.principal.role}, {md(bound)})")
     if st.button("Sign out", key="sign_out"):
         st.session_state.clear()
         st.rerun()

@@ -18,6 +18,7 @@ from typing import ParamSpec, TypeVar
 
 import streamlit as st
 
+from dashboard.text import md
 from query.lake import LakeReader
 from query.tokens import Principal, TokenStore
 from store.errors import CustodyError, Unauthorized
@@ -112,7 +113,7 @@ def sign_in_form() -> None:
         try:
             token_store().authenticate(token.strip())
         except Unauthorized as exc:
-            st.error(f"Sign-in failed: {exc}")
+            st.error(f"Sign-in failed: {md(exc)}")
             return
         st.session_state["token"] = token.strip()
         st.rerun()
@@ -158,6 +159,6 @@ def cached_for(ttl: int) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 
 def show_error(exc: CustodyError) -> None:
-    st.error(str(exc))
+    st.error(md(exc))  # error messages quote what was asked for (event ids, names): never Markdown
     for detail in exc.details:
-        st.caption(str(detail))
+        st.caption(md(detail))

@@ -29,7 +29,8 @@ def markup(beacon: str) -> dict[str, str]:
 
 
 def post(harness: Harness, beacon: str = "http://127.0.0.1:9") -> dict[str, str]:
-    """Post the hostile tenant's log (tenant ``acme``); return the markup values used."""
+    """Post the hostile tenant's log (tenant ``acme``); return the markup values used, and under ``event_id`` the
+    id of a denied call by the markup agent."""
     values = markup(beacon)
     gateway = harness.emitter("gw-hostile", "acme")
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
@@ -62,7 +63,9 @@ def post(harness: Harness, beacon: str = "http://127.0.0.1:9") -> dict[str, str]
                 },
                 "outcome": None if call == 2 else "success",
             }
-            gateway.emit(**fields)
+            signed = gateway.emit(**fields)
+            if number == 1 and call == 2:
+                values["event_id"] = signed.event_id
     gateway.flush()
     harness.flush()
     return values

@@ -12,6 +12,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.context import now, require_session, show_error
 from dashboard.graphs import scope_chart, scope_rows, taint_dot
+from dashboard.text import md
 from query.blast import Subject
 from store.errors import CustodyError
 
@@ -45,11 +46,11 @@ try:
         else now().replace(second=0, microsecond=0) - timedelta(hours=24)
     )
 except ValueError:
-    st.error(f"'From' must be a time like 2026-11-29T08:00:00, not {start_text!r}.")
+    st.error(f"'From' must be a time like 2026-11-29T08:00:00, not {md(repr(start_text))}.")
     st.stop()
 
 try:
-    with st.spinner(f"Following {subject} and everything downstream of it..."):
+    with st.spinner(f"Following {md(subject)} and everything downstream of it..."):
         taint = data.taint_of(root, current.tenant, cast(Subject, kind), subject, start)
         reach = (
             data.blast_radius(root, current.tenant, kind, subject, start) if kind in ("agent", "credential") else None
@@ -59,9 +60,9 @@ except CustodyError as exc:
     st.stop()
 
 if not taint.events and (reach is None or reach.events == 0):
-    where = f" in tenant {current.tenant}" if current.tenant else ""
+    where = f" in tenant {md(current.tenant)}" if current.tenant else ""
     st.info(
-        f"No event involves {KINDS[kind].lower()} {subject}{where} from {start:%Y-%m-%d %H:%M} UTC on."
+        f"No event involves {KINDS[kind].lower()} {md(subject)}{where} from {start:%Y-%m-%d %H:%M} UTC on."
         " Check the name, or try an earlier start time."
     )
     st.stop()
@@ -71,11 +72,11 @@ metrics[0].metric("Events affected", f"{len(taint.events):,}")
 for column, name in zip(metrics[1:], ("tool", "resource", "tenant", "user", "agent"), strict=True):
     column.metric(f"{name.capitalize()}s", len(summary[name]))
 if not taint.events:
-    st.info(f"{subject} took no action from {start:%Y-%m-%d %H:%M} UTC on; its grants are below.")
+    st.info(f"{md(subject)} took no action from {start:%Y-%m-%d %H:%M} UTC on; its grants are below.")
 
 if reach is not None:
     st.subheader("Granted vs used")
-    st.markdown(f"**{reach.headline}**")
+    st.markdown(f"**{md(reach.headline)}**")
     scopes = pd.DataFrame(scope_rows(reach.scopes_granted, reach.scopes_used))
     if not scopes.empty:
         st.altair_chart(scope_chart(scopes), key="scope_chart")
@@ -85,7 +86,7 @@ if reach is not None:
     with st.expander(f"{len(reach.scopes_unused)} unused scopes and {len(reach.tools_reachable)} reachable tools"):
         st.write({"unused scopes": reach.scopes_unused, "reachable tools": reach.tools_reachable})
     if reach.delegates:
-        st.caption("Delegated to: " + "; ".join(d["headline"] for d in reach.delegates))
+        st.caption("Delegated to: " + "; ".join(md(d["headline"]) for d in reach.delegates))
 
 if taint.events:
     st.subheader("Reach")

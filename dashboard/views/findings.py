@@ -11,6 +11,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import SLOW_SECONDS, require_session, time_window
+from dashboard.text import md
 from query.search import EventFilter
 from store.schema import parse_timestamp
 
@@ -69,9 +70,9 @@ index = st.selectbox(
     "Finding", range(len(shown)), format_func=lambda i: f"[{shown[i].severity}] {shown[i].title}", key="finding"
 )
 finding = shown[index]
-st.markdown(f"**{finding.title}** ({', '.join(finding.owasp)}); {finding.evidence_total} evidence events")
+st.markdown(f"**{md(finding.title)}** ({md(', '.join(finding.owasp))}); {finding.evidence_total} evidence events")
 if finding.details.get("detail") is not None:
-    st.caption(f"Detail: {finding.details['detail']}")
+    st.caption(f"Detail: {md(finding.details['detail'])}")
 if finding.evidence_truncated:
     st.warning(f"Showing the first {len(finding.evidence)} of {finding.evidence_total} evidence events.")
 # The evidence lies between the finding's first and last sighting: those bounds let DuckDB skip other days.
@@ -94,7 +95,7 @@ if evidence.events:
     )
     st.page_link(
         "views/path.py",
-        label=f"Delegation path of {chosen}",
+        label=f"Delegation path of {md(chosen)}",
         icon=":material/account_tree:",
         query_params={"event": chosen},
     )

@@ -8,6 +8,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.context import require_session, time_window
 from dashboard.graphs import event_fields
+from dashboard.text import md
 from query.search import EventFilter
 
 PAGE_SIZES = [10, 50, 200]
@@ -124,10 +125,10 @@ with right:
     elif problems:
         st.error("Integrity check failed")
         for problem in problems:
-            st.markdown(f"- **{problem.check}**: expected `{problem.expected}`, found `{problem.actual}`")
+            st.markdown(f"- **{md(problem.check)}**: expected {md(problem.expected)}, found {md(problem.actual)}")
     else:
         st.success("Hash, signature, columns and chain link verified")
-        st.caption(f"event_hash `{event['event_hash']}`, signed with key `{event['kid']}`")
+        st.caption(f"event_hash {md(event['event_hash'])}, signed with key {md(event['kid'])}")
     st.page_link(
         "views/path.py",
         label="Open its delegation path",

@@ -9,6 +9,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import now, require_session, time_window
+from dashboard.text import md
 
 
 def ago(seconds: float) -> str:
@@ -89,7 +90,7 @@ with right:
 for agent in [row["agent"] for row in summary.top_agents[:5]]:
     st.page_link(
         "views/blast.py",
-        label=f"Blast radius of {agent}",
+        label=f"Blast radius of {md(agent)}",
         icon=":material/crisis_alert:",
         query_params={"kind": "agent", "subject": agent},
     )

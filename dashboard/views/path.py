@@ -10,6 +10,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.context import require_session, show_error
 from dashboard.graphs import path_dot
+from dashboard.text import md
 from store.errors import CustodyError
 
 current = require_session()
@@ -45,12 +46,15 @@ except CustodyError as exc:
     st.stop()
 
 chain = path.chain()
-st.markdown(" → ".join(f"**{node.kind}** `{node.label}`" for node in chain))
+st.markdown(" → ".join(f"**{md(node.kind)}** {md(node.label)}" for node in chain))
 event = path.event
 st.caption(
-    f"{event['type']} at {event['occurred_at']} by emitter {event['emitter']} (seq {event['seq']}); decision"
-    f" {event.get('decision_result') or 'n/a'}, outcome {event.get('outcome') or 'n/a'}; credential"
-    f" {event.get('credential_id') or 'none'} ({event.get('credential_kind') or 'n/a'})"
+    md(
+        f"{event['type']} at {event['occurred_at']} (received {event.get('received_at') or 'n/a'}) by emitter"
+        f" {event['emitter']} (seq {event['seq']}); decision {event.get('decision_result') or 'n/a'}, outcome"
+        f" {event.get('outcome') or 'n/a'}; credential {event.get('credential_id') or 'none'}"
+        f" ({event.get('credential_kind') or 'n/a'})"
+    )
 )
 if path.truncated:
     st.warning("The task tree is larger than the page draws; it was cut. The tables list what was read.")
@@ -93,7 +97,7 @@ for column, (kind, subject, label, icon) in zip(st.columns(2), links, strict=Tru
         start = event["occurred_at"][:19]
         column.page_link(
             "views/blast.py",
-            label=label.format(subject),
+            label=label.format(md(subject)),
             icon=icon,
             query_params={"kind": kind, "subject": subject, "start": start},
         )

@@ -7,6 +7,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import require_session, show_error
+from dashboard.text import md
 from store.errors import CustodyError
 
 WINDOWS = ["30d", "90d", "180d", "365d"]
@@ -52,7 +53,7 @@ st.caption(
     f" to {review.until}."
 )
 if not review.agents:
-    st.info(f"No agent of {tenant} acted in this window.")
+    st.info(f"No agent of {md(tenant)} acted in this window.")
     st.stop()
 table = pd.DataFrame(
     [
