@@ -107,6 +107,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
                 "ancestors": found.ancestors,
                 "descendants": found.descendants,
                 "truncated": found.truncated,
+                "crossed_links": found.crossed_links,
                 "text": found.text(),
                 "chain": [asdict(node) for node in found.chain()],
                 "nodes": [asdict(node) for node in found.nodes],

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from query.lake import LakeReader, sql_paths
 from query.reach_copies import COLUMNS, CopyFacts, ReachCopies
-from query.search import event_dicts
+from query.search import event_dicts, rfc3339_us
 from query.spreadsheet import csv_cell
 from store.engine import SYSTEM_TENANT
 from store.errors import InvalidInput
@@ -337,24 +337,34 @@ def forward_taint(
                 )
             )
 
-        agents_done: set[str] = set()
+        # Taint spreads within a tenant: to the children an event's own tenant posted, and to the later events of
+        # an agent it delegated to in that tenant. (tenant, name) and "tenant event-id" keys keep the walls.
+        agents_done: set[tuple[str, str]] = set()
         frontier = select(seed_condition, [subject])
-        agents = [subject] if kind == "agent" else []
+        agents = {(e["tenant"], subject) for e in frontier} if kind == "agent" else set()
         while frontier or agents:
             for event in frontier:
                 found.setdefault(event["event_id"], event)
             delegated = {
-                e["delegate_agent"] for e in frontier if e["type"] == "agent.delegation" and e["delegate_agent"]
+                (e["tenant"], e["delegate_agent"])
+                for e in frontier
+                if e["type"] == "agent.delegation" and e["delegate_agent"]
             }
-            agents = sorted((delegated | set(agents)) - agents_done)
+            agents = (delegated | agents) - agents_done
             agents_done.update(agents)
-            ids = [e["event_id"] for e in frontier]
-            frontier = [e for e in select("list_contains(?, parent_event_id)", [ids]) if e["event_id"] not in found]
-            for agent in agents:
+            keys = [f"{e['tenant']} {e['event_id']}" for e in frontier]
+            frontier = [
+                e
+                for e in select("list_contains(?, tenant || ' ' || parent_event_id)", [keys])
+                if e["event_id"] not in found
+            ]
+            for agent_tenant, agent in sorted(agents):
                 frontier += [
-                    e for e in select("list_contains(delegation_chain, ?)", [agent]) if e["event_id"] not in found
+                    e
+                    for e in select("list_contains(delegation_chain, ?) AND tenant = ?", [agent, agent_tenant])
+                    if e["event_id"] not in found
                 ]
-            agents = []
+            agents = set()
     events = sorted(found.values(), key=lambda e: (e["occurred_at"], e["emitter"], e["seq"]))
     return Taint(subject, kind, _iso(since) or "", events, _summarise(events))
 
@@ -391,5 +401,5 @@ def _iso(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return rfc3339_us(value)
     return str(value)

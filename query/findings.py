@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from query.lake import LakeReader
+from query.search import rfc3339_us
 
 __all__ = ["Finding", "FindingSettings", "findings"]
 
@@ -25,12 +26,14 @@ class FindingSettings:
     unused_scope_days: int = 30
     burst_denied: int = 5
     burst_window_minutes: int = 10
+    revocation_grace_seconds: int = 60
 
 
 @dataclass
 class Finding:
     kind: str
     severity: str
+    tenant: str
     subject: str
     title: str
     owasp: list[str]
@@ -47,117 +50,166 @@ class Finding:
 
 _KNOWN_AGENTS = """
     known_agents AS (
-        SELECT DISTINCT unnest(delegation_chain[2:]) AS name FROM scoped_for($tenant)
-        UNION SELECT DISTINCT delegate_agent FROM scoped_for($tenant) WHERE delegate_agent IS NOT NULL
+        SELECT DISTINCT tenant, unnest(delegation_chain[2:]) AS name FROM scoped_for($tenant)
+        UNION SELECT DISTINCT tenant, delegate_agent FROM scoped_for($tenant) WHERE delegate_agent IS NOT NULL
     )"""
 
+# The other tenant of a crossed link, named only to a caller who may see every tenant.
+_OTHER = "(CASE WHEN $tenant IS NULL THEN 'tenant ' || {0}.tenant ELSE 'another tenant' END)"
+
+# Links between events that cross a tenant wall, which no answer follows: a parent posted by another tenant, an
+# approval id only another tenant approved, a revocation of a credential only another tenant holds.
+_CROSS_TENANT_LINKS = f"""WITH links AS (
+            SELECT e.tenant, 'events of ' || e.tenant || ' name parents in ' || {_OTHER.format("p")} AS subject,
+                   e.event_id, e.occurred_at, p.event_id AS other
+            FROM scoped_for($tenant) e JOIN history_for(NULL) p
+              ON p.event_id = e.parent_event_id AND p.tenant <> e.tenant
+            UNION ALL
+            SELECT e.tenant, 'events of ' || e.tenant || ' name approvals only ' || {_OTHER.format("a")} || ' holds',
+                   e.event_id, e.occurred_at, a.event_id
+            FROM scoped_for($tenant) e JOIN history_for(NULL) a
+              ON a.type = 'task.approval' AND a.approval_id = e.approval_id AND a.tenant <> e.tenant
+            WHERE e.type <> 'task.approval' AND NOT EXISTS (
+                SELECT 1 FROM history_for(NULL) own
+                WHERE own.type = 'task.approval' AND own.approval_id = e.approval_id AND own.tenant = e.tenant)
+            UNION ALL
+            SELECT e.tenant, e.tenant || ' revoked credentials only ' || {_OTHER.format("u")} || ' holds',
+                   e.event_id, e.occurred_at, u.event_id
+            FROM scoped_for($tenant) e JOIN history_for(NULL) u
+              ON u.credential_id = e.credential_id AND u.tenant <> e.tenant AND u.type <> 'credential.revoked'
+            WHERE e.type = 'credential.revoked' AND NOT EXISTS (
+                SELECT 1 FROM history_for(NULL) own
+                WHERE own.credential_id = e.credential_id AND own.tenant = e.tenant
+                  AND own.type <> 'credential.revoked'))
+        SELECT tenant, subject, list_sort(list(DISTINCT event_id)), min(occurred_at), max(occurred_at),
+               CASE WHEN $tenant IS NULL THEN list_sort(list_distinct(list(other))) END
+        FROM links GROUP BY 1, 2 ORDER BY 1, 2"""
+
+# Every query returns (tenant, subject, event ids, first, last, detail), grouped within a tenant: tenants are walls,
+# and no join between events (credential, approval, parent, agent) reaches across one.
 _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
-    # kind: (severity, title template, owasp, SQL returning subject, ids, first, last, details)
+    # kind: (severity, title template, owasp, SQL)
     "borrowed_session": (
         "high",
         "{subject} acted with a borrowed user credential",
         ["ASI03"],
         f"""WITH {_KNOWN_AGENTS.strip()}
-        SELECT coalesce(agent, credential_client_id) || ' with ' || credential_id, list(event_id ORDER BY occurred_at),
-               min(occurred_at), max(occurred_at), any_value(credential_kind)
-        FROM scoped_for($tenant) WHERE type = 'tool.invocation' AND (
+        SELECT e.tenant, coalesce(agent, credential_client_id) || ' with ' || credential_id,
+               list(event_id ORDER BY occurred_at), min(occurred_at), max(occurred_at), any_value(credential_kind)
+        FROM scoped_for($tenant) e WHERE type = 'tool.invocation' AND (
             (credential_kind = 'user_session' AND agent IS NOT NULL)
-            OR (agent IS NULL AND credential_client_id IN (SELECT name FROM known_agents)))
-        GROUP BY 1 ORDER BY 1""",
+            OR (agent IS NULL AND EXISTS (
+                SELECT 1 FROM known_agents k WHERE k.tenant = e.tenant AND k.name = e.credential_client_id)))
+        GROUP BY 1, 2 ORDER BY 1, 2""",
     ),
     "shared_credential": (
         "high",
         "credential {subject} is presented by more than one client or agent",
         ["ASI03", "NHI9"],
-        """SELECT credential_id, list(event_id ORDER BY occurred_at), min(occurred_at), max(occurred_at),
+        """SELECT tenant, credential_id, list(event_id ORDER BY occurred_at), min(occurred_at), max(occurred_at),
                list_sort(list_distinct(list(coalesce(agent, credential_client_id))))
         FROM scoped_for($tenant) WHERE credential_id IS NOT NULL AND type = 'tool.invocation'
-        GROUP BY credential_id
-        HAVING count(DISTINCT credential_client_id) > 1 OR count(DISTINCT agent) > 1 ORDER BY 1""",
+        GROUP BY tenant, credential_id
+        HAVING count(DISTINCT credential_client_id) > 1 OR count(DISTINCT agent) > 1 ORDER BY 1, 2""",
     ),
     "unregistered_tool": (
         "medium",
         "tool {subject} was allowed with no permission mapping it",
         ["ASI03"],
-        """SELECT tool_server || '/' || tool_name, list(event_id ORDER BY occurred_at), min(occurred_at),
+        """SELECT tenant, tool_server || '/' || tool_name, list(event_id ORDER BY occurred_at), min(occurred_at),
                max(occurred_at), list_sort(list_distinct(list(agent)))
         FROM scoped_for($tenant)
         WHERE type = 'tool.invocation' AND decision_result = 'allow' AND decision_required_scope IS NULL
-        GROUP BY 1 ORDER BY 1""",
+        GROUP BY 1, 2 ORDER BY 1, 2""",
     ),
+    # A use is after the revocation by the emitter's clock (occurred_at, which it signs) or by the server's
+    # (received_at, more than $revocation_grace after the revocation arrived): a use backdated to before the
+    # revocation cannot hide that it arrived after it. The grace covers a use and a revocation from two
+    # emitters that each batch their posts.
     "action_after_revocation": (
         "critical",
         "credential {subject} was used after it was revoked",
         ["ASI03", "NHI1"],
         """WITH revoked AS (
-            SELECT credential_id, min(coalesce(revoked_at, occurred_at)) AS at
-            FROM history_for($tenant) WHERE type = 'credential.revoked' GROUP BY credential_id)
-        SELECT e.credential_id, list(e.event_id ORDER BY e.occurred_at), min(e.occurred_at), max(e.occurred_at),
-               any_value(r.at)
-        FROM scoped_for($tenant) e JOIN revoked r ON e.credential_id = r.credential_id
-        WHERE e.type NOT IN ('credential.revoked', 'credential.issued') AND e.occurred_at > r.at
-        GROUP BY 1 ORDER BY 1""",
+            SELECT tenant, credential_id, min(coalesce(revoked_at, occurred_at)) AS at, min(received_at) AS received
+            FROM history_for($tenant) WHERE type = 'credential.revoked' GROUP BY tenant, credential_id)
+        SELECT e.tenant, e.credential_id, list(e.event_id ORDER BY e.occurred_at), min(e.occurred_at),
+               max(e.occurred_at), any_value(r.at)
+        FROM scoped_for($tenant) e JOIN revoked r ON e.tenant = r.tenant AND e.credential_id = r.credential_id
+        WHERE e.type NOT IN ('credential.revoked', 'credential.issued')
+          AND (e.occurred_at > r.at OR e.received_at > r.received + $revocation_grace)
+        GROUP BY 1, 2 ORDER BY 1, 2""",
     ),
     "cross_tenant": (
         "high",
         "{subject} reached resources of another tenant",
         ["ASI03", "NHI8"],
-        """SELECT coalesce(agent, "user") || ' (' || tenant || ' -> ' || resource_tenant || ')',
+        """SELECT tenant, coalesce(agent, "user") || ' (' || tenant || ' -> ' || resource_tenant || ')',
                list(event_id ORDER BY occurred_at), min(occurred_at), max(occurred_at),
                list_sort(list_distinct(list(resource_type || ' ' || resource_id)))
         FROM scoped_for($tenant) WHERE resource_tenant IS NOT NULL AND resource_tenant <> tenant
-        GROUP BY 1 ORDER BY 1""",
+        GROUP BY 1, 2 ORDER BY 1, 2""",
+    ),
+    "cross_tenant_link": (
+        "high",
+        "{subject}",
+        ["ASI03", "NHI8"],
+        _CROSS_TENANT_LINKS,
     ),
     "scope_escalation": (
         "high",
         "{subject} delegated scopes it does not hold",
         ["ASI03"],
-        """SELECT coalesce(agent, "user") || ' -> ' || delegate_agent, list(event_id ORDER BY occurred_at),
+        """SELECT tenant, coalesce(agent, "user") || ' -> ' || delegate_agent, list(event_id ORDER BY occurred_at),
                min(occurred_at), max(occurred_at),
                list_sort(list_distinct(flatten(list(list_filter(delegate_scopes,
                    lambda s: NOT list_contains(coalesce(credential_scopes, []), s))))))
         FROM scoped_for($tenant) WHERE type = 'agent.delegation'
           AND NOT list_has_all(coalesce(credential_scopes, []), coalesce(delegate_scopes, []))
-        GROUP BY 1 ORDER BY 1""",
+        GROUP BY 1, 2 ORDER BY 1, 2""",
     ),
     "deep_delegation": (
         "medium",
         "delegation chains deeper than {max_depth} agents, acting for {subject}",
         ["ASI03"],
-        """SELECT "user", list(event_id ORDER BY occurred_at), min(occurred_at), max(occurred_at),
+        """SELECT tenant, "user", list(event_id ORDER BY occurred_at), min(occurred_at), max(occurred_at),
                max(delegation_depth)
-        FROM scoped_for($tenant) WHERE delegation_depth > $max_depth GROUP BY 1 ORDER BY 1""",
+        FROM scoped_for($tenant) WHERE delegation_depth > $max_depth GROUP BY 1, 2 ORDER BY 1, 2""",
     ),
     "over_privileged": (
         "medium",
         "{subject} holds scopes it has not used in {unused_days} days",
         ["ASI03", "NHI5"],
         """WITH grants AS (
-            SELECT agent, unnest(credential_scopes) AS scope, event_id, occurred_at
+            SELECT tenant, agent, unnest(credential_scopes) AS scope, event_id, occurred_at
             FROM scoped_for($tenant) WHERE agent IS NOT NULL AND credential_scopes IS NOT NULL),
         used AS (
-            SELECT DISTINCT agent, decision_required_scope AS scope FROM history_for($tenant)
+            SELECT DISTINCT tenant, agent, decision_required_scope AS scope FROM history_for($tenant)
             WHERE type = 'tool.invocation' AND decision_result = 'allow' AND decision_required_scope IS NOT NULL
               AND occurred_at >= $unused_since AND date >= CAST($unused_since AS DATE))
-        SELECT g.agent, list(DISTINCT g.event_id), min(g.occurred_at), max(g.occurred_at),
+        SELECT g.tenant, g.agent, list_sort(list(DISTINCT g.event_id)), min(g.occurred_at), max(g.occurred_at),
                list_sort(list_distinct(list(g.scope)))
-        FROM grants g LEFT JOIN used u ON g.agent = u.agent AND g.scope = u.scope
-        WHERE u.scope IS NULL GROUP BY 1 ORDER BY 1""",
+        FROM grants g LEFT JOIN used u ON g.tenant = u.tenant AND g.agent = u.agent AND g.scope = u.scope
+        WHERE u.scope IS NULL GROUP BY 1, 2 ORDER BY 1, 2""",
     ),
+    # Every burst, not only an actor's first: a denied call is evidence when a window of $burst_window that holds
+    # it holds $burst_count denied calls of its actor. Windows run on the emitter's clock: the server's
+    # (received_at) would put a backfill of 30 days, posted in a minute, into one burst.
     "denied_burst": (
         "medium",
         "{subject} made a burst of denied calls",
         ["ASI03"],
         """WITH denied AS (
-            SELECT coalesce(agent, "user") AS actor, event_id, occurred_at,
-                   count(*) OVER (PARTITION BY coalesce(agent, "user") ORDER BY occurred_at
+            SELECT tenant, coalesce(agent, "user") AS actor, event_id, occurred_at,
+                   count(*) OVER (PARTITION BY tenant, coalesce(agent, "user") ORDER BY occurred_at
                                   RANGE BETWEEN CURRENT ROW AND $burst_window FOLLOWING) AS in_window
             FROM scoped_for($tenant) WHERE type = 'tool.invocation' AND decision_result = 'deny'),
-        starts AS (SELECT actor, min(occurred_at) AS start FROM denied WHERE in_window >= $burst_count GROUP BY actor)
-        SELECT d.actor, list(d.event_id ORDER BY d.occurred_at), min(d.occurred_at), max(d.occurred_at), count(*)
-        FROM denied d JOIN starts s ON d.actor = s.actor
-        WHERE d.occurred_at >= s.start AND d.occurred_at <= s.start + $burst_window
-        GROUP BY 1 ORDER BY 1""",
+        in_burst AS (
+            SELECT DISTINCT d.tenant, d.actor, d.event_id, d.occurred_at FROM denied d JOIN denied s
+              ON d.tenant = s.tenant AND d.actor = s.actor AND s.in_window >= $burst_count
+             AND d.occurred_at BETWEEN s.occurred_at AND s.occurred_at + $burst_window)
+        SELECT tenant, actor, list(event_id ORDER BY occurred_at), min(occurred_at), max(occurred_at), count(*)
+        FROM in_burst GROUP BY 1, 2 ORDER BY 1, 2""",
     ),
 }
 
@@ -184,6 +236,7 @@ def findings(
         "unused_days": settings.unused_scope_days,
         "burst_count": settings.burst_denied,
         "burst_window": timedelta(minutes=settings.burst_window_minutes),
+        "revocation_grace": timedelta(seconds=settings.revocation_grace_seconds),
     }
     results: list[Finding] = []
     with reader.connect() as connection:
@@ -211,7 +264,7 @@ def findings(
                 "unused_since": (reference or datetime.now(UTC)) - timedelta(days=settings.unused_scope_days),
             }
             bound = {name: value for name, value in values.items() if f"${name}" in sql}
-            for subject, ids, first, last, detail in connection.execute(sql, bound).fetchall():
+            for tenant_of, subject, ids, first, last, detail in connection.execute(sql, bound).fetchall():
                 label = title.format(
                     subject=subject,
                     max_depth=settings.max_delegation_depth,
@@ -221,6 +274,7 @@ def findings(
                     Finding(
                         kind=kind,
                         severity=severity,
+                        tenant=str(tenant_of),
                         subject=str(subject),
                         title=label,
                         owasp=owasp,
@@ -232,7 +286,7 @@ def findings(
                     )
                 )
     order = {"critical": 0, "high": 1, "medium": 2, "low": 3}
-    return sorted(results, key=lambda f: (order[f.severity], f.kind, f.subject))
+    return sorted(results, key=lambda f: (order[f.severity], f.kind, f.tenant, f.subject))
 
 
 def _literal(bound: datetime) -> str:
@@ -245,7 +299,7 @@ def _literal(bound: datetime) -> str:
 
 
 def _iso(value: Any) -> str | None:
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if isinstance(value, datetime) else value
+    return rfc3339_us(value) if isinstance(value, datetime) else value
 
 
 def _plain(value: Any) -> Any:

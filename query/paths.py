@@ -4,6 +4,12 @@ For one event: user -> approval -> first agent -> ... -> acting agent -> tool ->
 tree: its ancestors through ``parent_event_id`` up to the root and all its descendants, across emitters (a
 sub-agent's gateway is often not its parent's). Returned as a typed graph (nodes: user, approval, agent, tool,
 resource, event; edges carry the event id and time) and as text.
+
+Tenants are walls: a parent, child or approval is followed only within the event's own tenant. A link to another
+tenant's event (a parent or approval id that only another tenant has, a child another tenant posted) is never
+followed; it is listed in ``crossed_links`` (when the caller may see both tenants) and reported by the
+``cross_tenant_link`` finding. Of several approvals with one id in a tenant, the one the server received first
+counts: an emitter's clock (``occurred_at``, which it signs) cannot displace it by backdating another.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class DelegationPath:
     ancestors: list[dict[str, Any]]
     descendants: list[dict[str, Any]]
     truncated: bool
+    crossed_links: list[dict[str, str]] = field(default_factory=list)  # links to other tenants, not followed
     nodes: list[Node] = field(default_factory=list)
     edges: list[Edge] = field(default_factory=list)
 
@@ -64,45 +71,82 @@ class DelegationPath:
             lines += [f"  {_one_line(item)}" for item in events]
         if self.truncated:
             lines.append(f"the task tree was cut at {MAX_TREE_EVENTS} events")
+        for link in self.crossed_links:
+            lines.append(
+                f"not followed: {link['link']} link to tenant {link['other_tenant']} (event {link['other_event_id']})"
+            )
         return "\n".join(lines)
 
 
 def delegation_path(reader: LakeReader, event_id: str, *, tenant: str | None = None) -> DelegationPath:
     with reader.connect() as connection:
         source: _Source = _SqlSource(connection, tenant) if reader.rows is None else _RowsSource(connection, tenant)
-        event = source.one(event_id)
-        if event is None:
+        candidates = source.all_with_id(event_id)
+        if not candidates:
             raise NotFound(f"no event {event_id}" + (f" in tenant {tenant}" if tenant else ""))
+        event = candidates[0]
+        own = event["tenant"]
+        crossed: list[dict[str, str]] = []
+
+        def cross(link: str, rows: list[dict[str, Any]], via: dict[str, Any]) -> list[dict[str, Any]]:
+            """The rows of the event's own tenant; the others are noted and never followed."""
+            for row in rows:
+                if row["tenant"] != own:
+                    crossed.append(
+                        {"link": link, "event_id": via["event_id"], "other_tenant": row["tenant"],
+                         "other_event_id": row["event_id"]}
+                    )  # fmt: skip
+            return [row for row in rows if row["tenant"] == own]
+
         ancestors: list[dict[str, Any]] = []
-        parent_id, seen = event.get("parent_event_id"), {event_id}
+        parent_id, seen, child = event.get("parent_event_id"), {event_id}, event
         while parent_id and parent_id not in seen and len(ancestors) < MAX_TREE_EVENTS:
             seen.add(parent_id)
-            parent = source.one(parent_id)
-            if parent is None:
+            parents = cross("parent", source.all_with_id(parent_id), child)
+            if not parents:
                 break
-            ancestors.insert(0, parent)
-            parent_id = parent.get("parent_event_id")
+            child = parents[0]
+            ancestors.insert(0, child)
+            parent_id = child.get("parent_event_id")
         descendants: list[dict[str, Any]] = []
-        frontier, truncated = [event_id], False
+        frontier, truncated = [event], False
         while frontier:
-            children = [child for child in source.children(frontier) if child["event_id"] not in seen]
-            seen.update(child["event_id"] for child in children)
+            by_parent = {row["event_id"]: row for row in frontier}
+            children = []
+            for row in source.children(list(by_parent)):
+                if row["event_id"] in seen:
+                    continue
+                if row["tenant"] == own:
+                    children.append(row)
+                else:
+                    cross("child", [row], by_parent[row["parent_event_id"]])
+            seen.update(row["event_id"] for row in children)
             if len(descendants) + len(children) > MAX_TREE_EVENTS:
                 children, truncated = children[: MAX_TREE_EVENTS - len(descendants)], True
             descendants += children
-            frontier = [] if truncated else [child["event_id"] for child in children]
-        approval = source.approval(event["approval_id"]) if event.get("approval_id") else None
-    path = DelegationPath(event, approval, ancestors, descendants, truncated)
+            frontier = [] if truncated else children
+        approval = None
+        if event.get("approval_id"):
+            approvals = source.approvals(event["approval_id"])
+            own_approvals = [row for row in approvals if row["tenant"] == own]
+            # Approval ids are chosen by people ("appr-1"): the same id in two tenants is no link unless the
+            # event's own tenant has no such approval.
+            approval = own_approvals[0] if own_approvals else (cross("approval", approvals, event) or [None])[0]
+    path = DelegationPath(event, approval, ancestors, descendants, truncated, crossed)
     _build_graph(path)
     return path
 
 
 class _Source(Protocol):
-    def one(self, event_id: str) -> dict[str, Any] | None: ...
+    def all_with_id(self, event_id: str) -> list[dict[str, Any]]: ...
 
     def children(self, parents: list[str]) -> list[dict[str, Any]]: ...
 
-    def approval(self, approval_id: str) -> dict[str, Any] | None: ...
+    def approvals(self, approval_id: str) -> list[dict[str, Any]]: ...
+
+
+# The order in which approvals with one id count: first received by the server, then by the emitter's clock.
+_APPROVAL_ORDER = "received_at, occurred_at, emitter, seq"
 
 
 class _SqlSource:
@@ -114,11 +158,11 @@ class _SqlSource:
     def _rows(self, sql: str, *params: Any) -> list[dict[str, Any]]:
         return event_dicts(self.connection.execute(sql, [*params, self.tenant, self.tenant]))
 
-    def one(self, event_id: str) -> dict[str, Any] | None:
-        rows = self._rows(
-            "SELECT * EXCLUDE (jws) FROM events WHERE event_id = ? AND (? IS NULL OR tenant = ?)", event_id
+    def all_with_id(self, event_id: str) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT * EXCLUDE (jws) FROM events WHERE event_id = ? AND (? IS NULL OR tenant = ?) ORDER BY received_at",
+            event_id,
         )
-        return rows[0] if rows else None
 
     def children(self, parents: list[str]) -> list[dict[str, Any]]:
         return self._rows(
@@ -127,13 +171,12 @@ class _SqlSource:
             parents,
         )
 
-    def approval(self, approval_id: str) -> dict[str, Any] | None:
-        rows = self._rows(
+    def approvals(self, approval_id: str) -> list[dict[str, Any]]:
+        return self._rows(
             "SELECT * EXCLUDE (jws) FROM events WHERE type = 'task.approval' AND approval_id = ?"
-            " AND (? IS NULL OR tenant = ?) ORDER BY occurred_at LIMIT 1",
+            f" AND (? IS NULL OR tenant = ?) ORDER BY {_APPROVAL_ORDER}",
             approval_id,
         )
-        return rows[0] if rows else None
 
 
 class _RowsSource:
@@ -149,25 +192,28 @@ class _RowsSource:
                 [tenant, tenant],
             )
         )
-        self.by_id: dict[str, dict[str, Any]] = {}
+        self.by_id: dict[str, list[dict[str, Any]]] = {}
         self.by_parent: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # in (occurred_at, emitter, seq) order
-        self.approvals: dict[str, dict[str, Any]] = {}
+        self.by_approval: dict[str, list[dict[str, Any]]] = {}
         for position, row in enumerate(rows):
-            self.by_id.setdefault(row["event_id"], row)
+            self.by_id.setdefault(row["event_id"], []).append(row)
             if row.get("parent_event_id"):
                 self.by_parent.setdefault(row["parent_event_id"], []).append((position, row))
             if row["type"] == "task.approval" and row.get("approval_id"):
-                self.approvals.setdefault(row["approval_id"], row)
+                self.by_approval.setdefault(row["approval_id"], []).append(row)
 
-    def one(self, event_id: str) -> dict[str, Any] | None:
-        return self.by_id.get(event_id)
+    def all_with_id(self, event_id: str) -> list[dict[str, Any]]:
+        return sorted(self.by_id.get(event_id, []), key=lambda row: row["received_at"] or "")
 
     def children(self, parents: list[str]) -> list[dict[str, Any]]:
         found = [child for parent in set(parents) for child in self.by_parent.get(parent, [])]
         return [row for _, row in sorted(found, key=lambda child: child[0])]
 
-    def approval(self, approval_id: str) -> dict[str, Any] | None:
-        return self.approvals.get(approval_id)
+    def approvals(self, approval_id: str) -> list[dict[str, Any]]:
+        return sorted(
+            self.by_approval.get(approval_id, []),
+            key=lambda row: (row["received_at"] or "", row["occurred_at"], row["emitter"], row["seq"]),
+        )
 
 
 def _chain_nodes(event: dict[str, Any], approval: dict[str, Any] | None) -> list[Node]:

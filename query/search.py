@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -17,7 +17,7 @@ import orjson
 from query.lake import LakeReader
 from store.errors import InvalidInput
 
-__all__ = ["EventFilter", "Page", "event_dicts", "search"]
+__all__ = ["EventFilter", "Page", "event_dicts", "rfc3339_us", "search"]
 
 MAX_LIMIT = 1000
 
@@ -107,9 +107,17 @@ def event_dicts(result: Any) -> list[dict[str, Any]]:
     return [{name: _jsonable(value) for name, value in zip(names, row, strict=True)} for row in result.fetchall()]
 
 
+def rfc3339_us(value: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ``, four-digit years included (strftime's %Y writes year 1 as "1"), so that
+    string order is time order."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat(timespec="microseconds") + "Z"
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return rfc3339_us(value)
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return value

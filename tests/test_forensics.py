@@ -159,6 +159,7 @@ EXPECTED = {
     "deep_delegation": {"alice@acme.example": ["deep"]},
     "over_privileged": {"billing-agent": None, "support-agent": None},
     "denied_burst": {"intern-agent": [f"denied-{i}" for i in range(6)]},
+    "cross_tenant_link": {},  # the scenario posts no link across tenants
 }
 
 

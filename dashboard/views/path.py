@@ -58,6 +58,12 @@ st.caption(
 )
 if path.truncated:
     st.warning("The task tree is larger than the page draws; it was cut. The tables list what was read.")
+for link in path.crossed_links:
+    st.warning(
+        f"Not followed: a {md(link['link'])} link from event {md(link['event_id'])} to event"
+        f" {md(link['other_event_id'])} of tenant {md(link['other_tenant'])}. Tenants are walls; see the"
+        " cross_tenant_link finding."
+    )
 metrics = st.columns(4)
 metrics[0].metric("Ancestors", len(path.ancestors))
 metrics[1].metric("Descendants", len(path.descendants))
