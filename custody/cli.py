@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--data-dir", type=Path, required=True)
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.add_argument(
+        "--tenant", help="only the problems and counts of this tenant's emitters (the whole lake is still read)"
+    )
+    verify.add_argument("--json", action="store_true", help="print the report as JSON (the read API's shape)")
+    verify.add_argument(
         "--incremental",
         action="store_true",
         help="re-check signatures and columns only for files new or changed since the last clean run (a"
@@ -568,6 +572,8 @@ def _verify(args: argparse.Namespace) -> int:
     from query.checkpoint import record_run
     from query.integrity import verify_lake
 
+    if not (args.data_dir / "lake" / "events").is_dir():
+        raise CustodyError(f"{args.data_dir} is not a Custody data dir (no {args.data_dir / 'lake' / 'events'})")
     if args.hash_chain_only:
         from query.chains import verify_chains
 
@@ -585,6 +591,10 @@ def _verify(args: argparse.Namespace) -> int:
             report = verify_lake(args.data_dir, progress=lambda done: bar.update(done - bar.n))
         checks = "hashes, signatures, columns, chains"
         record_run(args.data_dir, report, "full verification")
+    report = report.for_tenant(args.tenant)
+    if args.json:
+        print(orjson.dumps({**report.as_json(), "checks": checks}, option=orjson.OPT_INDENT_2).decode())
+        return 0 if report.ok else 1
     for problem in report.problems:
         print(f"FAIL: {problem.describe()}")
     if report.ok:

@@ -183,18 +183,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         if caller.role not in ("admin", "auditor"):
             raise Forbidden(f"verification is for admin and auditor tokens; {caller.name!r} is {caller.role}")
         report = await run_in_threadpool(verify_lake, data_dir)
-        problems = [p for p in report.problems if caller.tenant is None or p.tenant == caller.tenant]
-        emitters = {
-            e: n for e, n in report.emitters.items() if caller.tenant is None or report.tenants.get(e) == caller.tenant
-        }
-        return JSONResponse(
-            {
-                "ok": not problems,
-                "events": sum(emitters.values()),
-                "emitters": emitters,
-                "problems": [{**asdict(p), "description": p.describe()} for p in problems],
-            }
-        )
+        return JSONResponse(report.for_tenant(caller.tenant).as_json())
 
     @app.get("/v1/recert", responses=_ERRORS)
     async def recert(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -66,12 +66,35 @@ class IntegrityProblem:
 class IntegrityReport:
     events: int = 0
     emitters: dict[str, int] = field(default_factory=dict)
-    tenants: dict[str, str] = field(default_factory=dict)  # emitter -> tenant, as the lake's partitions say
+    # emitter -> tenant: the one it is registered to (the server's signed stream), else its rows' partition. A
+    # problem belongs to its emitter's tenant, never to the partition a row was found in (a row moved into another
+    # tenant's partition must not show that tenant's auditor another tenant's event).
+    tenants: dict[str, str] = field(default_factory=dict)
     problems: list[IntegrityProblem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def for_tenant(self, tenant: str | None) -> IntegrityReport:
+        """What a caller bound to ``tenant`` sees: its emitters' counts and problems (all, for None)."""
+        if tenant is None:
+            return self
+        emitters = {e: n for e, n in self.emitters.items() if self.tenants.get(e) == tenant}
+        return IntegrityReport(
+            events=sum(emitters.values()),
+            emitters=emitters,
+            tenants={e: t for e, t in self.tenants.items() if t == tenant},
+            problems=[problem for problem in self.problems if problem.tenant == tenant],
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "events": sum(self.emitters.values()),
+            "emitters": self.emitters,
+            "problems": [{**asdict(problem), "description": problem.describe()} for problem in self.problems],
+        }
 
 
 def verify_lake(
@@ -90,7 +113,9 @@ def verify_lake(
             {(p.emitter, p.seq, p.check): p for p in [*chains.problems, *report.problems]}.values(),
             key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check),
         )
-        report.events, report.emitters, report.tenants = chains.events, chains.emitters, chains.tenants
+        report.events, report.emitters = chains.events, chains.emitters
+        report.tenants = {**chains.tenants, **report.tenants}
+        report.problems = _attributed(report.problems, report.tenants)
         return report
     return _verify_rows(data_dir, progress, None, check_chains=True)
 
@@ -132,8 +157,10 @@ def _verify_rows(
             progress(report.events)
     if previous is not None:
         report.emitters[previous[0]] = previous[1]
+    report.tenants.update(tenants)  # as registered, where the server's stream says
     if check_chains:
         report.problems.extend(compare_heads(data_dir, report.emitters, report.tenants))
+    report.problems = _attributed(report.problems, report.tenants)
     report.problems.sort(key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check))
     return report
 
@@ -266,6 +293,14 @@ def _check_row(
         )
     received_us = 0 if row["received_at"] is None else (row["received_at"] - _EPOCH) // _MICROSECOND
     return problems, Signed(payload, row["jws"], parsed.kid, computed, received_us)
+
+
+def _attributed(problems: list[IntegrityProblem], tenants: dict[str, str]) -> list[IntegrityProblem]:
+    """Each problem under its emitter's tenant."""
+    return [
+        replace(problem, tenant=tenants[problem.emitter]) if problem.emitter in tenants else problem
+        for problem in problems
+    ]
 
 
 def _where(row: dict[str, Any]) -> dict[str, Any]:

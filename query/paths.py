@@ -131,7 +131,9 @@ def delegation_path(reader: LakeReader, event_id: str, *, tenant: str | None = N
             own_approvals = [row for row in approvals if row["tenant"] == own]
             # Approval ids are chosen by people ("appr-1"): the same id in two tenants is no link unless the
             # event's own tenant has no such approval.
-            approval = own_approvals[0] if own_approvals else (cross("approval", approvals, event) or [None])[0]
+            approval = own_approvals[0] if own_approvals else None
+            if not own_approvals:
+                cross("approval", approvals, event)
     path = DelegationPath(event, approval, ancestors, descendants, truncated, crossed)
     _build_graph(path)
     return path

@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from custody.cli import main
 from ingest.sdk import generate_key
 from query.integrity import IntegrityReport, verify_event, verify_lake
 from store.canonical import canonicalize, event_hash
@@ -152,6 +154,30 @@ def test_the_cli_prints_fail_lines_and_exits_1(lake: Harness) -> None:
     assert broken.returncode == 1
     assert "FAIL: gw-1 seq 6" in broken.stdout
     assert "chain_seq: expected seq 1, found seq 6" in broken.stdout
+
+
+@pytest.mark.parametrize("mode", [[], ["--hash-chain-only"], ["--incremental"]])
+def test_the_cli_reports_one_tenant_as_json(lake: Harness, mode: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    files_of(lake, "gw-1")[0].unlink()
+    command = ["verify", "--data-dir", str(lake.data_dir), "--no-progress", "--json", *mode]
+    assert main([*command, "--tenant", "globex"]) == 0
+    globex = orjson.loads(capsys.readouterr().out)
+    assert (globex["ok"], globex["events"], globex["emitters"], globex["problems"]) == (True, 3, {"gw-2": 3}, [])
+    assert main([*command, "--tenant", "acme"]) == 1
+    acme = orjson.loads(capsys.readouterr().out)
+    assert acme["ok"] is False
+    assert {problem["emitter"] for problem in acme["problems"]} == {"gw-1"}
+    assert all(problem["tenant"] == "acme" for problem in acme["problems"])
+    assert "chain_seq: expected seq 1, found seq 6" in acme["problems"][0]["description"]
+
+
+@pytest.mark.parametrize("mode", [[], ["--hash-chain-only"], ["--incremental"]])
+def test_the_cli_refuses_a_path_that_is_not_a_data_dir(
+    tmp_path: Path, mode: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", "--data-dir", str(tmp_path / "typo"), "--no-progress", *mode]) == 1  # was OK: 0 events
+    assert "is not a Custody data dir" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
 
 
 def test_timestamps_in_every_form_land_typed_and_verify(harness: Harness) -> None:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import orjson
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
@@ -117,6 +118,24 @@ def test_verify_for_a_tenant_shows_only_its_problems(api) -> None:
     assert globex["ok"] is False
     assert {p["emitter"] for p in globex["problems"]} == {"gw-globex"}
     assert admin["ok"] is False
+
+
+def test_a_row_moved_into_another_tenants_partition_is_its_emitters_tenants_problem(api) -> None:
+    client, tokens, _, harness = api
+    source = next(p for p in harness.server.store.lake.files() if "tenant=acme" in str(p))
+    moved = harness.data_dir / "lake" / "events" / "tenant=globex" / source.parent.name / "seg-999999999999.parquet"
+    moved.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(moved)
+    acme = client.post("/v1/verify", headers=as_(tokens["auditor-acme"])).json()
+    globex = client.post("/v1/verify", headers=as_(tokens["auditor-globex"])).json()
+    moved_ids = {
+        row[0] for row in pq.read_table(moved, columns=["event_id"]).to_pylist() for row in [tuple(row.values())]
+    }
+    assert acme["ok"] is False
+    assert {p["check"] for p in acme["problems"]} >= {"partition"}
+    assert {p["event_id"] for p in acme["problems"] if p["check"] == "partition"} == moved_ids
+    assert globex["ok"] is True, globex["problems"]  # none of acme's events is shown to globex's auditor
+    assert not moved_ids & {p["event_id"] for p in globex["problems"]}
 
 
 @pytest.mark.parametrize("header", [None, "Bearer", "Bearer nope", "Basic Zm9vOmJhcg=="])
