@@ -352,7 +352,6 @@ def _path(args: argparse.Namespace) -> int:
 
 
 def _blast(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
 
     from query.blast import identity_blast_radius
     from query.lake import LakeReader
@@ -373,7 +372,7 @@ def _blast(args: argparse.Namespace) -> int:
         resource_limit=args.resources or None,
     )
     if args.json:
-        _print_json({**asdict(reach), "headline": reach.headline})
+        _print_json(reach.as_dict())
         return 0
     print(reach.headline)
     print(f"scopes granted: {', '.join(reach.scopes_granted) or '-'}")

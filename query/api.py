@@ -142,7 +142,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
             resource_limit=resource_limit or None,
         )
         reach_copies.warm()  # copies for the files written since (returns at once when one is running)
-        return JSONResponse({**asdict(reach), "headline": reach.headline})
+        return JSONResponse(reach.as_dict())
 
     @app.get("/v1/taint", responses=_ERRORS)
     async def taint(

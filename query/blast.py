@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -55,6 +55,11 @@ class IdentityBlastRadius:
     events: int = 0
     resources_total: int = 0  # distinct resources touched; ``resources`` lists the most used of them
     resources_truncated: bool = False  # True when ``resources`` lists fewer than ``resources_total``
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, delegates included with their own reach (resources, tenants, users, scopes, tools),
+        transitively; with the headline."""
+        return {**asdict(self), "headline": self.headline}
 
     @property
     def headline(self) -> str:
@@ -221,15 +226,7 @@ def identity_blast_radius(
                 resource_limit=resource_limit,
                 _seen=_seen | {subject},
             )
-            result.delegates.append(
-                {
-                    "agent": name,
-                    "headline": reach.headline,
-                    "tools_reachable": reach.tools_reachable,
-                    "tools_used": reach.tools_used,
-                    "delegates": reach.delegates,
-                }
-            )
+            result.delegates.append({"agent": name, **reach.as_dict()})
     return result
 
 
