@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-events", type=int, default=1000, help="events per request (default 1000)")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="bytes per request (8 MiB)")
     serve.add_argument("--flush-interval", type=float, default=1.0, help="seconds between lake flushes (default 1)")
+    serve.add_argument(
+        "--max-event-age",
+        type=_positive_seconds_any,
+        default=None,
+        help="refuse (clock_skew) events whose occurred_at is more than this many seconds before the server's"
+        " clock; off by default, so that backfills and the demo's 30 days of history load",
+    )
     _http_arguments(serve)
     serve.add_argument(
         "--verify-workers",
@@ -230,6 +237,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds_any(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
 def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def lake_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
@@ -317,7 +334,8 @@ def _events(args: argparse.Namespace) -> int:
         chain = " > ".join(event["delegation_chain"] or [])
         target = f"{event['tool_name'] or event['type']} {event['resource_id'] or ''}".strip()
         print(
-            f"{event['occurred_at']}  {event['event_id']}  {event['tenant']}  [{chain}]  {target}"
+            f"{event['occurred_at']} (received {event['received_at']})  {event['event_id']}  {event['tenant']}"
+            f"  [{chain}]  {target}"
             f"  {event['decision_result'] or ''}"
         )
     print(
@@ -551,7 +569,11 @@ def _serve(args: argparse.Namespace) -> int:
     from custody.serving import serve_ingest
     from ingest.service import Limits
 
-    limits = Limits(max_events=args.max_events, max_body_bytes=args.max_body_bytes)
+    limits = Limits(
+        max_events=args.max_events,
+        max_body_bytes=args.max_body_bytes,
+        max_event_age=None if args.max_event_age is None else timedelta(seconds=args.max_event_age),
+    )
     serve_ingest(
         args.data_dir,
         token,

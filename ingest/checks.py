@@ -56,19 +56,31 @@ MAX_NESTING = 40
 
 
 def check_event(
-    token: object, keys: KeyRing, *, now: datetime, max_event_bytes: int, max_skew: timedelta
+    token: object,
+    keys: KeyRing,
+    *,
+    now: datetime,
+    max_event_bytes: int,
+    max_skew: timedelta,
+    max_age: timedelta | None = None,
 ) -> Verified | Rejected:
     """Every stateless check of one event. Whatever the input, this returns: an exception while checking one
     event is that event's ``invalid_payload``, never a failed batch or a dead verifier process."""
     try:
-        return _check(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew)
+        return _check(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew, max_age=max_age)
     except Exception as exc:
         log.exception("an event could not be checked; it is refused as invalid_payload")
         return Rejected(ErrorCode.INVALID_PAYLOAD, f"payload could not be checked ({type(exc).__name__})")
 
 
 def _check(
-    token: object, keys: KeyRing, *, now: datetime, max_event_bytes: int, max_skew: timedelta
+    token: object,
+    keys: KeyRing,
+    *,
+    now: datetime,
+    max_event_bytes: int,
+    max_skew: timedelta,
+    max_age: timedelta | None,
 ) -> Verified | Rejected:
     try:
         parsed = parse_compact(token)
@@ -136,6 +148,15 @@ def _check(
             ErrorCode.CLOCK_SKEW,
             f"occurred_at {event['occurred_at']} is {(occurred_at - now).total_seconds():.0f} s ahead of the server"
             f" clock ({now.strftime('%Y-%m-%dT%H:%M:%SZ')}); at most {max_skew.total_seconds():.0f} s allowed",
+            event["event_id"],
+            owner,
+        )
+    if max_age is not None and occurred_at < now - max_age:
+        return Rejected(
+            ErrorCode.CLOCK_SKEW,
+            f"occurred_at {event['occurred_at']} is {(now - occurred_at).total_seconds():.0f} s before the server"
+            f" clock ({now.strftime('%Y-%m-%dT%H:%M:%SZ')}); this server accepts events at most"
+            f" {max_age.total_seconds():.0f} s old (--max-event-age)",
             event["event_id"],
             owner,
         )

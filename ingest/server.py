@@ -79,6 +79,7 @@ class IngestServer:
             now=datetime.now(UTC),
             max_event_bytes=self.limits.max_event_bytes,
             max_skew=self.limits.max_clock_skew,
+            max_age=self.limits.max_event_age,
             leave_free=1 if self.store.catching_up else 0,
         )
         return await loop.run_in_executor(self._commits, self.service.commit, checked)

@@ -33,6 +33,8 @@ class Limits:
     max_body_bytes: int = 8 * 1024 * 1024
     max_event_bytes: int = 64 * 1024
     max_clock_skew: timedelta = timedelta(minutes=5)
+    # Refuse events whose occurred_at is older than this (None: any age, so backfills and replays load).
+    max_event_age: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +100,10 @@ class IngestService:
 
     def check(self, tokens: Sequence[object], *, now: datetime) -> list[Verified | Rejected]:
         """The stateless checks, in this thread (``VerifierPool.check`` runs the same checks in other processes)."""
-        size, skew = self.limits.max_event_bytes, self.limits.max_clock_skew
-        return [check_event(token, self.keys, now=now, max_event_bytes=size, max_skew=skew) for token in tokens]
+        size, skew, age = self.limits.max_event_bytes, self.limits.max_clock_skew, self.limits.max_event_age
+        return [
+            check_event(token, self.keys, now=now, max_event_bytes=size, max_skew=skew, max_age=age) for token in tokens
+        ]
 
     def commit(self, checked: list[Verified | Rejected]) -> BatchOutcome:
         """Decide each checked event against its emitter's chain and make the accepted ones durable."""

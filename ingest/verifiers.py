@@ -56,9 +56,9 @@ _worker_ring: KeyRing | None = None
 # Results cross the process boundary as plain tuples: unpickling frozen slotted dataclasses costs ~10 us each,
 # on the one process that also acknowledges. A verified event's JWS is not sent back; the caller has it.
 _Flat = tuple[str, str, str, int, str, str, str] | tuple[str, str, str, str | None, str | None]
-# (key-ring version, pickled specs or None, tokens, now as POSIX seconds, max event bytes, max skew in seconds):
-# floats, because pickling an aware datetime costs 15 us, twice per request on the event loop.
-_Chunk = tuple[int, bytes | None, list[object], float, int, float]
+# (key-ring version, pickled specs or None, tokens, now as POSIX seconds, max event bytes, max skew in seconds, max
+# age in seconds or 0 for none): floats, because pickling an aware datetime costs 15 us, twice per request.
+_Chunk = tuple[int, bytes | None, list[object], float, int, float, float]
 
 
 class VerifierUnavailable(CustodyError):
@@ -93,6 +93,7 @@ class VerifierPool:
         now: datetime,
         max_event_bytes: int,
         max_skew: timedelta,
+        max_age: timedelta | None = None,
         leave_free: int = 0,
     ) -> list[Verified | Rejected]:
         """The stateless checks of ``tokens``, in their order, spread over the workers. ``leave_free``: use that
@@ -103,13 +104,13 @@ class VerifierPool:
         await self._attach()
         version, specs = keys.snapshot()
         if not self._live:
-            return await asyncio.to_thread(_check_here, tokens, keys, now, max_event_bytes, max_skew)
+            return await asyncio.to_thread(_check_here, tokens, keys, now, max_event_bytes, max_skew, max_age)
         # Only strings can be JWS; anything else is rejected here at once, and is never pickled (a list nested a
         # few hundred deep, which orjson accepts, exceeds the pickler's recursion limit).
         checked: list[Verified | Rejected | None] = [
             None
             if isinstance(token, str)
-            else check_event(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew)
+            else check_event(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew, max_age=max_age)
             for token in tokens
         ]
         texts = [token for token in tokens if isinstance(token, str)]
@@ -119,17 +120,21 @@ class VerifierPool:
         chunks = max(1, min(len(live), len(texts) // _MIN_CHUNK))
         size = -(-len(texts) // chunks)
         chunked: list[list[object]] = [list(texts[start : start + size]) for start in range(0, len(texts), size)]
-        clock, skew = now.timestamp(), max_skew.total_seconds()
+        clock, skew, age = (
+            now.timestamp(),
+            max_skew.total_seconds(),
+            0.0 if max_age is None else max_age.total_seconds(),
+        )
         sent = []
         for chunk in chunked:
             worker = min(live, key=lambda candidate: candidate.outstanding)
-            message = (version, self._specs_for(worker, version, specs), chunk, clock, max_event_bytes, skew)
+            message = (version, self._specs_for(worker, version, specs), chunk, clock, max_event_bytes, skew, age)
             sent.append((worker, worker.send(message, len(chunk))))
         flat: list[_Flat] = []
         for chunk, (worker, answer) in zip(chunked, sent, strict=True):
             answered = await answer
             if answered is None:  # not expected (the specs went ahead of this chunk): send them with it
-                message = (version, self._pickled(version, specs), chunk, clock, max_event_bytes, skew)
+                message = (version, self._pickled(version, specs), chunk, clock, max_event_bytes, skew, age)
                 answered = await worker.send(message, len(chunk))
                 assert answered is not None
             flat += answered
@@ -142,7 +147,7 @@ class VerifierPool:
         await self._attach()
         version, specs = keys.snapshot()
         answers = [
-            worker.send((version, self._specs_for(worker, version, specs), [], time.time(), 0, 0.0), 0)
+            worker.send((version, self._specs_for(worker, version, specs), [], time.time(), 0, 0.0, 0.0), 0)
             for worker in self._live
         ]
         await asyncio.gather(*answers)
@@ -348,9 +353,10 @@ def _serve(chunks: Connection, answers: Connection) -> None:
         # loop for its whole chunk (2-3 ms in which no other request moves, often the loop's next chunk for the
         # other worker). Yielding once hands the core back; the loop returns to epoll within microseconds.
         os.sched_yield()
-        version, specs, tokens, clock, max_event_bytes, skew = pickle.loads(body)  # noqa: S301 - from the parent
+        version, specs, tokens, clock, max_event_bytes, skew, age = pickle.loads(body)  # noqa: S301 - the parent's
         now, max_skew = datetime.fromtimestamp(clock, UTC), timedelta(seconds=skew)
-        answer = _check_chunk(version, specs, tokens, now, max_event_bytes, max_skew)
+        max_age = timedelta(seconds=age) if age else None
+        answer = _check_chunk(version, specs, tokens, now, max_event_bytes, max_skew, max_age)
         try:
             answers.send_bytes(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
         except BrokenPipeError:
@@ -364,6 +370,7 @@ def _check_chunk(
     now: datetime,
     max_event_bytes: int,
     max_skew: timedelta,
+    max_age: timedelta | None,
 ) -> list[_Flat] | None:
     """The checks of ``tokens``; None when this worker's key ring is not at ``version`` and no specs came."""
     global _worker_ring
@@ -375,7 +382,11 @@ def _check_chunk(
         ring.load_specs(loaded, version)
         _worker_ring = ring
     return [
-        _flatten(check_event(token, _worker_ring, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew))
+        _flatten(
+            check_event(
+                token, _worker_ring, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew, max_age=max_age
+            )
+        )
         for token in tokens
     ]
 
@@ -386,9 +397,17 @@ def _stop(workers: list[_Worker]) -> None:
 
 
 def _check_here(
-    tokens: Sequence[object], keys: KeyRing, now: datetime, max_event_bytes: int, max_skew: timedelta
+    tokens: Sequence[object],
+    keys: KeyRing,
+    now: datetime,
+    max_event_bytes: int,
+    max_skew: timedelta,
+    max_age: timedelta | None,
 ) -> list[Verified | Rejected]:
-    return [check_event(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew) for token in tokens]
+    return [
+        check_event(token, keys, now=now, max_event_bytes=max_event_bytes, max_skew=max_skew, max_age=max_age)
+        for token in tokens
+    ]
 
 
 def _flatten(item: Verified | Rejected) -> _Flat:

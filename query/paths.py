@@ -62,7 +62,8 @@ class DelegationPath:
         lines = [" -> ".join(f"{node.kind} {node.label}" for node in self.chain())]
         event = self.event
         lines.append(
-            f"event {event['event_id']} ({event['type']}, {event['occurred_at']}, {event['emitter']} seq"
+            f"event {event['event_id']} ({event['type']}, {event['occurred_at']}, received {event.get('received_at')},"
+            f" {event['emitter']} seq"
             f" {event['seq']}): decision {event.get('decision_result')}, outcome {event.get('outcome')},"
             f" credential {event.get('credential_id')} ({event.get('credential_kind')})"
         )
@@ -287,4 +288,7 @@ def chain_actor(event: dict[str, Any]) -> str | None:
 def _one_line(event: dict[str, Any]) -> str:
     chain = " > ".join(event.get("delegation_chain") or [])
     target = f"{event.get('tool_name') or event['type']} {event.get('resource_id') or ''}".strip()
-    return f"{event['occurred_at']} {event['event_id']} [{chain}] {target} {event.get('decision_result') or ''}"
+    return (
+        f"{event['occurred_at']} (received {event.get('received_at')}) {event['event_id']} [{chain}] {target}"
+        f" {event.get('decision_result') or ''}"
+    )

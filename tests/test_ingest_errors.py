@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -371,3 +372,41 @@ def test_results_are_in_request_order_with_event_ids(harness: Harness) -> None:
     assert [r["event_id"] for r in body["results"]] == [None, *(b["event_id"] for b in bodies)]
     assert body["heads"] == {"gw-1": {"seq": 3, "hash": hash_of(bodies[2])}}
     assert ZERO_HASH not in {r.get("detail") for r in body["results"]}
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["server threads", "verifier processes"])
+def test_max_event_age_refuses_old_events_when_set(
+    tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    from fastapi.testclient import TestClient
+
+    from ingest.app import create_app
+    from ingest.server import IngestServer
+    from ingest.service import Limits
+    from tests.conftest import ADMIN_TOKEN
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # spawned verifiers import it
+    server = IngestServer(
+        tmp_path / "data",
+        ADMIN_TOKEN,
+        limits=Limits(max_event_age=timedelta(days=1)),
+        flush_interval=3600,
+        writer_process=False,
+        verify_workers=workers,
+    )
+    with TestClient(create_app(server)) as client:
+        harness = Harness(client, server, tmp_path / "data")
+        key, kid = harness.register("gw-1")
+        old = rfc3339(datetime.now(UTC) - timedelta(days=2))
+        assert_rejected(harness, sign(payload("gw-1", occurred_at=old), key, kid), "clock_skew", "--max-event-age")
+        recent = rfc3339(datetime.now(UTC) - timedelta(hours=23))
+        assert only(harness.post([sign(payload("gw-1", occurred_at=recent), key, kid)]))["status"] == "accepted"
+
+
+def test_events_of_any_age_are_accepted_by_default(harness: Harness) -> None:
+    key, kid = harness.register("gw-1")
+    backfill = sign(payload("gw-1", occurred_at="2001-01-01T00:00:00Z"), key, kid)
+    assert only(harness.post([backfill]))["status"] == "accepted"

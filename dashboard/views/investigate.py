@@ -14,6 +14,7 @@ from query.search import EventFilter
 PAGE_SIZES = [10, 50, 200]
 TIMELINE_COLUMNS = [
     "occurred_at",
+    "received_at",
     "tenant",
     "type",
     "user",
