@@ -400,10 +400,11 @@ class Store:
             self._choose_priority()
             if self._writer is None:
                 self._writer, self._writer_pid = _start_writer(idle=not self._catching_up)
-            future = self._writer.submit(
-                write_segment_file, wal_path, self.lake.root, segment, idle=not self._catching_up
-            )
             try:
+                # A writer that died while idle breaks the pool: submit raises at once, and a new one takes over.
+                future = self._writer.submit(
+                    write_segment_file, wal_path, self.lake.root, segment, idle=not self._catching_up
+                )
                 while True:
                     try:
                         return future.result(timeout=_WRITER_POLL)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -273,6 +275,33 @@ def test_the_lake_writer_yields_to_acks_unless_the_lake_is_far_behind(
     finally:
         store.close()
     assert len(Lake(tmp_path / "data" / "lake").files()) == 3
+
+
+def test_a_lake_writer_killed_while_idle_is_replaced_at_the_next_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from store.engine import Store
+    from tests.test_server_process import helpers_named
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    store = Store(tmp_path / "data", flush_interval=3600)
+    store.open(lambda _: None)
+    try:
+        store.start_flusher()
+        [writer] = helpers_named(os.getpid(), "custody-lake")
+        os.kill(writer, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{writer}").exists() and Path(f"/proc/{writer}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)  # dead (a zombie until the pool reaps it): the pool is broken now or soon
+        store.append(records(3))
+        assert store.flush() == 3  # was: BrokenProcessPool for every flush until the lag reached 30 s
+        assert store.flush_stats.last_error is None
+        [replacement] = helpers_named(os.getpid(), "custody-lake")
+        assert replacement != writer
+    finally:
+        store.close()
+    assert len(Lake(tmp_path / "data" / "lake").files()) == 1
 
 
 _STARVED_WRITER = """
