@@ -57,14 +57,20 @@ _STRICT = ConfigDict(strict=True, extra="forbid")
 
 
 class Actor(TypedDict):
+    """An RFC 8693 actor: ``sub``, and optionally the ``iss`` that names it and the ``client_id`` it acts as."""
+
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     sub: Name
+    iss: NotRequired[Name | None]
+    client_id: NotRequired[Name | None]
     act: NotRequired[Actor | None]
 
 
 class Delegation(TypedDict):
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     sub: Name
+    iss: NotRequired[Name | None]
+    client_id: NotRequired[Name | None]
     act: NotRequired[Actor | None]
 
 

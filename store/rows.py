@@ -15,6 +15,7 @@ from typing import Any, Final, Literal, NamedTuple
 import orjson
 
 __all__ = [
+    "COLUMN_SOURCES",
     "LAKE_COLUMNS",
     "MAX_TIMESTAMP_US",
     "MIN_TIMESTAMP_US",
@@ -71,6 +72,54 @@ LAKE_COLUMNS: Final[tuple[tuple[str, ColumnKind], ...]] = (
     ("admin", "string"),
     ("jws", "string"),
 )
+
+# Where each column comes from: "signed" (a payload field, covered by the emitter's signature), "derived" (computed
+# from signed fields; the verifier recomputes it) or "server" (assigned by the server, not signed). Written into
+# each lake file's Parquet field metadata and documented in docs/lake.md.
+COLUMN_SOURCES: Final[dict[str, tuple[str, str]]] = {
+    "event_id": ("signed", "event_id"),
+    "type": ("signed", "type"),
+    "occurred_at": ("signed", "occurred_at"),
+    "received_at": ("server", "the server's clock when it acknowledged the event"),
+    "emitter": ("signed", "emitter"),
+    "seq": ("signed", "seq"),
+    "prev_hash": ("signed", "prev_hash"),
+    "event_hash": ("derived", "SHA-256 of the payload's RFC 8785 canonical bytes"),
+    "kid": ("signed", "kid of the JWS protected header"),
+    "user": ("derived", "delegation.sub"),
+    "agent": ("derived", "the outermost delegation.act.sub (the acting agent)"),
+    "delegation_chain": ("derived", "[delegation.sub, first agent, ..., acting agent]"),
+    "delegation_depth": ("derived", "number of agents in delegation_chain"),
+    "credential_id": ("signed", "credential.id"),
+    "credential_kind": ("signed", "credential.kind"),
+    "credential_client_id": ("signed", "credential.client_id"),
+    "credential_scopes": ("signed", "credential.scopes"),
+    "credential_expires_at": ("signed", "credential.expires_at (timestamp or epoch seconds)"),
+    "tool_name": ("signed", "tool.name"),
+    "tool_server": ("signed", "tool.server"),
+    "resource_type": ("signed", "resource.type"),
+    "resource_id": ("signed", "resource.id"),
+    "resource_tenant": ("signed", "resource.tenant"),
+    "decision_result": ("signed", "decision.result"),
+    "decision_required_scope": ("signed", "decision.required_scope"),
+    "decision_policy": ("signed", "decision.policy"),
+    "decision_reason": ("signed", "decision.reason"),
+    "outcome": ("signed", "outcome"),
+    "parent_event_id": ("signed", "parent_event_id"),
+    "trace_id": ("signed", "trace_id"),
+    "approval_id": ("derived", "approval_id, else approval.id"),
+    "delegate_agent": ("signed", "delegate.agent"),
+    "delegate_credential_id": ("signed", "delegate.credential_id"),
+    "delegate_scopes": ("signed", "delegate.scopes"),
+    "approval_approved_by": ("signed", "approval.approved_by"),
+    "approval_scopes": ("signed", "approval.scopes"),
+    "approval_task": ("signed", "approval.task"),
+    "revoked_at": ("signed", "revoked_at"),
+    "reason": ("signed", "reason"),
+    "attrs": ("derived", "attrs as JSON with sorted keys"),
+    "admin": ("derived", "admin (server stream only) as JSON with sorted keys"),
+    "jws": ("signed", "the JWS compact serialization as received; every signed column can be checked against it"),
+}
 
 # The instants every reader can hold: Python's datetime (the read API, the CLI, the dashboard) ends at year 9999,
 # Arrow's and DuckDB's microsecond timestamps reach further.

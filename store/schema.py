@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from store.rows import LAKE_COLUMNS, Signed, delegation_chain, row_values
+from store.rows import COLUMN_SOURCES, LAKE_COLUMNS, Signed, delegation_chain, row_values
 
 __all__ = [
     "EVENT_SCHEMA",
@@ -38,7 +38,16 @@ _ARROW_TYPES = {
     "timestamp": _TS,
 }
 
-EVENT_SCHEMA = pa.schema([(name, _ARROW_TYPES[kind]) for name, kind in LAKE_COLUMNS])
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field(
+            name,
+            _ARROW_TYPES[kind],
+            metadata={"custody.origin": COLUMN_SOURCES[name][0], "custody.source": COLUMN_SOURCES[name][1]},
+        )
+        for name, kind in LAKE_COLUMNS
+    ]
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _TIMESTAMP_COLUMNS = frozenset(field.name for field in EVENT_SCHEMA if field.type == _TS)

@@ -410,3 +410,17 @@ def test_events_of_any_age_are_accepted_by_default(harness: Harness) -> None:
     key, kid = harness.register("gw-1")
     backfill = sign(payload("gw-1", occurred_at="2001-01-01T00:00:00Z"), key, kid)
     assert only(harness.post([backfill]))["status"] == "accepted"
+
+
+def test_rfc_8693_actors_may_name_their_issuer_and_client(harness: Harness) -> None:
+    key, kid = harness.register("gw-1")
+    delegation = {
+        "sub": "alice@acme.example",
+        "iss": "https://idp.acme.example",
+        "act": {"sub": "triage-agent", "iss": "https://agents.acme.example", "client_id": "triage", "act": None},
+    }
+    assert only(harness.post([sign(payload("gw-1", delegation=delegation), key, kid)]))["status"] == "accepted"
+    bad = {**delegation, "act": {"sub": "triage-agent", "aud": "x"}}
+    assert_rejected(
+        harness, sign(payload("gw-1", 2, delegation=bad), key, kid), "invalid_payload", "delegation.act.aud"
+    )

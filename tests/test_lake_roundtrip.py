@@ -219,3 +219,41 @@ def test_every_schema_valid_event_is_accepted_and_round_trips_through_the_lake(
     stored = dict(zip(columns, row, strict=True))
     stored["attrs"] = None if stored["attrs"] is None else json.loads(stored["attrs"])
     assert stored == expected_row(body, token)
+
+
+def test_docs_lake_md_describes_every_column_as_the_files_do(tmp_path: Path) -> None:
+    """docs/lake.md and the Parquet field metadata say the same of every column, and nothing else."""
+    import pyarrow.parquet as pq
+
+    from store.rows import COLUMN_SOURCES, LAKE_COLUMNS
+    from tests.conftest import REPO
+
+    documented = {}
+    for line in (REPO / "docs" / "lake.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`") and cells[2] in ("signed", "derived", "server"):
+            documented[cells[0].strip("`")] = (cells[2], cells[3])
+    assert documented == COLUMN_SOURCES
+    assert list(documented) == [name for name, _ in LAKE_COLUMNS]
+    token = sign(
+        {
+            "v": 1,
+            "event_id": "00000000-0000-4000-8000-000000000001",
+            "type": "task.approval",
+            "occurred_at": "2026-01-01T00:00:00Z",
+            "emitter": "gw-1",
+            "tenant": "acme",
+            "seq": 1,
+            "prev_hash": "0" * 64,
+            "approval": {"id": "a", "approved_by": "b", "scopes": [], "task": ""},
+        },
+        KEY,
+        "k1",
+    )
+    record = WalRecord("00000000-0000-4000-8000-000000000001", "gw-1", 1, "0" * 64, 0, "k1", token)
+    Lake(tmp_path / "lake").write_segment(1, [record])
+    [path] = (tmp_path / "lake" / "events").glob("**/*.parquet")
+    schema = pq.read_schema(path)
+    for name, (origin, source) in COLUMN_SOURCES.items():
+        metadata = schema.field(name).metadata
+        assert (metadata[b"custody.origin"].decode(), metadata[b"custody.source"].decode()) == (origin, source)
