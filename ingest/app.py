@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 from fastapi import FastAPI, Header, Request
@@ -22,7 +22,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest.auth import bearer, verify_head_proof
-from ingest.envelope import ErrorEnvelope, envelope, error_response, install_error_envelope
+from ingest.codes import ErrorCode, Status
+from ingest.envelope import envelope, error_response, errors, finish_openapi, install_error_envelope
 from ingest.server import IngestServer
 from store.errors import CustodyError, InvalidInput, StorageUnavailable, Unauthorized
 
@@ -47,8 +48,8 @@ class EventsRequest(BaseModel):
 
 class EventResult(BaseModel):
     event_id: str | None
-    status: str = Field(description="accepted | duplicate | rejected")
-    error: str | None
+    status: Status
+    error: ErrorCode | None = Field(description="the rejection's code (docs/protocol.md); null unless rejected")
     detail: str | None
 
 
@@ -94,20 +95,6 @@ class RevokeBody(BaseModel):
     reason: str | None = None
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorEnvelope, "description": description}
-    for status, description in {
-        400: "Malformed input",
-        401: "Missing or wrong credentials",
-        404: "No such emitter or key",
-        409: "Would replace registered state",
-        413: "Too large",
-        415: "Not application/json",
-        503: "The data dir cannot persist, or a verifier process ended; nothing in the request was acknowledged",
-    }.items()
-}
-
-
 def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -134,12 +121,18 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
     )
 
     install_error_envelope(app)
+    finish_openapi(app, public={"/v1/events", "/healthz", "/metrics"})
     app.add_middleware(EventsEndpoint, server=server)
 
     @app.post(
         "/v1/events",
         response_model=EventsResponse,
-        responses=_ERRORS,
+        responses=errors(
+            e400='invalid_request: not JSON, or not exactly {"events": [...]}',
+            e413="payload_too_large: more events or bytes than the server takes",
+            e415="unsupported_media_type: not application/json",
+            e503="storage_unavailable, verifier_unavailable or overloaded: nothing in the request was acknowledged",
+        ),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -156,7 +149,16 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
         )
         return Response(body, status_code=status, media_type="application/json")
 
-    @app.put("/v1/emitters/{emitter_id}", response_model=EmitterView, responses=_ERRORS)
+    @app.put(
+        "/v1/emitters/{emitter_id}",
+        response_model=EmitterView,
+        responses=errors(
+            e400="invalid_request: a bad id, tenant, kind or JWK",
+            e401="unauthorized: not the admin token",
+            e409="conflict: another tenant or kind, or a kid with other key material",
+            e503="storage_unavailable or overloaded",
+        ),
+    )
     async def put_emitter(
         emitter_id: str, body: EmitterPut, authorization: Annotated[str | None, Header()] = None
     ) -> JSONResponse:
@@ -166,7 +168,16 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
         view, _ = await run_in_threadpool(server.registry.put_emitter, emitter_id, raw, actor)
         return JSONResponse(view)
 
-    @app.post("/v1/emitters/{emitter_id}/keys/{kid}/revoke", response_model=EmitterView, responses=_ERRORS)
+    @app.post(
+        "/v1/emitters/{emitter_id}/keys/{kid}/revoke",
+        response_model=EmitterView,
+        responses=errors(
+            e400='invalid_request: a body that is not {"reason": ...}',
+            e401="unauthorized: not the admin token",
+            e404="not_found: no such emitter or key",
+            e503="storage_unavailable or overloaded",
+        ),
+    )
     async def revoke_key(
         emitter_id: str,
         kid: str,
@@ -179,18 +190,26 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
         view, _ = await run_in_threadpool(server.registry.revoke_key, emitter_id, kid, reason, actor)
         return JSONResponse(view)
 
-    @app.get("/v1/emitters", response_model=list[EmitterView], responses=_ERRORS)
+    @app.get("/v1/emitters", response_model=list[EmitterView], responses=errors(e401="unauthorized"))
     async def list_emitters(authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
         server.admin.require(authorization)
         return JSONResponse(await run_in_threadpool(server.registry.list_emitters))
 
-    @app.get("/v1/emitters/{emitter_id}", response_model=EmitterView, responses=_ERRORS)
+    @app.get(
+        "/v1/emitters/{emitter_id}",
+        response_model=EmitterView,
+        responses=errors(e401="unauthorized", e404="not_found: no such emitter"),
+    )
     async def get_emitter(emitter_id: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
         """The emitter, its keys with revocation times, and its chain head."""
         server.admin.require(authorization)
         return JSONResponse(await run_in_threadpool(server.registry.view, emitter_id))
 
-    @app.get("/v1/emitters/{emitter_id}/head", response_model=HeadModel, responses=_ERRORS)
+    @app.get(
+        "/v1/emitters/{emitter_id}/head",
+        response_model=HeadModel,
+        responses=errors(e401="unauthorized: neither the admin token nor a valid head proof", e404="not_found"),
+    )
     async def get_head(emitter_id: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
         """The chain head, for the admin or for the emitter itself (a head proof signed by one of its keys)."""
         if not server.admin.matches(bearer(authorization)):
@@ -201,7 +220,7 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
         server.registry.view(emitter_id)  # 404 for unknown emitters
         return JSONResponse(server.service.head(emitter_id).as_json())
 
-    @app.get("/healthz", responses={503: {"model": ErrorEnvelope}})
+    @app.get("/healthz", responses=errors(e503="starting: replaying the write-ahead log; or overloaded"))
     async def healthz() -> JSONResponse:
         if not server.ready:
             return error_response(503, "starting", "replaying the write-ahead log")

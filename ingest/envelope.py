@@ -3,22 +3,55 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from store.errors import CustodyError
 
-__all__ = ["ErrorEnvelope", "envelope", "error_response", "install_error_envelope"]
+__all__ = [
+    "CONNECTION_ERRORS",
+    "ErrorEnvelope",
+    "RequestErrorCode",
+    "envelope",
+    "error_response",
+    "errors",
+    "finish_openapi",
+    "install_error_envelope",
+]
 
 log = logging.getLogger(__name__)
 
 
+# Every request-level error code any Custody HTTP API answers with (per-event codes are ingest.codes.ErrorCode).
+RequestErrorCode = Literal[
+    "invalid_request",
+    "invalid_payload",
+    "payload_too_large",
+    "unsupported_media_type",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "conflict",
+    "request_timeout",
+    "overloaded",
+    "starting",
+    "storage_unavailable",
+    "verifier_unavailable",
+    "corrupt_state",
+    "internal_error",
+    "http_error",
+]
+
+
 class ErrorBody(BaseModel):
-    code: str
+    code: RequestErrorCode
     message: str
     details: list[str]
 
@@ -29,6 +62,46 @@ class ErrorEnvelope(BaseModel):
 
 def envelope(code: str, message: str, details: list[str] | None = None) -> dict[str, dict[str, object]]:
     return {"error": {"code": code, "message": message, "details": details or []}}
+
+
+# Answered by the serving layer (custody.serving) to any request, before it reaches a route.
+CONNECTION_ERRORS: dict[int | str, dict[str, Any]] = {
+    408: {"model": ErrorEnvelope, "description": "request_timeout: the headers or body did not arrive in time"},
+}
+
+
+def errors(**described: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of a route: ``errors(e404="no such emitter")``, plus those of the serving layer. 503 is
+    always listed: the serving layer answers ``overloaded`` with it."""
+    responses: dict[int | str, dict[str, Any]] = {
+        int(key.removeprefix("e")): {"model": ErrorEnvelope, "description": text} for key, text in described.items()
+    }
+    responses.setdefault(503, {"model": ErrorEnvelope, "description": "overloaded: too many requests in work"})
+    return {**responses, **CONNECTION_ERRORS}
+
+
+def finish_openapi(app: FastAPI, *, public: set[str]) -> None:
+    """The app's OpenAPI as the server behaves: no 422 (validation errors are 400 in the envelope), a bearer
+    security scheme on every operation whose path is not in ``public``."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.get("schemas", {}).pop(name, None)
+            components["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <token>"}
+            }
+            for path, item in schema["paths"].items():
+                for operation in item.values():
+                    operation.get("responses", {}).pop("422", None)
+                    if path not in public:
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def error_response(status: int, code: str, message: str, details: list[str] | None = None) -> JSONResponse:

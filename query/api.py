@@ -11,14 +11,14 @@ import threading
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ingest.auth import bearer
-from ingest.envelope import ErrorEnvelope, install_error_envelope
+from ingest.envelope import errors, finish_openapi, install_error_envelope
 from query.blast import Subject, forward_taint, identity_blast_radius
 from query.findings import KINDS, findings
 from query.integrity import verify_lake
@@ -34,7 +34,10 @@ from store.errors import InvalidInput
 
 __all__ = ["create_query_app"]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorEnvelope} for status in (400, 401, 403, 404)}
+_BAD_INPUT = "invalid_request: a parameter out of its range or form"
+_UNAUTHORIZED = "unauthorized: no token, or an unknown or revoked one"
+_FORBIDDEN = "forbidden: another tenant than the token's, or a role that may not ask this"
+_READS = errors(e400=_BAD_INPUT, e401=_UNAUTHORIZED, e403=_FORBIDDEN)
 
 
 def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
@@ -49,6 +52,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
     reader = LakeReader(data_dir)
     app = FastAPI(title="Custody read API", version="1", description="Forensics over the Custody lake.")
     install_error_envelope(app)
+    finish_openapi(app, public={"/healthz"})
 
     app.state.tokens = tokens
     tree = TreeIndex(reader)  # built in the background from start; a path asked for earlier waits for it
@@ -56,7 +60,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
     reach_copies = ReachCopies(reader)  # written in the background; a blast radius reads the lake for the rest
     reach_copies.warm()
 
-    @app.get("/v1/events", responses=_ERRORS)
+    @app.get("/v1/events", responses=_READS)
     async def events(
         caller: Caller,
         tenant: str | None = None,
@@ -94,7 +98,10 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         page = await run_in_threadpool(search, reader, where, limit=limit, cursor=cursor)
         return JSONResponse({"total": page.total, "next_cursor": page.next_cursor, "events": page.events})
 
-    @app.get("/v1/events/{event_id}/path", responses=_ERRORS)
+    @app.get(
+        "/v1/events/{event_id}/path",
+        responses=errors(e401=_UNAUTHORIZED, e403=_FORBIDDEN, e404="not_found: no such event (in the token's tenant)"),
+    )
     async def path(caller: Caller, event_id: str) -> JSONResponse:
         """The delegation path of an event and its task tree, as a graph and as text."""
         scope = caller.scope(None)
@@ -115,7 +122,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
             }
         )
 
-    @app.get("/v1/blast-radius", responses=_ERRORS)
+    @app.get("/v1/blast-radius", responses=_READS)
     async def blast_radius(
         caller: Caller,
         agent: str | None = None,
@@ -144,7 +151,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         reach_copies.warm()  # copies for the files written since (returns at once when one is running)
         return JSONResponse(reach.as_dict())
 
-    @app.get("/v1/taint", responses=_ERRORS)
+    @app.get("/v1/taint", responses=_READS)
     async def taint(
         caller: Caller,
         since: datetime,
@@ -166,7 +173,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
             return Response(result.as_csv(), media_type="text/csv")
         return Response(result.as_json(), media_type="application/json")
 
-    @app.get("/v1/findings", responses=_ERRORS)
+    @app.get("/v1/findings", responses=_READS)
     async def list_findings(
         caller: Caller, tenant: str | None = None, kind: Annotated[list[str] | None, Query()] = None
     ) -> JSONResponse:
@@ -177,7 +184,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         found = await run_in_threadpool(findings, reader, tenant=caller.scope(tenant), kinds=tuple(kind or KINDS))
         return JSONResponse([{**asdict(f), "evidence_truncated": f.evidence_truncated} for f in found])
 
-    @app.post("/v1/verify", responses=_ERRORS)
+    @app.post("/v1/verify", responses=_READS)
     async def verify(caller: Caller) -> JSONResponse:
         """Verify the whole lake; a tenant-bound caller sees only the problems of its tenant's emitters."""
         if caller.role not in ("admin", "auditor"):
@@ -185,7 +192,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         report = await run_in_threadpool(verify_lake, data_dir)
         return JSONResponse(report.for_tenant(caller.tenant).as_json())
 
-    @app.get("/v1/recert", responses=_ERRORS)
+    @app.get("/v1/recert", responses=_READS)
     async def recert(
         caller: Caller,
         tenant: str | None = None,

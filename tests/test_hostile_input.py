@@ -63,6 +63,30 @@ def test_every_operation_survives_arbitrary_input(harness: Harness, data: st.Dat
     content_type = data.draw(st.sampled_from(["application/json", "text/plain", "application/json; charset=utf-8"]))
     response = harness.client.request(method, path, content=body, headers={**headers, "Content-Type": content_type})
     assert_envelope(response)
+    documented = harness.client.get("/openapi.json").json()["paths"][template][method.lower()]["responses"]
+    assert str(response.status_code) in documented, (method, template, response.status_code, sorted(documented))
+
+
+def test_the_openapi_says_what_the_server_does(harness: Harness) -> None:
+    from ingest.codes import ErrorCode, Status
+
+    spec = harness.client.get("/openapi.json").json()
+    result = spec["components"]["schemas"]["EventResult"]["properties"]
+    assert result["status"]["$ref"].endswith("/Status")
+    assert spec["components"]["schemas"]["Status"]["enum"] == [status.value for status in Status]
+    assert spec["components"]["schemas"]["ErrorCode"]["enum"] == [code.value for code in ErrorCode]
+    codes = spec["components"]["schemas"]["ErrorBody"]["properties"]["code"]["enum"]
+    assert {"invalid_request", "request_timeout", "overloaded", "storage_unavailable", "unauthorized"} <= set(codes)
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "Authorization: Bearer <token>",
+    }
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            assert "422" not in operation["responses"], (method, path)  # validation errors are 400 here
+            public = path in ("/v1/events", "/healthz", "/metrics")
+            assert ("security" in operation) is not public, (method, path)
 
 
 def _path_safe(text: str) -> str:
