@@ -9,7 +9,7 @@ lake writer stuck on one record). It imports no Arrow, so that the verifier proc
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Iterable
 from typing import Any, Final, Literal, NamedTuple
 
 import orjson
@@ -23,6 +23,7 @@ __all__ = [
     "delegation_chain",
     "row_problem",
     "row_values",
+    "typed_problem",
 ]
 
 ColumnKind = Literal["string", "strings", "int32", "int64", "timestamp"]
@@ -164,7 +165,6 @@ def row_values(event: Signed) -> tuple[Any, ...]:
     decision = payload.get("decision") or {}
     delegate = payload.get("delegate") or {}
     approval = payload.get("approval") or {}
-    expires_at = credential.get("expires_at")
     attrs = payload.get("attrs")
     admin = payload.get("admin")
     return (
@@ -185,7 +185,7 @@ def row_values(event: Signed) -> tuple[Any, ...]:
         credential.get("kind"),
         credential.get("client_id"),
         credential.get("scopes"),
-        expires_at * 1_000_000 if isinstance(expires_at, int) else expires_at,
+        _expires_at(credential),
         tool.get("name"),
         tool.get("server"),
         resource.get("type"),
@@ -213,11 +213,36 @@ def row_values(event: Signed) -> tuple[Any, ...]:
     )
 
 
+def typed_problem(payload: dict[str, Any]) -> str | None:
+    """``row_problem`` for the columns whose type can refuse a value (timestamps and integers) of the row
+    ``payload`` becomes, derived by the same rules as ``row_values`` without building the strings: the verifiers'
+    check before every acknowledgement (1 us an event instead of 3)."""
+    credential = payload.get("credential")
+    delegation = payload.get("delegation")
+    depth = None
+    if delegation:
+        depth, act = 0, delegation.get("act")
+        while act:
+            depth, act = depth + 1, act.get("act")
+    return _problem(
+        (
+            ("occurred_at", "timestamp", payload.get("occurred_at")),
+            ("seq", "int64", payload.get("seq")),
+            ("delegation_depth", "int32", depth),
+            ("credential_expires_at", "timestamp", _expires_at(credential) if credential else None),
+            ("revoked_at", "timestamp", payload.get("revoked_at")),
+        )
+    )
+
+
 def row_problem(values: tuple[Any, ...]) -> str | None:
     """Why the lake cannot hold this row (a number outside its column's range, a timestamp outside years
     1-9999), or None. Strings and lists need no check: the payload schema admits only valid Unicode."""
-    for index, name, kind in _CHECKED:
-        value = values[index]
+    return _problem((name, kind, values[index]) for index, name, kind in _CHECKED)
+
+
+def _problem(typed: Iterable[tuple[str, str, Any]]) -> str | None:
+    for name, kind, value in typed:
         if value is None:
             continue
         if kind == "timestamp":
@@ -231,15 +256,18 @@ def row_problem(values: tuple[Any, ...]) -> str | None:
     return None
 
 
+def _expires_at(credential: dict[str, Any]) -> Any:
+    """``credential.expires_at`` as the column holds it: epoch seconds become microseconds, strings stay."""
+    expires_at = credential.get("expires_at")
+    return expires_at * 1_000_000 if isinstance(expires_at, int) and not isinstance(expires_at, bool) else expires_at
+
+
 def _timestamp_problem(value: object) -> str | None:
     if isinstance(value, str):
-        if not value.endswith("Z"):
-            return f"{value!r} is not a UTC timestamp ending in Z"
-        try:
-            datetime.fromisoformat(value[:-1])  # any date and time it parses lies within years 1-9999
-        except ValueError as exc:
-            return f"{value!r} is not a date and time: {exc}"
-        return None
+        # A string the payload schema admitted (RFC 3339 UTC, years 1-9999, a real date: ingest.event) parses
+        # into the column: tests/test_lake_roundtrip.py proves it at every boundary, and the lake writer still
+        # quarantines a row Arrow refuses. Parsing it again here would cost every event ~1 us for nothing.
+        return None if value.endswith("Z") else f"{value!r} is not a UTC timestamp ending in Z"
     if not isinstance(value, int) or not MIN_TIMESTAMP_US <= value <= MAX_TIMESTAMP_US:
         return f"{value!r} microseconds is outside 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
     return None

@@ -220,3 +220,18 @@ def org(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         harness.flush()
     assert posted == len(generated.events)
     return {"data": data, "key": generated.answer_key, "generated": generated}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium, driven by Playwright (no browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_demo_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS
+
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: ./test installs it (apt-get install chromium)"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()

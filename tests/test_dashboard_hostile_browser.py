@@ -21,7 +21,7 @@ import pytest
 from query.tokens import TokenStore
 from tests import hostile_values
 from tests.conftest import REPO, free_port, open_harness
-from tests.test_demo_browser import CHROMIUM, CHROMIUM_FLAGS
+from tests.test_demo_browser import sign_in
 
 pytestmark = pytest.mark.slow
 
@@ -83,25 +83,6 @@ def hostile_dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         beacon.shutdown()
 
 
-def open_signed_in(browser: Any, dashboard: dict[str, Any], path: str) -> Any:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(60_000)
-    page.goto(f"{dashboard['url']}/{path}")
-    page.locator('input[aria-label="Access token"]').fill(dashboard["secret"])
-    page.get_by_role("button", name="Sign in").click()
-    return page
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
-
-
 def test_every_page_shows_log_values_as_text_and_fetches_nothing(
     browser: Any, hostile_dashboard: dict[str, Any]
 ) -> None:
@@ -121,7 +102,7 @@ def test_every_page_shows_log_values_as_text_and_fetches_nothing(
         ("", "Denied calls", []),
     ]
     for path, ready, literal in visits:
-        page = open_signed_in(browser, hostile_dashboard, path)
+        page = sign_in(browser, f"{hostile_dashboard['url']}/{path}", hostile_dashboard["secret"])
         page.get_by_text(ready).first.wait_for()
         page.wait_for_timeout(1000)  # let images and links the page might hold load
         body = page.inner_text("body")

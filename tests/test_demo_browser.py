@@ -90,25 +90,18 @@ def test_the_demo_serves_the_apis_and_the_dashboard_then_stops_on_ctrl_c(demo: d
     assert "path?event=" + demo["key"]["incidents"][0]["refund_events"][0] in output
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: ./test installs it (apt-get install chromium)"
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
+def sign_in(browser: Any, url: str, token: str) -> Any:
+    """A new page at ``url``, signed in with ``token``."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.locator('input[aria-label="Access token"]').fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    return page
 
 
 def signed_in(browser: Any, demo: dict[str, Any], path: str) -> Any:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(60_000)
-    page.goto(f"http://127.0.0.1:{demo['ports']['dashboard']}/{path}")
-    page.locator('input[aria-label="Access token"]').fill(demo["analyst"])
-    page.get_by_role("button", name="Sign in").click()
-    return page
+    return sign_in(browser, f"http://127.0.0.1:{demo['ports']['dashboard']}/{path}", demo["analyst"])
 
 
 def test_a_browser_follows_the_planted_refund_to_its_path_and_blast_radius(browser: Any, demo: dict[str, Any]) -> None:

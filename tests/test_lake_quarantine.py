@@ -140,3 +140,29 @@ def test_quarantine_commands_refuse_a_path_that_is_not_a_data_dir(
 ) -> None:
     assert main(["quarantine", "list", "--data-dir", str(tmp_path / "typo")]) == 1
     assert "is not a Custody data dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "column"),
+    [
+        (
+            "credential",
+            {"id": "t", "kind": "api_key", "client_id": "c", "scopes": [], "expires_at": 2**53 - 1},
+            "credential_expires_at",
+        ),
+        ("seq", 2**63, "seq"),
+        ("occurred_at", "2026-01-01T00:00:00", "occurred_at"),
+    ],
+)
+def test_the_verifiers_check_and_the_writers_agree(field: str, value: object, column: str) -> None:
+    from store.rows import Signed, row_problem, row_values, typed_problem
+
+    body = payload("gw-1", 1, "0" * 64, "acme")
+    assert typed_problem(body) is None
+    assert row_problem(row_values(Signed(body, "x.y.z", "k1", "0" * 64, 0))) is None
+    body[field] = value
+    verifier = typed_problem(body)
+    writer = row_problem(row_values(Signed(body, "x.y.z", "k1", "0" * 64, 0)))
+    assert verifier == writer
+    assert verifier is not None
+    assert verifier.startswith(f"{column}:")

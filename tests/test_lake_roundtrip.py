@@ -22,6 +22,7 @@ from ingest.checks import Verified, check_event
 from ingest.keys import KeyRing
 from ingest.sdk import generate_key, public_jwk
 from store.lake import HIVE_OPTIONS, Lake
+from store.rows import Signed, row_problem, row_values
 from store.wal import WalRecord
 from tests.signing import sign
 
@@ -201,6 +202,7 @@ def test_every_schema_valid_event_is_accepted_and_round_trips_through_the_lake(
     token = sign(body, KEY, "k1")
     checked = check_event(token, keys, now=NOW, max_event_bytes=16 * 1024 * 1024, max_skew=timedelta(minutes=5))
     assert isinstance(checked, Verified), checked
+    assert row_problem(row_values(Signed(body, token, "k1", checked.event_hash, 0))) is None  # the writer's check
 
     root: Path = tmp_path_factory.mktemp("lake")
     record = WalRecord(checked.event_id, "gw-1", checked.seq, checked.event_hash, 1_700_000_000_000_000, "k1", token)
