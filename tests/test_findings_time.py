@@ -48,8 +48,8 @@ def test_every_burst_of_an_actor_is_evidence_not_only_the_first(harness: Harness
     gateway = harness.emitter("gw-help", "acme")
     names = [f"first-{i}" for i in range(5)] + [f"second-{i}" for i in range(5)]
     for index, name in enumerate(names):
-        gateway.emit(**denied(s, name, index if index < 5 else 200 + index))  # two bursts, 200 minutes apart
-    gateway.emit(**denied(s, "lone", 100))  # alone in its window: no burst
+        gateway.emit(**denied(s, name, index if index < 5 else 100 + index))  # two bursts, 100 minutes apart
+    gateway.emit(**denied(s, "lone", 50))  # alone in its window: no burst
     gateway.flush()
     harness.flush()
     [burst] = findings(LakeReader(harness.data_dir), kinds=("denied_burst",))
