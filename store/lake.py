@@ -74,6 +74,8 @@ _STATISTICS_COLUMNS = [leaf for name, leaf in _LEAVES.items() if name != "jws"] 
 # named "0" or "007" would come back as the integer 0 or 7 (found by tests/test_lake_roundtrip.py).
 HIVE_OPTIONS = "hive_partitioning = true, hive_types = {'tenant': VARCHAR, 'date': DATE}"
 
+_TENANT = re.compile(r"[a-z0-9_][a-z0-9._-]{0,127}")  # a protocol tenant id, or the server's _system
+
 _SEGMENT_FILE = re.compile(r"^seg-(\d{12})\.parquet$")
 _COMPACT_FILE = re.compile(r"^compact-(?:L(\d+)-)?(\d{12})-(\d{12})\.parquet$")
 
@@ -248,6 +250,8 @@ class Lake:
                 values = row_values(event)
                 problem = row_problem(values)
                 tenant, when = partition_of(event.payload)
+                if problem is None and not (isinstance(tenant, str) and _TENANT.fullmatch(tenant)):
+                    problem = f"tenant {tenant!r} cannot name a partition directory"
             except Exception as exc:  # one record, however malformed, must not stop the others
                 problem = f"cannot read the event: {type(exc).__name__}: {exc}"
             if problem is not None:

@@ -46,18 +46,22 @@ def test_a_record_the_lake_cannot_hold_is_quarantined_and_every_other_written(tm
     lake = Lake(tmp_path / "lake")
     records, bad = segment_with_one_bad_record()
     garbage = WalRecord("not-an-event", "gw-9", 1, "0" * 64, 0, "k9", "not.a.jws")
-    result = lake.write_segment(7, [*records, garbage])
+    escaping = payload("gw-8", 1, "0" * 64, "../../outside")
+    traversal = WalRecord(escaping["event_id"], "gw-8", 1, hash_of(escaping), 0, "k1", sign(escaping, KEY, "k1"))
+    result = lake.write_segment(7, [*records, garbage, traversal])
     assert result.written == 3
-    assert [event_id for event_id, _ in result.quarantined] == [bad.event_id, "not-an-event"]
+    assert [event_id for event_id, _ in result.quarantined] == [bad.event_id, "not-an-event", traversal.event_id]
     assert "credential_expires_at" in result.quarantined[0][1]
     assert "cannot read the event" in result.quarantined[1][1]
+    assert "cannot name a partition directory" in result.quarantined[2][1]
+    assert not (tmp_path / "outside").exists()
     assert [row[0] for row in read_lake(tmp_path, "seq")] == [1, 2, 4]
     kept = Quarantine(tmp_path / "quarantine").events()
-    assert [(event.segment, event.record) for event in kept] == [(7, bad), (7, garbage)]
+    assert [(event.segment, event.record) for event in kept] == [(7, bad), (7, garbage), (7, traversal)]
     # Writing the same segment again (a crash before the WAL deleted it) keeps one copy of each.
-    again = lake.write_segment(7, [*records, garbage])
+    again = lake.write_segment(7, [*records, garbage, traversal])
     assert again.written == 0
-    assert len(Quarantine(tmp_path / "quarantine").events()) == 2
+    assert len(Quarantine(tmp_path / "quarantine").events()) == 3
 
 
 def test_a_server_starts_with_such_a_record_in_its_wal_and_reports_it(tmp_path: Path) -> None:
