@@ -35,12 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        if getattr(args, "reads_data_dir", False):  # a typo must never read as an empty log
+            from store.layout import DataDir
+
+            DataDir.existing(args.data_dir)
         result: int = args.run(args)
     except CustodyError as exc:
         print(f"FAIL: {exc}", file=sys.stderr)
         for detail in exc.details:
             print(f"  {detail}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)
     return result
 
 
@@ -100,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only hashes and chains, computed inside DuckDB (fast; no signatures, no column checks)",
     )
-    verify.set_defaults(run=_verify)
+    verify.set_defaults(run=_verify, reads_data_dir=True)
 
     _forensics_commands(commands)
     add_recert(commands)
@@ -112,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     compact.add_argument("--data-dir", type=Path, required=True)
     compact.add_argument("--min-files", type=int, default=8, help="only partitions with at least this many files")
-    compact.set_defaults(run=_compact)
+    compact.set_defaults(run=_compact, reads_data_dir=True)
 
     quarantine = commands.add_parser(
         "quarantine",
@@ -124,14 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     quarantined = quarantine_commands.add_parser("list", help="every quarantined event with its reason")
     quarantined.add_argument("--data-dir", type=Path, required=True)
     quarantined.add_argument("--json", action="store_true", help="JSON lines, with each event's JWS")
-    quarantined.set_defaults(run=_quarantine_list)
+    quarantined.set_defaults(run=_quarantine_list, reads_data_dir=True)
     reingest = quarantine_commands.add_parser(
         "reingest",
         help="write every quarantined event to the lake (with no server running, after an upgrade that stores"
         " them); those still refused stay quarantined with the new reason",
     )
     reingest.add_argument("--data-dir", type=Path, required=True)
-    reingest.set_defaults(run=_quarantine_reingest)
+    reingest.set_defaults(run=_quarantine_reingest, reads_data_dir=True)
 
     api = commands.add_parser(
         "serve-query",
@@ -140,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _reader_arguments(api, port=8701)
     _http_arguments(api)
-    api.set_defaults(run=_serve_query)
+    api.set_defaults(run=_serve_query, reads_data_dir=True)
 
     dashboard = commands.add_parser(
         "dashboard",
@@ -148,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the dashboard. Sign-in uses the read-API tokens of --tokens FILE or CUSTODY_READ_TOKENS.",
     )
     _reader_arguments(dashboard, port=8501)
-    dashboard.set_defaults(run=_dashboard)
+    dashboard.set_defaults(run=_dashboard, reads_data_dir=True)
 
     token = commands.add_parser("token", help="issue, list and revoke read-API tokens (stored hashed)")
     token_commands = token.add_subparsers(required=True, metavar="ACTION")
@@ -262,11 +266,11 @@ def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     events.add_argument("--until", type=_timestamp, help="RFC 3339 time")
     events.add_argument("--limit", type=int, default=50)
     events.add_argument("--cursor", help="next_cursor of the previous page")
-    events.set_defaults(run=_events)
+    events.set_defaults(run=_events, reads_data_dir=True)
 
     path = lake_command("path", "the delegation path and task tree of one event")
     path.add_argument("event_id")
-    path.set_defaults(run=_path)
+    path.set_defaults(run=_path, reads_data_dir=True)
 
     blast = lake_command("blast-radius", "what an agent or credential could reach and what it touched")
     who = blast.add_mutually_exclusive_group(required=True)
@@ -277,7 +281,7 @@ def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     blast.add_argument(
         "--resources", type=int, default=1000, metavar="N", help="resources to list, most used first (0: all)"
     )
-    blast.set_defaults(run=_blast)
+    blast.set_defaults(run=_blast, reads_data_dir=True)
 
     taint = lake_command("taint", "everything a compromised agent, credential, user session or trace reached after T")
     start = taint.add_mutually_exclusive_group(required=True)
@@ -286,12 +290,12 @@ def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     taint.add_argument("--since", type=_timestamp, required=True, help="when the compromise began (RFC 3339)")
     taint.add_argument("--csv", type=Path, help="write the evidence events as CSV here")
     taint.add_argument("--evidence-json", type=Path, help="write summary and events as JSON here")
-    taint.set_defaults(run=_taint)
+    taint.set_defaults(run=_taint, reads_data_dir=True)
 
     found = lake_command("findings", "borrowed sessions, shared credentials, unregistered tools, ...")
     found.add_argument("--max-delegation-depth", type=int, default=3)
     found.add_argument("--unused-days", type=int, default=30)
-    found.set_defaults(run=_findings)
+    found.set_defaults(run=_findings, reads_data_dir=True)
 
 
 def _timestamp(text: str) -> datetime:
@@ -453,8 +457,6 @@ def _compact(args: argparse.Namespace) -> int:
     from store.engine import lock_data_dir
     from store.lake import Lake
 
-    if not (args.data_dir / "lake").is_dir():
-        raise CustodyError(f"{args.data_dir} has no lake (no {args.data_dir / 'lake'} directory)")
     lock = lock_data_dir(args.data_dir)  # a running server compacts the same partitions itself
     try:
         removed = Lake(args.data_dir / "lake").compact(min_files=args.min_files, progress=print)
@@ -467,8 +469,6 @@ def _compact(args: argparse.Namespace) -> int:
 def _quarantine_list(args: argparse.Namespace) -> int:
     from store.quarantine import Quarantine
 
-    if not (args.data_dir / "lake").is_dir():
-        raise CustodyError(f"{args.data_dir} is not a Custody data dir (no {args.data_dir / 'lake'} directory)")
     events = Quarantine(args.data_dir / "quarantine").events()
     for event in events:
         if args.json:
@@ -486,8 +486,6 @@ def _quarantine_list(args: argparse.Namespace) -> int:
 def _quarantine_reingest(args: argparse.Namespace) -> int:
     from store.engine import reingest_quarantined
 
-    if not (args.data_dir / "lake").is_dir():
-        raise CustodyError(f"{args.data_dir} is not a Custody data dir (no {args.data_dir / 'lake'} directory)")
     result = reingest_quarantined(args.data_dir)
     for event_id, reason in result.refused:
         print(f"FAIL: event {event_id} is still refused and stays quarantined: {reason}")
@@ -593,8 +591,6 @@ def _verify(args: argparse.Namespace) -> int:
     from query.checkpoint import record_run
     from query.integrity import verify_lake
 
-    if not (args.data_dir / "lake" / "events").is_dir():
-        raise CustodyError(f"{args.data_dir} is not a Custody data dir (no {args.data_dir / 'lake' / 'events'})")
     if args.hash_chain_only:
         from query.chains import verify_chains
 

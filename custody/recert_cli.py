@@ -82,8 +82,7 @@ def _pinned_key(args: argparse.Namespace) -> Ed25519PublicKey | None:
             raise InvalidInput(f"{args.public_key} is not an Ed25519 public key")
         return loaded
     if args.data_dir is not None:
-        from ingest.admin import ServerKey
+        from store.layout import DataDir
 
-        server_key, _ = ServerKey.load_or_create(args.data_dir / "state" / "server_key.pem")
-        return server_key.private_key.public_key()
+        return DataDir.existing(args.data_dir).server_key().public_key()  # never created here
     return None

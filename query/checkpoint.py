@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ingest.jws import JwsError, parse_compact, sign_compact, verify_signature
 from query.integrity import IntegrityProblem, IntegrityReport, verify_lake
 from query.lake import LakeReader
 from store.canonical import canonicalize
+from store.layout import DataDir
 
 __all__ = ["last_run", "record", "record_run", "verify_since_checkpoint"]
 
@@ -122,7 +122,4 @@ def _load(data_dir: Path) -> tuple[dict[str, str] | None, str]:
 
 
 def _server_key(data_dir: Path) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key((data_dir / "state" / "server_key.pem").read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise TypeError("the server key is not Ed25519")
-    return key
+    return DataDir(data_dir).server_key()

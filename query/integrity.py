@@ -22,16 +22,15 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ingest.jws import JwsError, parse_compact, verify_signature
 from ingest.keys import KeyRing
 from query.lake import LakeReader, open_duckdb
 from store.canonical import ZERO_HASH, canonicalize, event_hash
 from store.engine import SERVER_EMITTER, SYSTEM_TENANT
-from store.errors import CanonicalizationError, CustodyError
+from store.errors import CanonicalizationError
 from store.lake import HIVE_OPTIONS, partition_of_file
+from store.layout import DataDir
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.state import StateDB
 
@@ -404,14 +403,7 @@ def _fold_admin(payload: dict[str, Any], registry: dict[str, Any], tenants: dict
 
 
 def _server_public_key(data_dir: Path) -> Any:
-    path = data_dir / "state" / "server_key.pem"
-    try:
-        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError) as exc:
-        raise CustodyError(f"cannot read the server key {path}: {exc}") from exc
-    if not isinstance(private, Ed25519PrivateKey):
-        raise CustodyError(f"{path} is not an Ed25519 key")
-    return private.public_key()
+    return DataDir(data_dir).server_key().public_key()
 
 
 def compare_heads(data_dir: Path, last_seqs: dict[str, int], tenants: dict[str, str]) -> list[IntegrityProblem]:

@@ -33,6 +33,7 @@ from query.recert import Review
 from query.spreadsheet import csv_cell
 from store.canonical import canonicalize
 from store.errors import InvalidInput
+from store.layout import DataDir
 from store.schema import parse_timestamp
 
 __all__ = [
@@ -103,10 +104,7 @@ def signed_review(data_dir: Path, tenant: str, *, window_days: int) -> tuple[Rev
     """The review, its report body and the JWS over it, ready to render in any format."""
     from query.recert import access_review
 
-    key_path = data_dir / "state" / "server_key.pem"
-    if not key_path.exists():
-        raise InvalidInput(f"{key_path} does not exist: is {data_dir} a Custody data dir?")
-    server_key, _ = ServerKey.load_or_create(key_path)
+    server_key = ServerKey(DataDir.existing(data_dir).server_key())
     review = access_review(data_dir, tenant, window_days=window_days)
     body = report_body(review, server_key)
     return review, body, sign_report(body, server_key)

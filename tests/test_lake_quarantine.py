@@ -139,13 +139,6 @@ def test_an_interrupted_reingest_is_finished_without_writing_an_event_twice(tmp_
     assert not list((data / "quarantine").glob("*.jsonl"))
 
 
-def test_quarantine_commands_refuse_a_path_that_is_not_a_data_dir(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["quarantine", "list", "--data-dir", str(tmp_path / "typo")]) == 1
-    assert "is not a Custody data dir" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     ("field", "value", "column"),
     [

@@ -1,0 +1,108 @@
+"""The data dir: every path under ``--data-dir``, and the one way to read the server's key.
+
+::
+
+    <data-dir>/custody.lock              held (flock) by the one process that writes the data dir
+    <data-dir>/wal/<n>.wal               write-ahead log segments not yet in the lake
+    <data-dir>/lake/events/tenant=*/date=*/*.parquet
+    <data-dir>/quarantine/               acknowledged events the lake could not store
+    <data-dir>/state/state.sqlite        derived: event-id index, chain heads, emitter registry
+    <data-dir>/state/server_key.pem      the server's Ed25519 key (created by the first ``custody serve``, 0600)
+    <data-dir>/index/                    derived copies for long-running readers (rows, reach)
+
+A command that reads a data dir opens it with ``DataDir.existing``, which refuses a path that is not one (a typo
+must never read as an empty log, and must never get a key created in it); only ``custody serve`` creates one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from store.errors import CorruptState, CustodyError
+
+__all__ = ["DataDir", "MissingServerKey", "NotADataDir"]
+
+
+class NotADataDir(CustodyError):
+    """A path given as a data dir that holds neither ``state/`` nor ``lake/``."""
+
+    code = "not_a_data_dir"
+    exit_code = 2
+
+
+class MissingServerKey(CustodyError):
+    """A data dir without ``state/server_key.pem``: no ``custody serve`` ever ran on it, or the key was lost."""
+
+    code = "missing_server_key"
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @classmethod
+    def existing(cls, path: Path) -> DataDir:
+        """The data dir at ``path``; ``NotADataDir`` unless it holds ``state/`` or ``lake/``."""
+        if not ((path / "state").is_dir() or (path / "lake").is_dir()):
+            raise NotADataDir(f"not a Custody data dir: {path} (no state/ or lake/)")
+        return cls(path)
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "custody.lock"
+
+    @property
+    def wal(self) -> Path:
+        return self.root / "wal"
+
+    @property
+    def lake(self) -> Path:
+        return self.root / "lake"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "lake" / "events"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def state_db(self) -> Path:
+        return self.root / "state" / "state.sqlite"
+
+    @property
+    def server_key_file(self) -> Path:
+        return self.root / "state" / "server_key.pem"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    def server_key(self) -> Ed25519PrivateKey:
+        """The server's key, for every reader: ``MissingServerKey`` when there is none (never created here: only
+        ``custody serve`` creates it), ``CorruptState`` when the file is not an Ed25519 private key."""
+        path = self.server_key_file
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise MissingServerKey(
+                f"{path} does not exist: no custody serve has run on this data dir, or its key was lost"
+            ) from exc
+        except OSError as exc:
+            raise CorruptState(f"cannot read the server key {path}: {exc.strerror}") from exc
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise CorruptState(f"{path} is not a PEM private key: {exc}") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise CorruptState(f"{path} does not hold an Ed25519 private key")
+        return key

@@ -1,0 +1,59 @@
+"""A wrong data dir is one clear error everywhere: exit 2, never a created key, never an answer over nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from custody.cli import main
+from tests.conftest import Harness
+
+EVENT_ID = "00000000-0000-4000-8000-000000000000"
+COMMANDS = [
+    ["verify", "--no-progress"],
+    ["verify", "--no-progress", "--hash-chain-only"],  # printed "OK: 0 events from 0 emitters", exit 0
+    ["verify", "--no-progress", "--incremental"],
+    ["events"],  # printed "0 of 0 events", exit 0
+    ["findings"],  # printed "0 findings", exit 0
+    ["path", EVENT_ID],
+    ["blast-radius", "--agent", "x"],
+    ["taint", "--agent", "x", "--since", "2026-01-01T00:00:00Z"],
+    ["compact"],
+    ["quarantine", "list"],
+    ["quarantine", "reingest"],
+    ["recert", "--tenant", "acme", "--format", "json"],
+    ["serve-query", "--tokens", "missing.json"],
+    ["dashboard", "--tokens", "missing.json"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda command: " ".join(command[:2]))
+def test_a_path_that_is_not_a_data_dir_is_exit_2(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo"
+    assert main([*command, "--data-dir", str(typo)]) == 2
+    captured = capsys.readouterr()
+    assert f"FAIL: not a Custody data dir: {typo} (no state/ or lake/)" in captured.err
+    assert "OK" not in captured.out
+    assert not typo.exists()
+
+
+def test_recert_verify_never_creates_a_server_key(
+    harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "report.json"
+    assert main(["recert", "--data-dir", str(harness.data_dir), "--tenant", "acme", "--format", "json",
+                 "--output", str(report)]) == 0  # fmt: skip
+    # A dir that is not a data dir: exit 2 (was a raw FileNotFoundError traceback).
+    assert main(["recert", "verify", str(report), "--data-dir", str(tmp_path / "elsewhere")]) == 2
+    assert "not a Custody data dir" in capsys.readouterr().err
+    # A data dir without its key: refused, and no key is made up to check the report against (one used to be).
+    keyless = tmp_path / "keyless"
+    (keyless / "lake" / "events").mkdir(parents=True)
+    assert main(["recert", "verify", str(report), "--data-dir", str(keyless)]) == 1
+    assert "server_key.pem does not exist" in capsys.readouterr().err
+    assert not (keyless / "state").exists()
+    # The real data dir pins the key that signed it.
+    assert main(["recert", "verify", str(report), "--data-dir", str(harness.data_dir)]) == 0
