@@ -93,13 +93,14 @@ def _parser() -> argparse.ArgumentParser:
         "--tenant", help="only the problems and counts of this tenant's emitters (the whole lake is still read)"
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON (the read API's shape)")
-    verify.add_argument(
+    modes = verify.add_mutually_exclusive_group()
+    modes.add_argument(
         "--incremental",
         action="store_true",
         help="re-check signatures and columns only for files new or changed since the last clean run (a"
         " checkpoint signed by the server key); hashes and chains are always checked for the whole lake",
     )
-    verify.add_argument(
+    modes.add_argument(
         "--hash-chain-only",
         action="store_true",
         help="only hashes and chains, computed inside DuckDB (fast; no signatures, no column checks)",
@@ -332,7 +333,7 @@ def _events(args: argparse.Namespace) -> int:
     where = EventFilter(**{name: getattr(args, name) for name in names})
     page = search(LakeReader(args.data_dir), where, limit=args.limit, cursor=args.cursor)
     if args.json:
-        _print_json({"total": page.total, "next_cursor": page.next_cursor, "events": page.events})
+        _print_json(page.as_json())
         return 0
     for event in page.events:
         chain = " > ".join(event["delegation_chain"] or [])
@@ -350,24 +351,12 @@ def _events(args: argparse.Namespace) -> int:
 
 
 def _path(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from query.lake import LakeReader
     from query.paths import delegation_path
 
     path = delegation_path(LakeReader(args.data_dir), args.event_id, tenant=args.tenant)
     if args.json:
-        _print_json(
-            {
-                "event": path.event,
-                "approval": path.approval,
-                "ancestors": path.ancestors,
-                "descendants": path.descendants,
-                "truncated": path.truncated,
-                "nodes": [asdict(node) for node in path.nodes],
-                "edges": [asdict(edge) for edge in path.edges],
-            }
-        )
+        _print_json(path.as_json())
     else:
         print(path.text())
     return 0
@@ -394,7 +383,7 @@ def _blast(args: argparse.Namespace) -> int:
         resource_limit=args.resources or None,
     )
     if args.json:
-        _print_json(reach.as_dict())
+        _print_json(reach.as_json())
         return 0
     print(reach.headline)
     print(f"scopes granted: {', '.join(reach.scopes_granted) or '-'}")
@@ -434,15 +423,13 @@ def _taint(args: argparse.Namespace) -> int:
 
 
 def _findings(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from query.findings import FindingSettings, findings
     from query.lake import LakeReader
 
     settings = FindingSettings(max_delegation_depth=args.max_delegation_depth, unused_scope_days=args.unused_days)
     found = findings(LakeReader(args.data_dir), tenant=args.tenant, settings=settings)
     if args.json:
-        _print_json([{**asdict(f), "evidence_truncated": f.evidence_truncated} for f in found])
+        _print_json([finding.as_json() for finding in found])
         return 0
     for finding in found:
         print(

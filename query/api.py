@@ -8,7 +8,6 @@ tenant is 404 (its existence is not revealed). Running verification is for ``adm
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -96,7 +95,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
             trace=trace,
         )
         page = await run_in_threadpool(search, reader, where, limit=limit, cursor=cursor)
-        return JSONResponse({"total": page.total, "next_cursor": page.next_cursor, "events": page.events})
+        return JSONResponse(page.as_json())
 
     @app.get(
         "/v1/events/{event_id}/path",
@@ -107,20 +106,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         scope = caller.scope(None)
         narrowed = await run_in_threadpool(tree.reader_for, event_id)  # the rows of its task tree only
         found = await run_in_threadpool(delegation_path, narrowed, event_id, tenant=scope)
-        return JSONResponse(
-            {
-                "event": found.event,
-                "approval": found.approval,
-                "ancestors": found.ancestors,
-                "descendants": found.descendants,
-                "truncated": found.truncated,
-                "crossed_links": found.crossed_links,
-                "text": found.text(),
-                "chain": [asdict(node) for node in found.chain()],
-                "nodes": [asdict(node) for node in found.nodes],
-                "edges": [asdict(edge) for edge in found.edges],
-            }
-        )
+        return JSONResponse(found.as_json())
 
     @app.get("/v1/blast-radius", responses=_READS)
     async def blast_radius(
@@ -149,7 +135,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
             resource_limit=resource_limit or None,
         )
         reach_copies.warm()  # copies for the files written since (returns at once when one is running)
-        return JSONResponse(reach.as_dict())
+        return JSONResponse(reach.as_json())
 
     @app.get("/v1/taint", responses=_READS)
     async def taint(
@@ -182,7 +168,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         if unknown:
             raise InvalidInput(f"unknown finding kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
         found = await run_in_threadpool(findings, reader, tenant=caller.scope(tenant), kinds=tuple(kind or KINDS))
-        return JSONResponse([{**asdict(f), "evidence_truncated": f.evidence_truncated} for f in found])
+        return JSONResponse([finding.as_json() for finding in found])
 
     @app.post("/v1/verify", responses=_READS)
     async def verify(caller: Caller) -> JSONResponse:

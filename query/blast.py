@@ -56,7 +56,7 @@ class IdentityBlastRadius:
     resources_total: int = 0  # distinct resources touched; ``resources`` lists the most used of them
     resources_truncated: bool = False  # True when ``resources`` lists fewer than ``resources_total``
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_json(self) -> dict[str, Any]:
         """Every field, delegates included with their own reach (resources, tenants, users, scopes, tools),
         transitively; with the headline."""
         return {**asdict(self), "headline": self.headline}
@@ -226,7 +226,7 @@ def identity_blast_radius(
                 resource_limit=resource_limit,
                 _seen=_seen | {subject},
             )
-            result.delegates.append({"agent": name, **reach.as_dict()})
+            result.delegates.append({"agent": name, **reach.as_json()})
     return result
 
 

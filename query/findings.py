@@ -8,7 +8,7 @@ are; past ``MAX_EVIDENCE`` the list says so with ``evidence_truncated``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,6 +46,9 @@ class Finding:
     @property
     def evidence_truncated(self) -> bool:
         return self.evidence_total > len(self.evidence)
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "evidence_truncated": self.evidence_truncated}
 
 
 _KNOWN_AGENTS = """

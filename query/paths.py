@@ -15,7 +15,7 @@ counts: an emitter's clock (``occurred_at``, which it signs) cannot displace it 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from query.lake import LakeReader
@@ -53,6 +53,21 @@ class DelegationPath:
     crossed_links: list[dict[str, str]] = field(default_factory=list)  # links to other tenants, not followed
     nodes: list[Node] = field(default_factory=list)
     edges: list[Edge] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        """What the read API, the CLI and the dashboard give for a path: the graph and the text, one shape."""
+        return {
+            "event": self.event,
+            "approval": self.approval,
+            "ancestors": self.ancestors,
+            "descendants": self.descendants,
+            "truncated": self.truncated,
+            "crossed_links": self.crossed_links,
+            "text": self.text(),
+            "chain": [asdict(node) for node in self.chain()],
+            "nodes": [asdict(node) for node in self.nodes],
+            "edges": [asdict(edge) for edge in self.edges],
+        }
 
     def chain(self) -> list[Node]:
         """The path of the event itself, in order: user, approval, agents, tool, resource."""

@@ -77,6 +77,9 @@ class Page:
     total: int
     next_cursor: str | None
 
+    def as_json(self) -> dict[str, Any]:
+        return {"total": self.total, "next_cursor": self.next_cursor, "events": self.events}
+
 
 def search(reader: LakeReader, where: EventFilter, *, limit: int = 100, cursor: str | None = None) -> Page:
     if not 1 <= limit <= MAX_LIMIT:

@@ -57,3 +57,10 @@ def test_recert_verify_never_creates_a_server_key(
     assert not (keyless / "state").exists()
     # The real data dir pins the key that signed it.
     assert main(["recert", "verify", str(report), "--data-dir", str(harness.data_dir)]) == 0
+
+
+def test_verify_refuses_two_modes_at_once(harness: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:  # ran one of them silently
+        main(["verify", "--data-dir", str(harness.data_dir), "--incremental", "--hash-chain-only"])
+    assert exited.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err

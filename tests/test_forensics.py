@@ -95,7 +95,7 @@ def test_identity_blast_radius_of_the_over_broad_support_agent(incident) -> None
     assert export["tools_reachable"] == ["crm-mcp/export_customers"]
     # A delegate's reach is as whole as its delegator's: resources, tenants, users and scopes, transitively.
     alone = identity_blast_radius(reader, "agent", "export-subagent")
-    assert export == {"agent": "export-subagent", **alone.as_dict()}
+    assert export == {"agent": "export-subagent", **alone.as_json()}
     assert [(r["type"], r["id"]) for r in export["resources"]] == [("customer_list", "all")]
     assert (export["tenants"], export["users"]) == (["acme"], ["alice@acme.example"])
     assert "customers:export" in export["scopes_granted"]
