@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from query.chains import verify_chains
 from query.integrity import verify_lake
@@ -234,6 +235,7 @@ def _merge_in_a_process(root: Path, rows: int) -> tuple[int, int, int]:
     return total, before, peak
 
 
+@pytest.mark.slow
 def test_a_merge_holds_as_much_in_memory_for_a_large_input_as_for_a_small_one(tmp_path) -> None:
     """16 files of 4 KB events, merged with 4 MiB of input buffers and 4 MiB row groups: Arrow's memory peaks
     at about the same for 2 MB and for 16 MB of each file, and far below what the files hold. Read whole (as

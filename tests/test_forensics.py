@@ -223,6 +223,7 @@ def test_search_filters_count_and_pages(incident) -> None:
         search(reader, EventFilter(), limit=0)
 
 
+@pytest.mark.slow
 def test_the_cli_faces(incident, tmp_path) -> None:
     import subprocess
     import sys

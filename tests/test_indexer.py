@@ -146,6 +146,7 @@ def test_entries_pending_at_a_crash_are_indexed_again_by_the_wal_replay(tmp_path
     store.close()
 
 
+@pytest.mark.slow
 def test_the_replay_keeps_a_segment_whose_entries_sqlite_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     batch = crash_with_entries_pending(data)

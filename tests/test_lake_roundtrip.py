@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -192,6 +193,7 @@ def expected_row(body: dict[str, Any], token: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @given(body=events())
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_schema_valid_event_is_accepted_and_round_trips_through_the_lake(

@@ -199,6 +199,7 @@ def test_bad_parameters_use_the_envelope(api) -> None:
         assert response.json()["error"]["code"] in ("invalid_request",)
 
 
+@pytest.mark.slow
 def test_the_read_api_as_a_real_process(harness: Harness, tmp_path: Path) -> None:
     import os
     import subprocess

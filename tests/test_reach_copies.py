@@ -21,6 +21,8 @@ from store.errors import InvalidInput
 from tests import scenario
 from tests.conftest import Harness, read_lake
 
+pytestmark = pytest.mark.slow  # large lakes
+
 
 @pytest.fixture
 def lake(org: dict[str, Any], tmp_path: Path) -> Path:

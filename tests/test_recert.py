@@ -23,6 +23,8 @@ from query.reports import render, report_body, sign_report, verify_report
 from query.tokens import TokenStore
 from tests.conftest import ORG_END, read_lake
 
+pytestmark = pytest.mark.slow  # the demo organisation
+
 TENANTS = ("acme", "globex", "initech")
 
 

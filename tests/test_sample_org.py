@@ -22,6 +22,8 @@ from sample_data.activity import generate
 from sample_data.demo import post_generated
 from tests.conftest import ADMIN_TOKEN, ORG_END, open_harness, read_lake
 
+pytestmark = pytest.mark.slow  # the demo organisation, ~9k events posted through the API
+
 END = ORG_END
 
 

@@ -36,6 +36,7 @@ def shape(path: DelegationPath) -> tuple[Any, ...]:
     )
 
 
+@pytest.mark.slow
 def test_paths_through_the_index_equal_paths_over_the_whole_lake(org: dict[str, Any]) -> None:
     reader = LakeReader(org["data"])
     index = TreeIndex(reader)
@@ -141,6 +142,7 @@ def test_row_copies_that_no_longer_match_the_lake_are_never_used(harness: Harnes
     index.close()
 
 
+@pytest.mark.slow
 def test_files_read_in_small_batches_give_the_same_index_and_row_copies(
     org: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

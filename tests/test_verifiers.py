@@ -20,6 +20,8 @@ from ingest.sdk import generate_key, public_jwk
 from ingest.verifiers import VerifierPool, VerifierUnavailable
 from tests.signing import chain, payload, sign, sign_raw
 
+pytestmark = pytest.mark.slow  # real verifier processes
+
 
 def test_workers_follow_revocations_and_new_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     # Spawned workers re-run the parent's __main__; after the dashboard's AppTests that is dashboard/app.py.

@@ -363,6 +363,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_a_starved_lake_writer_is_replaced_mid_write_without_privileges(tmp_path: Path) -> None:
     """The flusher does not wait for a write that gets no CPU: once the lag reaches the limit, it kills the idle
     writer and a writer at normal priority writes the segment again. Run without CAP_SYS_NICE (as a deployed
