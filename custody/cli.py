@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run the ingest API on a data dir",
         description="Run the ingest API. The admin token comes from CUSTODY_ADMIN_TOKEN (required).",
     )
-    serve.add_argument("--data-dir", type=Path, required=True, help="where the WAL, the lake and the state live")
+    _data_dir_argument(serve, help_text="where the WAL, the lake and the state live (created if missing)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8700, help="port to bind (default 8700)")
     serve.add_argument("--max-events", type=int, default=1000, help="events per request (default 1000)")
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Verify every event in DATA_DIR's lake. Prints FAIL lines with the emitter, seq, event,"
         " check, expected and found values; exits 1 if anything failed.",
     )
-    verify.add_argument("--data-dir", type=Path, required=True)
+    _data_dir_argument(verify)
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.add_argument(
         "--tenant", help="only the problems and counts of this tenant's emitters (the whole lake is still read)"
@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         help="merge each partition's Parquet files into one (for lakes built elsewhere; a running server already"
         " compacts in tiers as it flushes; this refuses to run while a server holds the data dir)",
     )
-    compact.add_argument("--data-dir", type=Path, required=True)
+    _data_dir_argument(compact)
     compact.add_argument("--min-files", type=int, default=8, help="only partitions with at least this many files")
     compact.set_defaults(run=_compact, reads_data_dir=True)
 
@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     quarantine_commands = quarantine.add_subparsers(required=True, metavar="ACTION")
     quarantined = quarantine_commands.add_parser("list", help="every quarantined event with its reason")
-    quarantined.add_argument("--data-dir", type=Path, required=True)
+    _data_dir_argument(quarantined)
     quarantined.add_argument("--json", action="store_true", help="JSON lines, with each event's JWS")
     quarantined.set_defaults(run=_quarantine_list, reads_data_dir=True)
     reingest = quarantine_commands.add_parser(
@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
         help="write every quarantined event to the lake (with no server running, after an upgrade that stores"
         " them); those still refused stay quarantined with the new reason",
     )
-    reingest.add_argument("--data-dir", type=Path, required=True)
+    _data_dir_argument(reingest)
     reingest.set_defaults(run=_quarantine_reingest, reads_data_dir=True)
 
     api = commands.add_parser(
@@ -193,9 +193,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+DATA_DIR_ENV = "CUSTODY_DATA_DIR"
+
+
+def _data_dir_argument(parser: argparse.ArgumentParser, *, help_text: str = "the data dir of a custody serve") -> None:
+    """``--data-dir``, the same on every command: from the environment when ``CUSTODY_DATA_DIR`` is set."""
+    default = os.environ.get(DATA_DIR_ENV)
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(default) if default else None,
+        required=not default,
+        help=f"{help_text} (default: ${DATA_DIR_ENV}" + (f", now {default})" if default else ", unset)"),
+    )
+
+
 def _reader_arguments(parser: argparse.ArgumentParser, *, port: int) -> None:
     """The flags of the two read-side servers (read API, dashboard)."""
-    parser.add_argument("--data-dir", type=Path, required=True)
+    _data_dir_argument(parser)
     parser.add_argument("--tokens", type=Path, help="token file written by custody token issue")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=port, help=f"port (default {port})")
@@ -255,7 +270,7 @@ def _positive_seconds_any(text: str) -> float:
 def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def lake_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
-        command.add_argument("--data-dir", type=Path, required=True)
+        _data_dir_argument(command)
         command.add_argument("--tenant", help="only this tenant's events")
         command.add_argument("--json", action="store_true", help="print JSON instead of text")
         return command

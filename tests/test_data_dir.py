@@ -64,3 +64,18 @@ def test_verify_refuses_two_modes_at_once(harness: Harness, capsys: pytest.Captu
         main(["verify", "--data-dir", str(harness.data_dir), "--incremental", "--hash-chain-only"])
     assert exited.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_data_dir_comes_from_the_environment_when_not_given(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CUSTODY_DATA_DIR", str(harness.data_dir))
+    assert main(["events", "--json"]) == 0
+    assert '"total": 0' in capsys.readouterr().out  # a real, empty data dir: an answer, not an error
+    monkeypatch.setenv("CUSTODY_DATA_DIR", str(harness.data_dir.parent / "typo"))
+    assert main(["findings"]) == 2
+    monkeypatch.delenv("CUSTODY_DATA_DIR")
+    with pytest.raises(SystemExit) as exited:
+        main(["findings"])
+    assert exited.value.code == 2
+    assert "--data-dir" in capsys.readouterr().err
