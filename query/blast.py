@@ -89,132 +89,31 @@ def identity_blast_radius(
         raise InvalidInput(f"identity blast radius is for an agent or a credential, not {kind!r}")
     if resource_limit is not None and resource_limit < 1:
         raise InvalidInput(f"resource_limit must be at least 1 (or None for all), got {resource_limit}")
-    acting = "agent = $subject" if kind == "agent" else "credential_id = $subject"
-    window = "($since IS NULL OR occurred_at >= $since) AND ($until IS NULL OR occurred_at < $until)"
-    scope = "($tenant IS NULL OR tenant = $tenant)"
-    params = {"subject": subject, "since": since, "until": until, "tenant": tenant, "limit": resource_limit}
     with reader.connect() as connection:
         copied = _reach_views(connection, reader, copies, subject if kind == "agent" else None)
-
-        def bound(sql: str) -> dict[str, Any]:
-            return {name: value for name, value in params.items() if f"${name}" in sql}
-
-        def rows(sql: str) -> list[tuple[Any, ...]]:
-            return connection.execute(sql, bound(sql)).fetchall()
-
-        # Distinct scopes are worked out inside DuckDB: an agent can hold the same scopes on millions of events.
-        if copied is None:
-            held = "credential_client_id = $subject" if kind == "agent" else "credential_id = $subject"
-            granted_sql = (
-                f"SELECT DISTINCT unnest(credential_scopes) FROM reach WHERE ({held} OR {acting}) AND {scope}"
-                f" AND {window} AND credential_scopes IS NOT NULL"
-            )
-        else:
-            # The rows it acted in, and (agents) the rows where it presented a credential another agent acted
-            # with: apart, so that the first are read through the copies' sort order.
-            granted_sql = (
-                f"SELECT DISTINCT unnest(credential_scopes) FROM reach WHERE {acting} AND {scope}"
-                f" AND {window} AND credential_scopes IS NOT NULL"
-            )
-            if kind == "agent":
-                granted_sql += (
-                    " UNION SELECT DISTINCT unnest(credential_scopes) FROM reach_foreign WHERE"
-                    f" credential_client_id = $subject AND agent IS DISTINCT FROM $subject AND {scope} AND {window}"
-                    " AND credential_scopes IS NOT NULL"
-                )
-        granted = {scope_name for (scope_name,) in rows(granted_sql)}
-        if kind == "agent":
-            granted |= {
-                scope_name
-                for (scope_name,) in rows(
-                    f"SELECT DISTINCT unnest(delegate_scopes) FROM reach WHERE type = 'agent.delegation'"
-                    f" AND delegate_agent = $subject AND {scope} AND {window}"
-                )
-            }
-        calls = f"type = 'tool.invocation' AND {acting} AND {scope} AND {window}"
-        # One scan of the subject's events for the scopes and tools it used, the users it acted for, the agents it
-        # delegated to and its event count (five scans before: 10M events, 559 -> 244 ms).
-        used: dict[str, int] = {}
-        tools_used: dict[str, int] = {}
-        users_seen: set[str] = set()
-        delegates_seen: set[str] = set()
-        events = 0
-        for by_user, by_delegate, event_type, result, needed, server, name, user, delegate, count in rows(
-            'SELECT GROUPING("user"), GROUPING(delegate_agent), type, decision_result, decision_required_scope,'
-            ' tool_server, tool_name, "user", delegate_agent, count(*)'
-            f" FROM reach WHERE {acting} AND {scope} AND {window} GROUP BY GROUPING SETS"
-            " ((type, decision_result, decision_required_scope, tool_server, tool_name),"
-            ' ("user"), (type, delegate_agent))'
-        ):
-            if by_user == 0:
-                if user is not None:
-                    users_seen.add(user)
-            elif by_delegate == 0:
-                if event_type == "agent.delegation" and delegate is not None:
-                    delegates_seen.add(delegate)
-            else:
-                events += count
-                if event_type == "tool.invocation" and result == "allow":
-                    if needed is not None:
-                        used[needed] = used.get(needed, 0) + count
-                    if server is not None and name is not None:  # the schema requires a tool on invocations
-                        tool = f"{server}/{name}"
-                        tools_used[tool] = tools_used.get(tool, 0) + count
-        tool_scopes = {
-            (f"{server}/{name}", needed)
-            for server, name, needed in rows(
-                f"SELECT DISTINCT tool_server, tool_name, decision_required_scope FROM reach_lake"
-                f" WHERE type = 'tool.invocation' AND decision_required_scope IS NOT NULL AND {scope}"
-            )
-        }
-        tool_scopes |= {
-            (f"{server}/{name}", needed)
-            for file_tenant, facts in copied or []
-            if tenant is None or file_tenant == tenant
-            for server, name, needed in facts.tool_map
-        }
-        # Times are formatted by DuckDB: an agent can touch hundreds of thousands of resources, and building a
-        # Python datetime per value costs more than the query.
-        stamp = "strftime({}::TIMESTAMP, '%Y-%m-%dT%H:%M:%S.%fZ')"
-        # One grouping of the resources (209k for one agent at 10M events), then the most used of them and the
-        # count per tenant. Rows come back as Arrow and become dicts in Arrow.
-        resource_sql = (
-            "WITH grouped AS MATERIALIZED (SELECT resource_tenant AS tenant, resource_type AS type,"
-            f" resource_id AS id, count(*) AS count, {stamp.format('min(occurred_at)')} AS first,"
-            f" {stamp.format('max(occurred_at)')} AS last FROM reach"
-            f" WHERE {calls} AND decision_result = 'allow' AND resource_id IS NOT NULL GROUP BY 1, 2, 3)"
-            " (SELECT 'resource' AS row, * FROM grouped ORDER BY count DESC, tenant, type, id"
-            + (" LIMIT $limit)" if resource_limit is not None else ")")
-            + " UNION ALL (SELECT 'tenant', tenant, NULL, NULL, count(*), NULL, NULL FROM grouped GROUP BY tenant)"
-        )
-        table = connection.sql(resource_sql, params=bound(resource_sql)).to_arrow_table()
-    listed = table.filter(pc.equal(table["row"], "resource")).drop_columns(["row"])
-    listed = listed.sort_by(
-        [("count", "descending"), ("tenant", "ascending"), ("type", "ascending"), ("id", "ascending")]
-    )
-    resources: list[dict[str, Any]] = listed.to_pylist()
-    per_tenant = table.filter(pc.equal(table["row"], "tenant")).select(["tenant", "count"]).to_pylist()
-    resources_total = sum(row["count"] for row in per_tenant)
-    reachable = sorted({tool for tool, needed in tool_scopes if needed in granted})
+        query = _ReachQuery(connection, kind, subject, since, until, tenant, resource_limit)
+        granted = query.granted_scopes(copied)
+        activity = query.activity()
+        tool_scopes = query.tool_scopes(copied)
+        resources, per_tenant = query.resources()
+    resources_total = sum(per_tenant.values())
     result = IdentityBlastRadius(
         subject=subject,
         kind=kind,
         scopes_granted=sorted(granted),
-        scopes_used=dict(sorted(used.items())),
-        scopes_unused=sorted(granted - set(used)),
-        tools_reachable=reachable,
-        tools_used=dict(sorted(tools_used.items())),
+        scopes_used=dict(sorted(activity.scopes_used.items())),
+        scopes_unused=sorted(granted - set(activity.scopes_used)),
+        tools_reachable=sorted({tool for tool, needed in tool_scopes if needed in granted}),
+        tools_used=dict(sorted(activity.tools_used.items())),
         resources=resources,
-        tenants=sorted(row["tenant"] for row in per_tenant if row["tenant"]),
-        users=sorted(users_seen),
-        events=events,
+        tenants=sorted(name for name in per_tenant if name),
+        users=sorted(activity.users),
+        events=activity.events,
         resources_total=resources_total,
         resources_truncated=resources_total > len(resources),
     )
     if kind == "agent" and len(_seen) < _MAX_DEPTH:
-        for name in sorted(delegates_seen):
-            if name in _seen or name == subject:
-                continue
+        for name in sorted(activity.delegates - _seen - {subject}):
             reach = identity_blast_radius(
                 reader,
                 "agent",
@@ -228,6 +127,143 @@ def identity_blast_radius(
             )
             result.delegates.append({"agent": name, **reach.as_json()})
     return result
+
+
+@dataclass
+class _Activity:
+    """What a subject did, from one scan of its events."""
+
+    scopes_used: dict[str, int] = field(default_factory=dict)
+    tools_used: dict[str, int] = field(default_factory=dict)
+    users: set[str] = field(default_factory=set)
+    delegates: set[str] = field(default_factory=set)
+    events: int = 0
+
+
+class _ReachQuery:
+    """The blast radius's questions over the ``reach`` views (``_reach_views``), one SQL query each."""
+
+    def __init__(
+        self,
+        connection: duckdb.DuckDBPyConnection,
+        kind: str,
+        subject: str,
+        since: datetime | None,
+        until: datetime | None,
+        tenant: str | None,
+        resource_limit: int | None,
+    ) -> None:
+        self.connection, self.kind, self.tenant, self.resource_limit = connection, kind, tenant, resource_limit
+        self.params = {"subject": subject, "since": since, "until": until, "tenant": tenant, "limit": resource_limit}
+        self.acting = "agent = $subject" if kind == "agent" else "credential_id = $subject"
+        self.window = "($since IS NULL OR occurred_at >= $since) AND ($until IS NULL OR occurred_at < $until)"
+        self.scope = "($tenant IS NULL OR tenant = $tenant)"
+
+    def _bound(self, sql: str) -> dict[str, Any]:
+        return {name: value for name, value in self.params.items() if f"${name}" in sql}
+
+    def _rows(self, sql: str) -> list[tuple[Any, ...]]:
+        return self.connection.execute(sql, self._bound(sql)).fetchall()
+
+    def granted_scopes(self, copied: list[tuple[str | None, CopyFacts]] | None) -> set[str]:
+        """Scopes of every credential the subject presented or held, and (agents) scopes delegated to it. Distinct
+        scopes are worked out inside DuckDB: an agent can hold the same scopes on millions of events."""
+        acting, scope, window = self.acting, self.scope, self.window
+        if copied is None:
+            held = "credential_client_id = $subject" if self.kind == "agent" else "credential_id = $subject"
+            sql = (
+                f"SELECT DISTINCT unnest(credential_scopes) FROM reach WHERE ({held} OR {acting}) AND {scope}"
+                f" AND {window} AND credential_scopes IS NOT NULL"
+            )
+        else:
+            # The rows it acted in, and (agents) the rows where it presented a credential another agent acted
+            # with: apart, so that the first are read through the copies' sort order.
+            sql = (
+                f"SELECT DISTINCT unnest(credential_scopes) FROM reach WHERE {acting} AND {scope}"
+                f" AND {window} AND credential_scopes IS NOT NULL"
+            )
+            if self.kind == "agent":
+                sql += (
+                    " UNION SELECT DISTINCT unnest(credential_scopes) FROM reach_foreign WHERE"
+                    f" credential_client_id = $subject AND agent IS DISTINCT FROM $subject AND {scope} AND {window}"
+                    " AND credential_scopes IS NOT NULL"
+                )
+        granted = {name for (name,) in self._rows(sql)}
+        if self.kind == "agent":
+            granted |= {
+                name
+                for (name,) in self._rows(
+                    f"SELECT DISTINCT unnest(delegate_scopes) FROM reach WHERE type = 'agent.delegation'"
+                    f" AND delegate_agent = $subject AND {scope} AND {window}"
+                )
+            }
+        return granted
+
+    def activity(self) -> _Activity:
+        """One scan of the subject's events for the scopes and tools it used, the users it acted for, the agents
+        it delegated to and its event count (five scans before: 10M events, 559 -> 244 ms)."""
+        found = _Activity()
+        for by_user, by_delegate, event_type, result, needed, server, name, user, delegate, count in self._rows(
+            'SELECT GROUPING("user"), GROUPING(delegate_agent), type, decision_result, decision_required_scope,'
+            ' tool_server, tool_name, "user", delegate_agent, count(*)'
+            f" FROM reach WHERE {self.acting} AND {self.scope} AND {self.window} GROUP BY GROUPING SETS"
+            " ((type, decision_result, decision_required_scope, tool_server, tool_name),"
+            ' ("user"), (type, delegate_agent))'
+        ):
+            if by_user == 0:
+                if user is not None:
+                    found.users.add(user)
+            elif by_delegate == 0:
+                if event_type == "agent.delegation" and delegate is not None:
+                    found.delegates.add(delegate)
+            else:
+                found.events += count
+                if event_type == "tool.invocation" and result == "allow":
+                    if needed is not None:
+                        found.scopes_used[needed] = found.scopes_used.get(needed, 0) + count
+                    if server is not None and name is not None:  # the schema requires a tool on invocations
+                        tool = f"{server}/{name}"
+                        found.tools_used[tool] = found.tools_used.get(tool, 0) + count
+        return found
+
+    def tool_scopes(self, copied: list[tuple[str | None, CopyFacts]] | None) -> set[tuple[str, str]]:
+        """The tool -> required scope map observed in the lake (files with a copy carry theirs in its metadata)."""
+        mapped = {
+            (f"{server}/{name}", needed)
+            for server, name, needed in self._rows(
+                f"SELECT DISTINCT tool_server, tool_name, decision_required_scope FROM reach_lake"
+                f" WHERE type = 'tool.invocation' AND decision_required_scope IS NOT NULL AND {self.scope}"
+            )
+        }
+        return mapped | {
+            (f"{server}/{name}", needed)
+            for file_tenant, facts in copied or []
+            if self.tenant is None or file_tenant == self.tenant
+            for server, name, needed in facts.tool_map
+        }
+
+    def resources(self) -> tuple[list[dict[str, Any]], dict[str | None, int]]:
+        """The ``resource_limit`` most used resources of its allowed calls, and the count of resources per tenant.
+        One grouping of the resources (209k for one agent at 10M events); times are formatted by DuckDB and rows
+        come back as Arrow, because a Python datetime per value would cost more than the query."""
+        stamp = "strftime({}::TIMESTAMP, '%Y-%m-%dT%H:%M:%S.%fZ')"
+        calls = f"type = 'tool.invocation' AND {self.acting} AND {self.scope} AND {self.window}"
+        sql = (
+            "WITH grouped AS MATERIALIZED (SELECT resource_tenant AS tenant, resource_type AS type,"
+            f" resource_id AS id, count(*) AS count, {stamp.format('min(occurred_at)')} AS first,"
+            f" {stamp.format('max(occurred_at)')} AS last FROM reach"
+            f" WHERE {calls} AND decision_result = 'allow' AND resource_id IS NOT NULL GROUP BY 1, 2, 3)"
+            " (SELECT 'resource' AS row, * FROM grouped ORDER BY count DESC, tenant, type, id"
+            + (" LIMIT $limit)" if self.resource_limit is not None else ")")
+            + " UNION ALL (SELECT 'tenant', tenant, NULL, NULL, count(*), NULL, NULL FROM grouped GROUP BY tenant)"
+        )
+        table = self.connection.sql(sql, params=self._bound(sql)).to_arrow_table()
+        listed = table.filter(pc.equal(table["row"], "resource")).drop_columns(["row"])
+        listed = listed.sort_by(
+            [("count", "descending"), ("tenant", "ascending"), ("type", "ascending"), ("id", "ascending")]
+        )
+        per_tenant = table.filter(pc.equal(table["row"], "tenant")).select(["tenant", "count"]).to_pylist()
+        return listed.to_pylist(), {row["tenant"]: row["count"] for row in per_tenant}
 
 
 def _reach_views(

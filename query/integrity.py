@@ -6,9 +6,11 @@ every typed column and the partition from the payload (an edited column with an 
 and walks each emitter's chain (seq continuity, ``prev_hash`` links, no repeats). Each problem names the emitter,
 seq, event_id, file, the check, and what was expected versus found.
 
-Not yet covered (see docs/forensics-todo in the issue): truncation of the very last events of a stream is only
-caught against the heads in ``state/state.sqlite``, which an attacker with write access could also edit; signed
-checkpoints are the fix. ``received_at`` is assigned by the server and not signed.
+Each problem belongs to the tenant its emitter is registered to (never the partition a row was found in).
+
+Limits (docs/forensics.md): deleting the newest events of a stream is caught only against the heads in
+``state/state.sqlite``, which whoever can write the data dir can edit too; the transparency log is the planned
+fix. ``received_at`` is assigned by the server and not signed.
 """
 
 from __future__ import annotations
