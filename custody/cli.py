@@ -6,13 +6,15 @@ Only ``CustodyError`` is caught, here in ``main``; anything else is a bug and ke
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TextIO
 
 import orjson
 
@@ -26,7 +28,41 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 
+class _Terminal(io.TextIOBase):
+    """Standard output that shows control characters from the log as escapes (``\\x1b``, ``\\u202e``): an agent
+    named with an ANSI sequence or a bidi override must not repaint or reorder an analyst's terminal. Line breaks
+    and tabs of Custody's own output pass."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(_CONTROLS.sub(_escape_control, text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    stdout = sys.stdout
+    sys.stdout = _Terminal(stdout)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # Everything Custody writes (lake, WAL, state, keys, reports) is for this account alone: other local accounts

@@ -79,3 +79,23 @@ def test_the_data_dir_comes_from_the_environment_when_not_given(
         main(["findings"])
     assert exited.value.code == 2
     assert "--data-dir" in capsys.readouterr().err
+
+
+def test_control_characters_from_the_log_reach_the_terminal_escaped(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent named with an ANSI sequence (clear screen) and a right-to-left override prints as escapes."""
+    gateway = harness.emitter("gw-1", "acme")
+    credential = {"id": "tok-1", "kind": "agent_token", "client_id": "a", "scopes": ["r"]}
+    gateway.emit(
+        type="credential.issued",
+        credential=credential,
+        delegation={"sub": "alice", "act": {"sub": "evil\x1b[2J\u202eagent"}},
+    )
+    gateway.flush()
+    harness.flush()
+    assert main(["events", "--data-dir", str(harness.data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\u202e" not in out
+    assert "[alice > evil\\x1b[2J\\u202eagent]" in out
