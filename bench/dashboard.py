@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine
 from bench.forensics import build_lake
-from ingest.admin import ServerKey
 from query.tokens import TokenStore
+from store.ground.server_key import ServerKey
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 PROBE = f"{7:08x}-0000-4{0x123 >> 4 & 0xFFF:03x}-8{0x123 & 0xF:03x}-{0x123:012x}"  # an event of bench/forensics.py

@@ -33,9 +33,9 @@ from nacl.bindings import crypto_sign_open
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Server, machine
-from ingest.jws import sign_compact
 from ingest.sdk import generate_key, public_jwk, rfc3339
-from store.canonical import ZERO_HASH, canonicalize, event_hash
+from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
+from store.ground.jws import sign_compact
 
 TOKEN = "bench-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

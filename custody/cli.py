@@ -20,7 +20,7 @@ import orjson
 
 from custody import __version__
 from custody.recert_cli import add_recert
-from store.errors import CustodyError
+from store.ground.errors import CustodyError
 
 if TYPE_CHECKING:
     from custody.serving import HttpLimits
@@ -72,7 +72,7 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if getattr(args, "reads_data_dir", False):  # a typo must never read as an empty log
-            from store.layout import DataDir
+            from store.ground.layout import DataDir
 
             DataDir.existing(args.data_dir)
         result: int = args.run(args)

@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from store.errors import InvalidInput
+from store.ground.errors import InvalidInput
 
 __all__ = ["add_recert"]
 
@@ -82,7 +82,7 @@ def _pinned_key(args: argparse.Namespace) -> Ed25519PublicKey | None:
             raise InvalidInput(f"{args.public_key} is not an Ed25519 public key")
         return loaded
     if args.data_dir is not None:
-        from store.layout import DataDir
+        from store.ground.layout import DataDir
 
         return DataDir.existing(args.data_dir).server_key().public_key()  # never created here
     return None

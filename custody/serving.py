@@ -34,9 +34,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ingest.app import create_app
-from ingest.envelope import envelope
 from ingest.server import IngestServer
 from ingest.service import Limits
+from store.ground.envelope import envelope
 
 __all__ = ["DeadlineProtocol", "HttpLimits", "RequestLimit", "serve_ingest", "serve_query", "uvicorn_config"]
 
@@ -70,7 +70,7 @@ def serve_ingest(
             data_dir, admin_token, limits=limits, flush_interval=flush_interval, verify_workers=verify_workers
         )
     except ValueError as exc:
-        from store.errors import CustodyError
+        from store.ground.errors import CustodyError
 
         raise CustodyError(str(exc)) from exc
     config = uvicorn_config(

@@ -21,7 +21,7 @@ import streamlit as st
 from dashboard.text import md
 from query.lake import LakeReader
 from query.tokens import Principal, TokenStore
-from store.errors import CustodyError, Unauthorized
+from store.ground.errors import CustodyError, Unauthorized
 
 __all__ = [
     "FRESH_SECONDS",

@@ -21,11 +21,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ingest.auth import bearer, verify_head_proof
+from ingest.auth import verify_head_proof
 from ingest.codes import ErrorCode, Status
-from ingest.envelope import envelope, error_response, errors, finish_openapi, install_error_envelope
 from ingest.server import IngestServer
-from store.errors import CustodyError, InvalidInput, StorageUnavailable, Unauthorized
+from store.ground.envelope import bearer, envelope, error_response, errors, finish_openapi, install_error_envelope
+from store.ground.errors import CustodyError, InvalidInput, StorageUnavailable, Unauthorized
 
 __all__ = ["create_app"]
 

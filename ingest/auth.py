@@ -13,10 +13,11 @@ import hmac
 
 import jwt
 
-from ingest.keys import KeyRing
-from store.errors import Unauthorized
+from store.ground.envelope import bearer
+from store.ground.errors import Unauthorized
+from store.ground.keys import KeyRing
 
-__all__ = ["HEAD_AUDIENCE", "MAX_PROOF_LIFETIME", "AdminToken", "bearer", "verify_head_proof"]
+__all__ = ["HEAD_AUDIENCE", "MAX_PROOF_LIFETIME", "AdminToken", "verify_head_proof"]
 
 HEAD_AUDIENCE = "custody:head"
 MAX_PROOF_LIFETIME = 300
@@ -40,15 +41,6 @@ class AdminToken:
         if not self.matches(bearer(authorization)):
             raise Unauthorized("this call needs Authorization: Bearer <admin token>")
         return self.actor
-
-
-def bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()
 
 
 def verify_head_proof(token: str, emitter_id: str, keys: KeyRing) -> None:

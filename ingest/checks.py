@@ -20,10 +20,10 @@ from pydantic import ValidationError
 
 from ingest.codes import ErrorCode
 from ingest.event import describe_validation_error, occurred_at_datetime, validate_event
-from ingest.jws import JwsError, parse_compact, verify_signature
-from ingest.keys import KeyRing
-from store.canonical import canonicalize, canonicalize_checked, event_hash, needs_utf16_order
-from store.errors import CanonicalizationError
+from store.ground.canonical import canonicalize, canonicalize_checked, event_hash, needs_utf16_order
+from store.ground.errors import CanonicalizationError
+from store.ground.jws import JwsError, parse_compact, verify_signature
+from store.ground.keys import KeyRing
 from store.rows import typed_problem
 
 __all__ = ["MAX_NESTING", "Rejected", "Verified", "check_event"]

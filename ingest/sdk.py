@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_pri
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ingest.auth import HEAD_AUDIENCE
-from ingest.jws import PrivateKey, public_jwk, sign_compact
-from store.canonical import ZERO_HASH, canonicalize, event_hash
+from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
+from store.ground.jws import PrivateKey, public_jwk, sign_compact
 
 __all__ = ["Emitter", "EventsRejected", "SignedEvent", "generate_key", "public_jwk", "rfc3339"]
 

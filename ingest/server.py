@@ -10,13 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ingest.admin import Registry, ServerKey
+from ingest.admin import Registry
 from ingest.auth import AdminToken
-from ingest.keys import KeyRing
 from ingest.metrics import IngestMetrics
 from ingest.service import BatchOutcome, IngestService, Limits
 from ingest.verifiers import VerifierPool
 from store.engine import Store
+from store.ground.keys import KeyRing
+from store.ground.server_key import ServerKey
 
 __all__ = ["IngestServer"]
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode, Status
-from ingest.keys import KeyRing
 from store.engine import Store
+from store.ground.keys import KeyRing
 from store.state import Head
 from store.wal import WalRecord
 

@@ -35,10 +35,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode
-from ingest.jws import public_jwk, sign_compact
-from ingest.keys import KeyRing, KeySpec
-from store.canonical import ZERO_HASH, canonicalize
-from store.errors import CustodyError
+from store.ground.canonical import ZERO_HASH, canonicalize
+from store.ground.errors import CustodyError
+from store.ground.jws import public_jwk, sign_compact
+from store.ground.keys import KeyRing, KeySpec
 from store.orphans import name_process
 
 __all__ = ["VerifierPool", "VerifierUnavailable"]

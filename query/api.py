@@ -16,8 +16,6 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ingest.auth import bearer
-from ingest.envelope import errors, finish_openapi, install_error_envelope
 from query.blast import Subject, forward_taint, identity_blast_radius
 from query.findings import KINDS, findings
 from query.integrity import verify_lake
@@ -29,7 +27,8 @@ from query.reports import build_report
 from query.search import EventFilter, search
 from query.tokens import Forbidden, Principal, TokenStore
 from query.tree_index import TreeIndex
-from store.errors import InvalidInput
+from store.ground.envelope import bearer, errors, finish_openapi, install_error_envelope
+from store.ground.errors import InvalidInput
 
 __all__ = ["create_query_app"]
 

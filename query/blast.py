@@ -29,7 +29,7 @@ from query.reach_copies import COLUMNS, CopyFacts, ReachCopies
 from query.search import event_dicts, rfc3339_us
 from query.spreadsheet import csv_cell
 from store.engine import SYSTEM_TENANT
-from store.errors import InvalidInput
+from store.ground.errors import InvalidInput
 from store.lake import HIVE_OPTIONS, partition_of_file
 
 __all__ = ["IdentityBlastRadius", "Subject", "Taint", "forward_taint", "identity_blast_radius"]

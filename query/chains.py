@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 
 from query.integrity import IntegrityProblem, IntegrityReport, compare_heads
 from query.lake import LakeReader
-from store.canonical import ZERO_HASH, canonicalize, event_hash
-from store.errors import CanonicalizationError
+from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
+from store.ground.errors import CanonicalizationError
 from store.lake import decode_payload, partition_of_file
 
 __all__ = ["verify_chains"]

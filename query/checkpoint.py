@@ -21,11 +21,11 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ingest.jws import JwsError, parse_compact, sign_compact, verify_signature
 from query.integrity import IntegrityProblem, IntegrityReport, verify_lake
 from query.lake import LakeReader
-from store.canonical import canonicalize
-from store.layout import DataDir
+from store.ground.canonical import canonicalize
+from store.ground.jws import JwsError, parse_compact, sign_compact, verify_signature
+from store.ground.layout import DataDir
 
 __all__ = ["last_run", "record", "record_run", "verify_since_checkpoint"]
 

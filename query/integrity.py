@@ -25,14 +25,14 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from ingest.jws import JwsError, parse_compact, verify_signature
-from ingest.keys import KeyRing
 from query.lake import LakeReader, open_duckdb
-from store.canonical import ZERO_HASH, canonicalize, event_hash
 from store.engine import SERVER_EMITTER, SYSTEM_TENANT
-from store.errors import CanonicalizationError
+from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
+from store.ground.errors import CanonicalizationError
+from store.ground.jws import JwsError, parse_compact, verify_signature
+from store.ground.keys import KeyRing
+from store.ground.layout import DataDir
 from store.lake import HIVE_OPTIONS, partition_of_file
-from store.layout import DataDir
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 from store.state import StateDB
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from query.lake import LakeReader
 from query.search import event_dicts
-from store.errors import NotFound
+from store.ground.errors import NotFound
 
 __all__ = ["DelegationPath", "Edge", "Node", "delegation_path"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from query.findings import Finding, findings
 from query.lake import LakeReader
-from store.errors import InvalidInput
+from store.ground.errors import InvalidInput
 
 __all__ = ["AgentReview", "Review", "access_review", "parse_window"]
 

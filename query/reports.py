@@ -27,13 +27,13 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from jwt.algorithms import OKPAlgorithm
 
-from ingest.admin import ServerKey
-from ingest.jws import JwsError, parse_compact, sign_compact, verify_signature
 from query.recert import Review
 from query.spreadsheet import csv_cell
-from store.canonical import canonicalize
-from store.errors import InvalidInput
-from store.layout import DataDir
+from store.ground.canonical import canonicalize
+from store.ground.errors import InvalidInput
+from store.ground.jws import JwsError, parse_compact, sign_compact, verify_signature
+from store.ground.layout import DataDir
+from store.ground.server_key import ServerKey
 from store.schema import parse_timestamp
 
 __all__ = [

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from query.lake import LakeReader
-from store.errors import InvalidInput
+from store.ground.errors import InvalidInput
 
 __all__ = ["EventFilter", "Page", "event_dicts", "rfc3339_us", "search"]
 

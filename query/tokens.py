@@ -20,7 +20,7 @@ from typing import Literal
 
 import orjson
 
-from store.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from store.ground.errors import Conflict, InvalidInput, NotFound, Unauthorized
 
 __all__ = ["ROLES", "Principal", "TokenStore"]
 

@@ -33,7 +33,7 @@ from ingest.sdk import Emitter, public_jwk
 from query.tokens import TokenStore
 from sample_data.activity import Generated, generate
 from sample_data.org import GATEWAYS, IDPS
-from store.errors import CustodyError, NotFound
+from store.ground.errors import CustodyError, NotFound
 
 __all__ = ["DemoSettings", "emitter_key", "post_generated", "run_demo", "wait_healthy"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from store.errors import CustodyError, StorageUnavailable
+from store.ground.errors import CustodyError, StorageUnavailable
 from store.indexer import IndexWriter
 from store.lake import Lake, SegmentWrite, decode_payload
 from store.orphans import exit_with_parent, name_process

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from store.errors import CorruptState
+from store.ground.errors import CorruptState
 from store.wal import WalRecord, fsync_directory
 
 __all__ = ["Quarantine", "QuarantinedEvent"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from store.canonical import ZERO_HASH
+from store.ground.canonical import ZERO_HASH
 
 __all__ = ["EmitterRecord", "Head", "IndexEntry", "KeyRecord", "StateDB"]
 

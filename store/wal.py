@@ -22,7 +22,7 @@ from pathlib import Path
 
 import orjson
 
-from store.errors import StorageUnavailable
+from store.ground.errors import StorageUnavailable
 
 __all__ = ["WalRecord", "WriteAheadLog", "fsync_directory", "read_records"]
 

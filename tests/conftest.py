@@ -20,10 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ingest.app import create_app
-from ingest.jws import PrivateKey
 from ingest.sdk import Emitter, generate_key, public_jwk, rfc3339
 from ingest.server import IngestServer
 from ingest.service import Limits
+from store.ground.jws import PrivateKey
 
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO / "tests" / "vectors"

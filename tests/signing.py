@@ -10,9 +10,9 @@ from typing import Any
 
 import orjson
 
-from ingest.jws import PrivateKey, sign_compact
-from store.canonical import ZERO_HASH, canonicalize, event_hash
-from store.errors import CanonicalizationError
+from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
+from store.ground.errors import CanonicalizationError
+from store.ground.jws import PrivateKey, sign_compact
 from tests.conftest import invocation, now_rfc3339
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from store.canonical import canonicalize, event_hash
-from store.errors import CanonicalizationError
+from store.ground.canonical import canonicalize, event_hash
+from store.ground.errors import CanonicalizationError
 from tests.conftest import VECTORS
 
 JCS = json.loads((VECTORS / "jcs" / "canonicalization_vectors.json").read_text(encoding="utf-8"))

@@ -94,7 +94,7 @@ def test_tiered_compaction_bounds_files_per_partition_and_keeps_every_event(tmp_
 
     lake = Lake(tmp_path / "lake")
     tokens, bodies = signed_chain("gw-1", 70, KEY, "k1")
-    from store.canonical import canonicalize, event_hash
+    from store.ground.canonical import canonicalize, event_hash
     from store.wal import WalRecord
 
     records = [

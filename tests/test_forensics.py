@@ -14,7 +14,7 @@ from query.findings import KINDS, findings
 from query.lake import LakeReader
 from query.paths import delegation_path
 from query.search import EventFilter, search
-from store.errors import InvalidInput, NotFound
+from store.ground.errors import InvalidInput, NotFound
 from tests import scenario
 from tests.conftest import Harness
 

@@ -13,7 +13,7 @@ import duckdb
 import pytest
 
 from store.engine import Store
-from store.errors import StorageUnavailable
+from store.ground.errors import StorageUnavailable
 from store.indexer import IndexWriter
 from store.state import IndexEntry, StateDB
 from store.wal import WalRecord

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from ingest.sdk import generate_key, public_jwk, rfc3339
-from store.canonical import ZERO_HASH
+from store.ground.canonical import ZERO_HASH
 from tests.conftest import ADMIN, Harness, invocation, read_lake
 from tests.signing import b64, chain, hash_of, hs256_token, payload, sign, sign_raw, unsigned_token
 
@@ -113,7 +113,7 @@ def test_bad_signature_when_the_payload_is_altered_after_signing(harness: Harnes
     body = payload("gw-1")
     header, _, signature = sign(body, key, kid).split(".")
     altered = dict(body, outcome="error")
-    from store.canonical import canonicalize
+    from store.ground.canonical import canonicalize
 
     token = f"{header}.{b64(canonicalize(altered))}.{signature}"
     assert_rejected(harness, token, "bad_signature", "does not verify")

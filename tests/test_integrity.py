@@ -14,7 +14,7 @@ import pytest
 from custody.cli import main
 from ingest.sdk import generate_key
 from query.integrity import IntegrityReport, verify_event, verify_lake
-from store.canonical import canonicalize, event_hash
+from store.ground.canonical import canonicalize, event_hash
 from store.lake import decode_payload
 from store.schema import EVENT_SCHEMA, Signed, event_table
 from tests.conftest import ADMIN, REPO, Harness, read_lake

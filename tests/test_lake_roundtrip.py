@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.checks import Verified, check_event
-from ingest.keys import KeyRing
 from ingest.sdk import generate_key, public_jwk
+from store.ground.keys import KeyRing
 from store.lake import HIVE_OPTIONS, Lake
 from store.rows import Signed, row_problem, row_values
 from store.wal import WalRecord

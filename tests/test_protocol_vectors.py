@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from ingest.jws import sign_compact
 from ingest.sdk import public_jwk
-from store.canonical import canonicalize, event_hash
+from store.ground.canonical import canonicalize, event_hash
+from store.ground.jws import sign_compact
 from tests.conftest import ADMIN, REPO, Harness
 
 EXAMPLE = json.loads((REPO / "docs" / "vectors" / "protocol_example.json").read_text(encoding="utf-8"))

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from query.api import create_query_app
 from query.tokens import TokenStore
-from store.errors import InvalidInput, Unauthorized
+from store.ground.errors import InvalidInput, Unauthorized
 from tests import scenario
 from tests.conftest import Harness
 

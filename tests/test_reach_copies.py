@@ -17,7 +17,7 @@ from query import reach_copies
 from query.blast import identity_blast_radius
 from query.lake import LakeReader
 from query.reach_copies import ReachCopies
-from store.errors import InvalidInput
+from store.ground.errors import InvalidInput
 from tests import scenario
 from tests.conftest import Harness, read_lake
 

@@ -16,11 +16,11 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from ingest.admin import ServerKey
 from query.api import create_query_app
 from query.recert import access_review
 from query.reports import render, report_body, sign_report, verify_report
 from query.tokens import TokenStore
+from store.ground.server_key import ServerKey
 from tests.conftest import ORG_END, read_lake
 
 pytestmark = pytest.mark.slow  # the demo organisation

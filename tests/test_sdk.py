@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from ingest.sdk import Emitter, EventsRejected
-from store.errors import CanonicalizationError
+from store.ground.errors import CanonicalizationError
 from tests.conftest import Harness, invocation, read_lake
 
 

@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from ingest.sdk import Emitter, generate_key, public_jwk
-from store.canonical import canonicalize, event_hash
+from store.ground.canonical import canonicalize, event_hash
 from tests.conftest import ADMIN, ServerProcess, invocation, read_lake
 from tests.signing import GrowingChain, chain
 

@@ -8,7 +8,7 @@ import random
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ingest.jws import ParsedJws, parse_compact, sign_compact, verify_signature
+from store.ground.jws import ParsedJws, parse_compact, sign_compact, verify_signature
 
 _L = 2**252 + 27742317777372353535851937790883648493  # the order of the Ed25519 base point
 

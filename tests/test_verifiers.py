@@ -15,9 +15,9 @@ import pytest
 
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode
-from ingest.keys import KeyRing, KeySpec
 from ingest.sdk import generate_key, public_jwk
 from ingest.verifiers import VerifierPool, VerifierUnavailable
+from store.ground.keys import KeyRing, KeySpec
 from tests.signing import chain, payload, sign, sign_raw
 
 pytestmark = pytest.mark.slow  # real verifier processes

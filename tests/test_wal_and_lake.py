@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ingest.sdk import generate_key
-from store.errors import StorageUnavailable
+from store.ground.errors import StorageUnavailable
 from store.lake import Lake, PacedFile, signed_events
 from store.schema import event_table
 from store.wal import WalRecord, WriteAheadLog

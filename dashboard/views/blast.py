@@ -14,7 +14,7 @@ from dashboard.context import now, require_session, show_error
 from dashboard.graphs import scope_chart, scope_rows, taint_dot
 from dashboard.text import md
 from query.blast import Subject
-from store.errors import CustodyError
+from store.ground.errors import CustodyError
 
 KINDS = {"agent": "Agent", "credential": "Credential", "user": "User session", "trace": "Trace"}
 CHOICE_COLUMN = {"agent": "agent", "credential": "credential", "user": "user", "trace": "trace"}

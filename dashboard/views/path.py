@@ -11,7 +11,7 @@ from dashboard import data
 from dashboard.context import require_session, show_error
 from dashboard.graphs import path_dot
 from dashboard.text import md
-from store.errors import CustodyError
+from store.ground.errors import CustodyError
 
 current = require_session()
 st.title("Delegation path")

@@ -8,7 +8,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.context import require_session, show_error
 from dashboard.text import md
-from store.errors import CustodyError
+from store.ground.errors import CustodyError
 
 WINDOWS = ["30d", "90d", "180d", "365d"]
 

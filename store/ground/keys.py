@@ -17,9 +17,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 from jwt.exceptions import InvalidKeyError
 from nacl.bindings import crypto_core_ed25519_is_valid_point
 
-from ingest.jws import ALG_FOR_KTY, PublicKey
-from store.errors import InvalidInput
-from store.state import EmitterRecord, KeyRecord
+from store.ground.errors import InvalidInput
+from store.ground.jws import ALG_FOR_KTY, PublicKey
 
 __all__ = ["KeyEntry", "KeyRing", "KeySpec", "public_jwk", "validate_jwk"]
 
@@ -59,7 +58,7 @@ def validate_jwk(jwk: object, where: str) -> tuple[dict[str, Any], PublicKey]:
     except (InvalidKeyError, ValueError, TypeError) as exc:
         raise InvalidInput(f"{where}: not a valid {_CURVE[kty]} public key: {exc}") from exc
     if isinstance(key, Ed25519PublicKey) and not crypto_core_ed25519_is_valid_point(key.public_bytes_raw()):
-        # A small-order or non-canonical point: no signature under it would ever verify (ingest/jws.py), and
+        # A small-order or non-canonical point: no signature under it would ever verify (store/ground/jws.py), and
         # under the identity point a fixed 'signature' fits every message in verifiers that accept it.
         raise InvalidInput(f"{where}: x is not a usable Ed25519 public key (a small-order or non-canonical point)")
     return normalized, key
@@ -102,15 +101,6 @@ class KeyRing:
         self._entries: dict[str, KeyEntry] = {}
         self.version = 0
         self.specs: list[KeySpec] = []
-
-    def load(self, emitters: dict[str, EmitterRecord], keys: dict[str, KeyRecord]) -> None:
-        self.load_specs(
-            [
-                (kid, record.emitter, emitters[record.emitter].tenant, record.jwk, record.revoked_at)
-                for kid, record in keys.items()
-            ],
-            self.version + 1,
-        )
 
     def load_specs(self, specs: list[KeySpec], version: int) -> None:
         entries = {

@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from store.errors import CorruptState, CustodyError
+from store.ground.errors import CorruptState, CustodyError
 
 __all__ = ["DataDir", "MissingServerKey", "NotADataDir"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from store.errors import CanonicalizationError
+from store.ground.errors import CanonicalizationError
 
 __all__ = ["MAX_SAFE_INTEGER", "ZERO_HASH", "canonicalize", "canonicalize_checked", "event_hash", "needs_utf16_order"]
 

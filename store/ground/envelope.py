@@ -12,12 +12,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from store.errors import CustodyError
+from store.ground.errors import CustodyError
 
 __all__ = [
     "CONNECTION_ERRORS",
     "ErrorEnvelope",
     "RequestErrorCode",
+    "bearer",
     "envelope",
     "error_response",
     "errors",
@@ -102,6 +103,16 @@ def finish_openapi(app: FastAPI, *, public: set[str]) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
 
 
 def error_response(status: int, code: str, message: str, details: list[str] | None = None) -> JSONResponse:

@@ -1,0 +1,55 @@
+"""The layering of docs/architecture.md, enforced: import-linter's contracts in pyproject.toml.
+
+custody -> sample_data | dashboard -> query | ingest -> store, and store.ground (errors, canonical JSON, JWS and
+keys, the server key, the data-dir layout, the error envelope) imports nothing else of Custody.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+LINT = REPO / ".venv" / "bin" / "lint-imports"
+PACKAGES = ("custody", "sample_data", "dashboard", "query", "ingest", "store")
+
+
+def lint(where: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(LINT), "--config", str(where / "pyproject.toml"), "--no-cache"],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_layers_hold() -> None:
+    result = lint(REPO)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "2 kept, 0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden", "contract"),
+    [
+        ("store/ground/errors.py", "import ingest.service", "The ground imports nothing else of Custody"),
+        ("query/search.py", "import ingest.app", "Layers"),
+        ("store/engine.py", "import query.search", "Layers"),
+    ],
+)
+def test_a_forbidden_import_breaks_a_contract(tmp_path: Path, module: str, forbidden: str, contract: str) -> None:
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    target = tmp_path / module
+    target.write_text(target.read_text(encoding="utf-8") + f"\n{forbidden}  # noqa\n", encoding="utf-8")
+    result = lint(tmp_path)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "BROKEN" in result.stdout
+    assert contract in result.stdout
