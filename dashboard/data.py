@@ -14,7 +14,8 @@ from dashboard.context import REPORT_SECONDS, SLOW_SECONDS, cached, cached_for
 from query.blast import IdentityBlastRadius, Subject, Taint, forward_taint, identity_blast_radius
 from query.checkpoint import last_run
 from query.findings import Finding, findings
-from query.integrity import IntegrityProblem, verify_event
+from query.integrity import verify_event
+from query.integrity_report import IntegrityProblem
 from query.lake import LakeReader
 from query.overview import EmitterStatus, Overview, emitter_status, overview
 from query.paths import DelegationPath, delegation_path

@@ -9,6 +9,7 @@ import os
 # own setting wins.
 os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:60000,muzzy_decay_ms:60000")
 
-from query.integrity import IntegrityProblem, IntegrityReport, verify_lake
+from query.integrity import verify_lake
+from query.integrity_report import IntegrityProblem, IntegrityReport
 
 __all__ = ["IntegrityProblem", "IntegrityReport", "verify_lake"]

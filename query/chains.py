@@ -27,7 +27,7 @@ import polars as pl
 import polars_hash as plh
 import pyarrow.parquet as pq
 
-from query.integrity import IntegrityProblem, IntegrityReport, compare_heads
+from query.integrity_report import IntegrityProblem, IntegrityReport, compare_heads
 from query.lake import LakeReader
 from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
 from store.ground.errors import CanonicalizationError

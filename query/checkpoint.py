@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from query.integrity import IntegrityProblem, IntegrityReport, verify_lake
+from query.integrity import verify_lake
+from query.integrity_report import IntegrityProblem, IntegrityReport
 from query.lake import LakeReader
 from store.ground.canonical import canonicalize
 from store.ground.jws import JwsError, parse_compact, sign_compact, verify_signature

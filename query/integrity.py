@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
+from query.integrity_report import IntegrityProblem, IntegrityReport, attributed, compare_heads
 from query.lake import LakeReader, open_duckdb
 from store.engine import SERVER_EMITTER, SYSTEM_TENANT
 from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
@@ -34,7 +34,6 @@ from store.ground.keys import KeyRing
 from store.ground.layout import DataDir
 from store.lake import HIVE_OPTIONS, partition_of_file
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
-from store.state import StateDB
 
 __all__ = ["IntegrityProblem", "IntegrityReport", "compare_heads", "verify_event", "verify_lake"]
 
@@ -43,59 +42,6 @@ log = logging.getLogger(__name__)
 _COLUMNS = [name for name in EVENT_SCHEMA.names if name not in ("jws", "received_at")]  # received_at: not signed
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-
-
-@dataclass(frozen=True)
-class IntegrityProblem:
-    check: str
-    expected: str
-    actual: str
-    emitter: str | None = None
-    seq: int | None = None
-    event_id: str | None = None
-    file: str | None = None
-    tenant: str | None = None
-
-    def describe(self) -> str:
-        where = f"{self.emitter} seq {self.seq}" if self.emitter else "lake"
-        ident = f" event {self.event_id}" if self.event_id else ""
-        origin = f" ({self.file})" if self.file else ""
-        return f"{where}{ident}{origin}: {self.check}: expected {self.expected}, found {self.actual}"
-
-
-@dataclass
-class IntegrityReport:
-    events: int = 0
-    emitters: dict[str, int] = field(default_factory=dict)
-    # emitter -> tenant: the one it is registered to (the server's signed stream), else its rows' partition. A
-    # problem belongs to its emitter's tenant, never to the partition a row was found in (a row moved into another
-    # tenant's partition must not show that tenant's auditor another tenant's event).
-    tenants: dict[str, str] = field(default_factory=dict)
-    problems: list[IntegrityProblem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def for_tenant(self, tenant: str | None) -> IntegrityReport:
-        """What a caller bound to ``tenant`` sees: its emitters' counts and problems (all, for None)."""
-        if tenant is None:
-            return self
-        emitters = {e: n for e, n in self.emitters.items() if self.tenants.get(e) == tenant}
-        return IntegrityReport(
-            events=sum(emitters.values()),
-            emitters=emitters,
-            tenants={e: t for e, t in self.tenants.items() if t == tenant},
-            problems=[problem for problem in self.problems if problem.tenant == tenant],
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "events": sum(self.emitters.values()),
-            "emitters": self.emitters,
-            "problems": [{**asdict(problem), "description": problem.describe()} for problem in self.problems],
-        }
 
 
 def verify_lake(
@@ -116,7 +62,7 @@ def verify_lake(
         )
         report.events, report.emitters = chains.events, chains.emitters
         report.tenants = {**chains.tenants, **report.tenants}
-        report.problems = _attributed(report.problems, report.tenants)
+        report.problems = attributed(report.problems, report.tenants)
         return report
     return _verify_rows(data_dir, progress, None, check_chains=True)
 
@@ -161,7 +107,7 @@ def _verify_rows(
     report.tenants.update(tenants)  # as registered, where the server's stream says
     if check_chains:
         report.problems.extend(compare_heads(data_dir, report.emitters, report.tenants))
-    report.problems = _attributed(report.problems, report.tenants)
+    report.problems = attributed(report.problems, report.tenants)
     report.problems.sort(key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check))
     return report
 
@@ -296,14 +242,6 @@ def _check_row(
     return problems, Signed(payload, row["jws"], parsed.kid, computed, received_us)
 
 
-def _attributed(problems: list[IntegrityProblem], tenants: dict[str, str]) -> list[IntegrityProblem]:
-    """Each problem under its emitter's tenant."""
-    return [
-        replace(problem, tenant=tenants[problem.emitter]) if problem.emitter in tenants else problem
-        for problem in problems
-    ]
-
-
 def _where(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "emitter": row["emitter"],
@@ -406,34 +344,6 @@ def _fold_admin(payload: dict[str, Any], registry: dict[str, Any], tenants: dict
 
 def _server_public_key(data_dir: Path) -> Any:
     return DataDir(data_dir).server_key().public_key()
-
-
-def compare_heads(data_dir: Path, last_seqs: dict[str, int], tenants: dict[str, str]) -> list[IntegrityProblem]:
-    """Streams that end before the head the server recorded (truncation of the newest events)."""
-    path = data_dir / "state" / "state.sqlite"
-    if not path.exists():
-        return []
-    state = StateDB(path)
-    try:
-        heads = state.heads()
-        registered = {emitter: record.tenant for emitter, record in state.emitters().items()}
-    finally:
-        state.close()
-    problems = []
-    for emitter, head in sorted(heads.items()):
-        found = last_seqs.get(emitter, 0)
-        if found < head.seq:
-            problems.append(
-                IntegrityProblem(
-                    "stream_end",
-                    f"events up to seq {head.seq} (the server's head)",
-                    f"events up to seq {found}",
-                    emitter=emitter,
-                    seq=found + 1,
-                    tenant=tenants.get(emitter) or registered.get(emitter),
-                )
-            )
-    return problems
 
 
 def _short(filename: str) -> str:

@@ -19,7 +19,6 @@ import html
 import io
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from jwt.algorithms import OKPAlgorithm
 
 from query.recert import Review
+from query.report_rows import CSV_COLUMNS, cells
 from query.spreadsheet import csv_cell
 from store.ground.canonical import canonicalize
 from store.ground.errors import InvalidInput
 from store.ground.jws import JwsError, parse_compact, sign_compact, verify_signature
 from store.ground.layout import DataDir
 from store.ground.server_key import ServerKey
-from store.schema import parse_timestamp
 
 __all__ = [
     "FORMATS",
@@ -50,26 +49,6 @@ __all__ = [
 
 FORMATS = ("csv", "json", "html", "pdf")
 SCHEMA = "custody-recert/1"
-CSV_COLUMNS = [
-    "agent",
-    "owner",
-    "emitters",
-    "credentials",
-    "scopes_granted",
-    "scopes_used",
-    "scopes_unused",
-    "denied",
-    "findings",
-    "delegations_given",
-    "delegations_received",
-    "users",
-    "recommendation",
-    "justification",
-    "decision",
-    "reviewer",
-    "date",
-    "comment",
-]
 _JWS = re.compile(rb"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
@@ -243,40 +222,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def cells(agent: dict[str, Any]) -> dict[str, str]:
-    """One agent as flat text cells (the CSV row, and the PDF and HTML tables)."""
-    credentials = "; ".join(
-        f"{c['id']} ({c['kind']}, issued {c['issued'] or '?'}, expires {c['expires'] or '-'},"
-        f" revoked {c['revoked'] or '-'})"
-        for c in agent["credentials"]
-    )
-    return {
-        "agent": agent["agent"],
-        "owner": agent["owner"] or "",
-        "emitters": " ".join(agent["emitters"]),
-        "credentials": credentials,
-        "scopes_granted": " ".join(agent["scopes_granted"]),
-        "scopes_used": " ".join(f"{u['scope']}:{u['count']}@{u['last_used']}" for u in agent["scopes_used"]),
-        "scopes_unused": " ".join(agent["scopes_unused"]),
-        "denied": str(agent["denied"]),
-        "findings": "; ".join(f"[{f['severity']}] {f['title']}" for f in agent["findings"]),
-        "delegations_given": "; ".join(
-            f"{d['agent']} x{d['count']} ({' '.join(d['scopes'])})" for d in agent["delegations_given"]
-        ),
-        "delegations_received": "; ".join(
-            f"{d['agent']} x{d['count']} ({' '.join(d['scopes'])})" for d in agent["delegations_received"]
-        ),
-        "users": "; ".join(
-            f"{u['user']} ({u['events']} events, {u['approvals']} approvals"
-            + (f" by {', '.join(u['approved_by'])})" if u["approved_by"] else ")")
-            for u in agent["users"]
-        ),
-        "recommendation": agent["recommendation"],
-        "justification": agent["justification"],
-        **{name: agent["review"][name] for name in ("decision", "reviewer", "date", "comment")},
-    }
-
-
 def _csv(body: dict[str, Any], jws: str) -> str:
     out = io.StringIO()
     position = body["log_position"]
@@ -374,7 +319,3 @@ def _html(body: dict[str, Any], jws: str) -> str:
         "",
     ]
     return "\n".join(parts)
-
-
-def generated_at(body: dict[str, Any]) -> datetime:
-    return parse_timestamp(str(body["generated_at"]))

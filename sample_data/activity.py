@@ -1,7 +1,7 @@
 """Thirty days of the demo organisation at work, seeded and deterministic, with incidents planted in it.
 
-``generate(seed, end)`` returns every event as ``(emitter, fields)`` in time order (fields as ``Emitter.emit`` takes
-them) and the answer key of the planted incidents. The same seed and end give the same events, byte for byte.
+``work_days`` adds the ordinary work to a ``Workload``; ``sample_data.generate`` puts it together with the planted
+incidents.
 
 The rhythm: tasks arrive over business hours (peaks at 10:00 and 14:00 UTC, quiet nights, weekends at a fifth).
 A task is approved by a person of the tenant (``task.approval`` at the IdP); the agent calls tools through its
@@ -14,28 +14,18 @@ from __future__ import annotations
 
 import random
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ingest.sdk import rfc3339
 from sample_data.org import AGENTS, TENANTS, TOOLS, Agent, Tool, gateway_for, tools_for, users_of
 
-__all__ = ["Generated", "Workload", "generate"]
+__all__ = ["Workload", "delegation", "work_days"]
 
 ROTATION_HOUR = 3
 _HOURLY = [0.1, 0.05, 0.05, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 2.2, 2.6, 2.3, 1.6, 2.0, 2.5, 2.2, 1.8, 1.2, 0.7, 0.5]
 _HOURLY += [0.4, 0.3, 0.2, 0.15]
 TASKS = {"acme": "work the ticket queue", "globex": "prepare the account review", "initech": "run the weekly chores"}
-
-
-@dataclass
-class Generated:
-    seed: int
-    start: datetime
-    end: datetime
-    events: list[tuple[str, dict[str, Any]]]
-    answer_key: dict[str, Any] = field(default_factory=dict)
 
 
 class Workload:
@@ -129,13 +119,8 @@ def _rotation(day: Any) -> datetime:
     return datetime(day.year, day.month, day.day, ROTATION_HOUR, tzinfo=UTC)
 
 
-def generate(seed: int = 7, *, end: datetime, days: int = 30, tasks_per_day: int = 1850) -> Generated:
-    """The organisation's last ``days`` days up to ``end``: about 8 events per task (250k with the defaults)."""
-    from sample_data.incidents import plant
-
-    end = end.astimezone(UTC).replace(microsecond=0)
-    start = end - timedelta(days=days)
-    work = Workload(seed)
+def work_days(work: Workload, start: datetime, end: datetime, tasks_per_day: int) -> None:
+    """The organisation's ordinary work from ``start`` to ``end``: credentials, then tasks over business hours."""
     _credentials(work, start, end)
     day = start.replace(hour=0, minute=0, second=0)
     while day < end:
@@ -146,8 +131,6 @@ def generate(seed: int = 7, *, end: datetime, days: int = 30, tasks_per_day: int
             if start <= at < end - timedelta(minutes=30):
                 _task(work, at)
         day += timedelta(days=1)
-    answer_key = plant(work, start, end)
-    return Generated(seed, start, end, work.events(), answer_key)
 
 
 def _credentials(work: Workload, start: datetime, end: datetime) -> None:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ingest.sdk import Emitter, public_jwk
 from query.tokens import TokenStore
-from sample_data.activity import Generated, generate
+from sample_data.generate import Generated, generate
 from sample_data.org import GATEWAYS, IDPS
 from store.ground.errors import CustodyError, NotFound
 

@@ -210,8 +210,8 @@ ORG_END = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)  # in the past: the API refus
 def org(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The demo organisation, reduced (30 days, 60 tasks a weekday, ~9k events), posted through the in-process API
     with the SDK; ``key`` is its answer key."""
-    from sample_data.activity import generate
     from sample_data.demo import post_generated
+    from sample_data.generate import generate
 
     generated = generate(7, end=ORG_END, days=30, tasks_per_day=60)
     data = tmp_path_factory.mktemp("org") / "data"

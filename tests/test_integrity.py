@@ -13,7 +13,8 @@ import pytest
 
 from custody.cli import main
 from ingest.sdk import generate_key
-from query.integrity import IntegrityReport, verify_event, verify_lake
+from query.integrity import verify_event, verify_lake
+from query.integrity_report import IntegrityReport
 from store.ground.canonical import canonicalize, event_hash
 from store.lake import decode_payload
 from store.schema import EVENT_SCHEMA, Signed, event_table

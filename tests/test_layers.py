@@ -53,3 +53,19 @@ def test_a_forbidden_import_breaks_a_contract(tmp_path: Path, module: str, forbi
     assert result.returncode == 1, result.stdout[-3000:]
     assert "BROKEN" in result.stdout
     assert contract in result.stdout
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No import cycles anywhere (chains <-> integrity, reports <-> report_pdf and activity <-> incidents were)."""
+    import grimp
+
+    graph = grimp.build_graph(*PACKAGES)
+    cycles = sorted(
+        {
+            tuple(sorted((module, imported)))
+            for module in graph.modules
+            for imported in graph.find_modules_directly_imported_by(module)
+            if graph.chain_exists(importer=imported, imported=module)
+        }
+    )
+    assert cycles == []

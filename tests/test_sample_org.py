@@ -18,8 +18,8 @@ from query.blast import forward_taint, identity_blast_radius
 from query.findings import findings
 from query.lake import LakeReader
 from query.paths import delegation_path
-from sample_data.activity import generate
 from sample_data.demo import post_generated
+from sample_data.generate import generate
 from tests.conftest import ADMIN_TOKEN, ORG_END, open_harness, read_lake
 
 pytestmark = pytest.mark.slow  # the demo organisation, ~9k events posted through the API
