@@ -626,17 +626,17 @@ def _serve(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from query.checkpoint import record_run
-    from query.integrity import verify_lake
+    from query.verify.checkpoint import record_run
+    from query.verify.integrity import verify_lake
 
     if args.hash_chain_only:
-        from query.chains import verify_chains
+        from query.verify.chains import verify_chains
 
         with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
             report = verify_chains(args.data_dir, progress=lambda done: bar.update(done - bar.n))
         checks = "hashes, chains"
     elif args.incremental:
-        from query.checkpoint import verify_since_checkpoint
+        from query.verify.checkpoint import verify_since_checkpoint
 
         with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
             report, mode = verify_since_checkpoint(args.data_dir, progress=lambda done: bar.update(done - bar.n))

@@ -12,10 +12,7 @@ import streamlit as st
 
 from dashboard.context import REPORT_SECONDS, SLOW_SECONDS, cached, cached_for
 from query.blast import IdentityBlastRadius, Subject, Taint, forward_taint, identity_blast_radius
-from query.checkpoint import last_run
 from query.findings import Finding, findings
-from query.integrity import verify_event
-from query.integrity_report import IntegrityProblem
 from query.lake import LakeReader
 from query.overview import EmitterStatus, Overview, emitter_status, overview
 from query.paths import DelegationPath, delegation_path
@@ -24,6 +21,9 @@ from query.recert import Review, parse_window
 from query.reports import SignedReport, render, signed_review
 from query.search import EventFilter, Page, search
 from query.tree_index import TreeIndex
+from query.verify.checkpoint import last_run
+from query.verify.integrity import verify_event
+from query.verify.report import IntegrityProblem
 
 __all__ = [
     "blast_radius",

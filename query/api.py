@@ -18,7 +18,6 @@ from starlette.concurrency import run_in_threadpool
 
 from query.blast import Subject, forward_taint, identity_blast_radius
 from query.findings import KINDS, findings
-from query.integrity import verify_lake
 from query.lake import LakeReader
 from query.paths import delegation_path
 from query.reach_copies import ReachCopies
@@ -27,6 +26,7 @@ from query.reports import build_report
 from query.search import EventFilter, search
 from query.tokens import Forbidden, Principal, TokenStore
 from query.tree_index import TreeIndex
+from query.verify.integrity import verify_lake
 from store.ground.envelope import bearer, errors, finish_openapi, install_error_envelope
 from store.ground.errors import InvalidInput
 

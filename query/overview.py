@@ -3,7 +3,7 @@
 ``overview`` answers over a time window (and a tenant, when the reader is bound to one) with four column
 projections: the headline counts, the volume chart and the two top lists. ``emitter_status`` lists every
 emitter's stream as the lake holds it: events, first and last seq, whether the seqs are contiguous (a cheap
-continuity check: a full verification is ``query.integrity``), and its newest event.
+continuity check: a full verification is ``query.verify.integrity``), and its newest event.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from query.chains import verify_chains
-from query.integrity import verify_lake
 from query.lake import LakeReader
 from query.search import EventFilter, search
+from query.verify.chains import verify_chains
+from query.verify.integrity import verify_lake
 from store.lake import Lake, live_files, merge_sorted, segment_range, signed_events
 from store.schema import EVENT_SCHEMA, event_table
 from store.wal import WalRecord

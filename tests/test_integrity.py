@@ -13,8 +13,8 @@ import pytest
 
 from custody.cli import main
 from ingest.sdk import generate_key
-from query.integrity import verify_event, verify_lake
-from query.integrity_report import IntegrityReport
+from query.verify.integrity import verify_event, verify_lake
+from query.verify.report import IntegrityReport
 from store.ground.canonical import canonicalize, event_hash
 from store.lake import decode_payload
 from store.schema import EVENT_SCHEMA, Signed, event_table
@@ -205,7 +205,7 @@ def test_timestamps_in_every_form_land_typed_and_verify(harness: Harness) -> Non
 
 
 def test_hash_chain_only_mode_catches_the_same_structural_damage(lake: Harness) -> None:
-    from query.chains import verify_chains
+    from query.verify.chains import verify_chains
 
     assert verify_chains(lake.data_dir).ok
     rewrite(files_of(lake, "gw-1")[0], lambda rows: [r for r in rows if not (r["emitter"] == "gw-1" and r["seq"] == 3)])
@@ -223,7 +223,7 @@ def test_hash_chain_only_mode_catches_the_same_structural_damage(lake: Harness) 
 
 
 def test_hash_chain_only_is_indifferent_to_row_order_and_row_groups_but_not_to_repeats(lake: Harness) -> None:
-    from query.chains import verify_chains
+    from query.verify.chains import verify_chains
 
     # Rows stored in reverse, in row groups of 2: the chain is by seq, whatever the layout, and is stitched
     # across row groups and files.
@@ -245,7 +245,7 @@ def test_hash_chain_only_is_indifferent_to_row_order_and_row_groups_but_not_to_r
 
 
 def test_hash_chain_only_reports_an_undecodable_payload_and_an_edited_link(lake: Harness) -> None:
-    from query.chains import verify_chains
+    from query.verify.chains import verify_chains
 
     def edit(rows):
         for row in rows:
@@ -267,7 +267,7 @@ def test_hash_chain_only_reports_an_undecodable_payload_and_an_edited_link(lake:
 def test_hash_chain_only_accepts_non_canonical_payloads(harness: Harness) -> None:
     import orjson
 
-    from query.chains import verify_chains
+    from query.verify.chains import verify_chains
     from tests.signing import payload, sign_raw
 
     key, kid = harness.register("gw-nc")
@@ -282,7 +282,7 @@ def test_hash_chain_only_accepts_non_canonical_payloads(harness: Harness) -> Non
 
 
 def test_incremental_verification_rechecks_only_what_changed_and_trusts_nothing_editable(lake: Harness) -> None:
-    from query.checkpoint import verify_since_checkpoint
+    from query.verify.checkpoint import verify_since_checkpoint
     from tests.signing import chain as signed_chain
 
     report, mode = verify_since_checkpoint(lake.data_dir)
@@ -312,7 +312,7 @@ def test_incremental_verification_rechecks_only_what_changed_and_trusts_nothing_
 
 
 def test_incremental_verification_catches_a_deleted_file_and_a_forged_checkpoint(lake: Harness) -> None:
-    from query.checkpoint import verify_since_checkpoint
+    from query.verify.checkpoint import verify_since_checkpoint
 
     assert verify_since_checkpoint(lake.data_dir)[0].ok
     files_of(lake, "gw-1")[0].unlink()

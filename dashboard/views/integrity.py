@@ -10,7 +10,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import require_session
-from query.checkpoint import verify_since_checkpoint
+from query.verify.checkpoint import verify_since_checkpoint
 
 
 def events_of(run: dict[str, Any]) -> str:

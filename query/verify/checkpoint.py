@@ -21,9 +21,9 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from query.integrity import verify_lake
-from query.integrity_report import IntegrityProblem, IntegrityReport
 from query.lake import LakeReader
+from query.verify.integrity import verify_lake
+from query.verify.report import IntegrityProblem, IntegrityReport
 from store.ground.canonical import canonicalize
 from store.ground.jws import JwsError, parse_compact, sign_compact, verify_signature
 from store.ground.layout import DataDir

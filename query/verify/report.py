@@ -1,7 +1,8 @@
 """What verification reports: problems, each under its emitter's tenant, and the report they make up.
 
-Shared by the full verification (``query.integrity``) and the column-at-a-time one (``query.chains``), which
-both also compare the streams' ends with the heads the server recorded (``compare_heads``).
+Shared by the full verification (``query.verify.integrity``) and the column-at-a-time one
+(``query.verify.chains``), which both also compare the streams' ends with the heads the server recorded
+(``compare_heads``).
 """
 
 from __future__ import annotations

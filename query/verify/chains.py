@@ -27,8 +27,8 @@ import polars as pl
 import polars_hash as plh
 import pyarrow.parquet as pq
 
-from query.integrity_report import IntegrityProblem, IntegrityReport, compare_heads
 from query.lake import LakeReader
+from query.verify.report import IntegrityProblem, IntegrityReport, compare_heads
 from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
 from store.ground.errors import CanonicalizationError
 from store.lake import decode_payload, partition_of_file

@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from query.integrity_report import IntegrityProblem, IntegrityReport, attributed, compare_heads
 from query.lake import LakeReader, open_duckdb
+from query.verify.report import IntegrityProblem, IntegrityReport, attributed, compare_heads
 from store.engine import SERVER_EMITTER, SYSTEM_TENANT
 from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
 from store.ground.errors import CanonicalizationError
@@ -52,7 +52,7 @@ def verify_lake(
     With ``only_files``, signatures and columns are checked for those files (and the server stream, which holds
     the keys) only, and hashes and chains for the whole lake by ``verify_chains``: the incremental mode."""
     if only_files is not None:
-        from query.chains import verify_chains
+        from query.verify.chains import verify_chains
 
         chains = verify_chains(data_dir)
         report = _verify_rows(data_dir, progress, only_files, check_chains=False)
