@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import orjson
 
@@ -84,10 +84,28 @@ def _main(argv: Sequence[str] | None) -> int:
     return result
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, unless the help already says it (or there is none to say)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subcommands get the same help formatting as the command."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="custody", description="Delegation-chain audit log for AI agents.")
+    parser = _Parser(prog="custody", description="Delegation-chain audit log for AI agents.")
     parser.add_argument("--version", action="version", version=f"custody {__version__}")
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND", parser_class=_Parser)
 
     serve = commands.add_parser(
         "serve",
@@ -98,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8700, help="port to bind (default 8700)")
     serve.add_argument("--max-events", type=int, default=1000, help="events per request (default 1000)")
-    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="bytes per request (8 MiB)")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="bytes per request (default 8 MiB)")
     serve.add_argument("--flush-interval", type=float, default=1.0, help="seconds between lake flushes (default 1)")
     serve.add_argument(
         "--max-event-age",
@@ -194,17 +212,17 @@ def _parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="issue, list and revoke read-API tokens (stored hashed)")
     token_commands = token.add_subparsers(required=True, metavar="ACTION")
     issue = token_commands.add_parser("issue", help="create a token and print it once")
-    issue.add_argument("--file", type=Path, required=True)
-    issue.add_argument("--name", required=True)
-    issue.add_argument("--role", required=True, choices=["admin", "analyst", "auditor"])
+    issue.add_argument("--file", type=Path, required=True, help="the token file (JSON, 0600); created if missing")
+    issue.add_argument("--name", required=True, help="who or what the token is for; unique in the file")
+    issue.add_argument("--role", required=True, choices=["admin", "analyst", "auditor"], help="what it may ask")
     issue.add_argument("--tenant", help="bind the token to one tenant")
     issue.set_defaults(run=_token_issue)
     listing = token_commands.add_parser("list", help="names, roles and tenants (never the tokens)")
-    listing.add_argument("--file", type=Path, required=True)
+    listing.add_argument("--file", type=Path, required=True, help="the token file")
     listing.set_defaults(run=_token_list)
     revoke = token_commands.add_parser("revoke", help="remove a token; it stops working at once")
-    revoke.add_argument("--file", type=Path, required=True)
-    revoke.add_argument("--name", required=True)
+    revoke.add_argument("--file", type=Path, required=True, help="the token file")
+    revoke.add_argument("--name", required=True, help="the token's name")
     revoke.set_defaults(run=_token_revoke)
 
     demo = commands.add_parser(
@@ -303,9 +321,30 @@ def _positive_seconds_any(text: str) -> float:
     return value
 
 
-def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+_EVENT_FILTERS = {
+    "user": "the user the chain starts from",
+    "agent": "an agent anywhere in the delegation chain",
+    "credential": "a credential id",
+    "tool": "a tool name",
+    "resource": "a resource id",
+    "decision": "the decision",
+    "outcome": "the outcome",
+    "emitter": "an emitter id",
+    "type": "the event type",
+    "trace": "a trace id",
+}
+
+
+_EVENT_CHOICES = {
+    "decision": ["allow", "deny"],
+    "outcome": ["success", "error"],
+    "type": ["tool.invocation", "agent.delegation", "task.approval", "credential.issued", "credential.revoked"],
+}
+
+
+def _forensics_commands(commands: argparse._SubParsersAction[Any]) -> None:
     def lake_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help_text, description=help_text)
+        command: argparse.ArgumentParser = commands.add_parser(name, help=help_text, description=help_text)
         _data_dir_argument(command)
         command.add_argument("--tenant", help="only this tenant's events")
         command.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -313,23 +352,23 @@ def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
     events = lake_command("events", "search the timeline, newest first")
     for name in ("user", "agent", "credential", "tool", "resource", "decision", "outcome", "emitter", "type", "trace"):
-        events.add_argument(f"--{name}")
+        events.add_argument(f"--{name}", help=_EVENT_FILTERS[name], choices=_EVENT_CHOICES.get(name))
     events.add_argument("--since", type=_timestamp, help="RFC 3339 time")
     events.add_argument("--until", type=_timestamp, help="RFC 3339 time")
-    events.add_argument("--limit", type=int, default=50)
+    events.add_argument("--limit", type=int, default=50, help="events per page (1-1000)")
     events.add_argument("--cursor", help="next_cursor of the previous page")
     events.set_defaults(run=_events, reads_data_dir=True)
 
     path = lake_command("path", "the delegation path and task tree of one event")
-    path.add_argument("event_id")
+    path.add_argument("event_id", help="the event's event_id (a UUID)")
     path.set_defaults(run=_path, reads_data_dir=True)
 
     blast = lake_command("blast-radius", "what an agent or credential could reach and what it touched")
     who = blast.add_mutually_exclusive_group(required=True)
-    who.add_argument("--agent")
-    who.add_argument("--credential")
-    blast.add_argument("--since", type=_timestamp)
-    blast.add_argument("--until", type=_timestamp)
+    who.add_argument("--agent", help="the agent's name")
+    who.add_argument("--credential", help="the credential's id")
+    blast.add_argument("--since", type=_timestamp, help="only events from this RFC 3339 time on")
+    blast.add_argument("--until", type=_timestamp, help="only events before this RFC 3339 time")
     blast.add_argument(
         "--resources", type=int, default=1000, metavar="N", help="resources to list, most used first (0: all)"
     )
@@ -338,15 +377,17 @@ def _forensics_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     taint = lake_command("taint", "everything a compromised agent, credential, user session or trace reached after T")
     start = taint.add_mutually_exclusive_group(required=True)
     for name in ("agent", "credential", "user", "trace"):
-        start.add_argument(f"--{name}")
+        start.add_argument(f"--{name}", help=f"start from this {name}")
     taint.add_argument("--since", type=_timestamp, required=True, help="when the compromise began (RFC 3339)")
     taint.add_argument("--csv", type=Path, help="write the evidence events as CSV here")
     taint.add_argument("--evidence-json", type=Path, help="write summary and events as JSON here")
     taint.set_defaults(run=_taint, reads_data_dir=True)
 
     found = lake_command("findings", "borrowed sessions, shared credentials, unregistered tools, ...")
-    found.add_argument("--max-delegation-depth", type=int, default=3)
-    found.add_argument("--unused-days", type=int, default=30)
+    found.add_argument(
+        "--max-delegation-depth", type=int, default=3, help="deep_delegation: chains of more agents than this"
+    )
+    found.add_argument("--unused-days", type=int, default=30, help="over_privileged: scopes unused for this many days")
     found.set_defaults(run=_findings, reads_data_dir=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -14,7 +15,7 @@ from store.ground.errors import InvalidInput
 __all__ = ["add_recert"]
 
 
-def add_recert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_recert(commands: argparse._SubParsersAction[Any]) -> None:
     recert = commands.add_parser(
         "recert",
         help="access-recertification report per agent (csv, json, html, pdf), signed; or verify one",
@@ -27,7 +28,7 @@ def add_recert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     recert.add_argument("--data-dir", type=Path, help="data dir (writing: required; verifying: pins its server key)")
     recert.add_argument("--tenant", help="the tenant whose agents are reviewed")
     recert.add_argument("--window", default="90d", help="review window in days, like 90d (default)")
-    recert.add_argument("--format", choices=["csv", "json", "html", "pdf"], default="pdf")
+    recert.add_argument("--format", choices=["csv", "json", "html", "pdf"], default="pdf", help="report format")
     recert.add_argument("--output", type=Path, help="file to write (default recert-TENANT-DATE.FORMAT)")
     recert.add_argument("--public-key", type=Path, help="verifying: the server's public key (PEM) to check against")
     recert.set_defaults(run=_recert)
