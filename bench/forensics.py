@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine
 from query.blast import forward_taint, identity_blast_radius
 from query.findings import findings
+from query.index.reach_copies import ReachCopies
+from query.index.tree_index import TreeIndex
 from query.lake import LakeReader
 from query.paths import delegation_path
-from query.reach_copies import ReachCopies
-from query.tree_index import TreeIndex
 from query.verify.chains import verify_chains
 from store.lake import Lake
 from store.schema import Signed, event_table

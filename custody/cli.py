@@ -457,8 +457,8 @@ def _path(args: argparse.Namespace) -> int:
 def _blast(args: argparse.Namespace) -> int:
 
     from query.blast import identity_blast_radius
+    from query.index.reach_copies import ReachCopies
     from query.lake import LakeReader
-    from query.reach_copies import ReachCopies
 
     if args.resources < 0:
         raise CustodyError(f"--resources must be 0 (all) or more, got {args.resources}")

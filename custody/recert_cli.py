@@ -39,8 +39,8 @@ def _recert(args: argparse.Namespace) -> int:
         return _verify(args)
     if args.data_dir is None or args.tenant is None:
         raise InvalidInput("writing a report needs --data-dir and --tenant")
-    from query.recert import parse_window
-    from query.reports import build_report
+    from query.recert.reports import build_report
+    from query.recert.review import parse_window
 
     report = build_report(args.data_dir, args.tenant, window_days=parse_window(args.window), form=args.format)
     review = report.review
@@ -57,7 +57,7 @@ def _recert(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from query.reports import verify_report
+    from query.recert.reports import verify_report
 
     if args.file is None:
         raise InvalidInput("usage: custody recert verify FILE [--data-dir DIR | --public-key PEM]")

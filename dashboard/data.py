@@ -13,14 +13,14 @@ import streamlit as st
 from dashboard.context import REPORT_SECONDS, SLOW_SECONDS, cached, cached_for
 from query.blast import IdentityBlastRadius, Subject, Taint, forward_taint, identity_blast_radius
 from query.findings import Finding, findings
+from query.index.reach_copies import ReachCopies
+from query.index.tree_index import TreeIndex
 from query.lake import LakeReader
 from query.overview import EmitterStatus, Overview, emitter_status, overview
 from query.paths import DelegationPath, delegation_path
-from query.reach_copies import ReachCopies
-from query.recert import Review, parse_window
-from query.reports import SignedReport, render, signed_review
+from query.recert.reports import SignedReport, render, signed_review
+from query.recert.review import Review, parse_window
 from query.search import EventFilter, Page, search
-from query.tree_index import TreeIndex
 from query.verify.checkpoint import last_run
 from query.verify.integrity import verify_event
 from query.verify.report import IntegrityProblem

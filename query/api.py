@@ -18,14 +18,14 @@ from starlette.concurrency import run_in_threadpool
 
 from query.blast import Subject, forward_taint, identity_blast_radius
 from query.findings import KINDS, findings
+from query.index.reach_copies import ReachCopies
+from query.index.tree_index import TreeIndex
 from query.lake import LakeReader
 from query.paths import delegation_path
-from query.reach_copies import ReachCopies
-from query.recert import parse_window
-from query.reports import build_report
+from query.recert.reports import build_report
+from query.recert.review import parse_window
 from query.search import EventFilter, search
 from query.tokens import Forbidden, Principal, TokenStore
-from query.tree_index import TreeIndex
 from query.verify.integrity import verify_lake
 from store.ground.envelope import bearer, errors, finish_openapi, install_error_envelope
 from store.ground.errors import InvalidInput

@@ -24,8 +24,8 @@ import duckdb
 import orjson
 import pyarrow.compute as pc
 
+from query.index.reach_copies import COLUMNS, CopyFacts, ReachCopies
 from query.lake import LakeReader, sql_paths
-from query.reach_copies import COLUMNS, CopyFacts, ReachCopies
 from query.search import event_dicts, rfc3339_us
 from query.spreadsheet import csv_cell
 from store.engine import SYSTEM_TENANT

@@ -10,7 +10,7 @@ import pytest
 
 from query.blast import forward_taint
 from query.lake import LakeReader
-from query.reports import build_report, verify_report
+from query.recert.reports import build_report, verify_report
 from query.spreadsheet import FORMULA_TRIGGERS, csv_cell
 from tests import hostile_values
 from tests.conftest import Harness

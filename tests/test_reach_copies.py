@@ -13,10 +13,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from query import reach_copies
 from query.blast import identity_blast_radius
+from query.index import reach_copies
+from query.index.reach_copies import ReachCopies
 from query.lake import LakeReader
-from query.reach_copies import ReachCopies
 from store.ground.errors import InvalidInput
 from tests import scenario
 from tests.conftest import Harness, read_lake

@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from query.api import create_query_app
-from query.recert import access_review
-from query.reports import render, report_body, sign_report, verify_report
+from query.recert.reports import render, report_body, sign_report, verify_report
+from query.recert.review import access_review
 from query.tokens import TokenStore
 from store.ground.server_key import ServerKey
 from tests.conftest import ORG_END, read_lake

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from query import tree_index
+from query.index import tree_index
+from query.index.tree_index import TreeIndex
 from query.lake import LakeReader
 from query.paths import DelegationPath, delegation_path
-from query.tree_index import TreeIndex
 from store.lake import Lake
 from store.schema import EVENT_SCHEMA
 from tests import scenario

@@ -16,7 +16,7 @@ from typing import Any
 from fpdf import FPDF
 from fpdf.enums import XPos, YPos
 
-from query.report_rows import CSV_COLUMNS, cells, generated_at
+from query.recert.rows import CSV_COLUMNS, cells, generated_at
 
 __all__ = ["diff_pdf", "render_pdf"]
 

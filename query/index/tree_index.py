@@ -38,7 +38,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from query.copies import CopyDir, CopyWriter
+from query.index.copies import CopyDir, CopyWriter
 from query.lake import LakeReader
 from query.paths import MAX_TREE_EVENTS
 from store.lake import partition_of_file

@@ -26,8 +26,8 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from jwt.algorithms import OKPAlgorithm
 
-from query.recert import Review
-from query.report_rows import CSV_COLUMNS, cells
+from query.recert.review import Review
+from query.recert.rows import CSV_COLUMNS, cells
 from query.spreadsheet import csv_cell
 from store.ground.canonical import canonicalize
 from store.ground.errors import InvalidInput
@@ -81,7 +81,7 @@ def build_report(data_dir: Path, tenant: str, *, window_days: int, form: str) ->
 
 def signed_review(data_dir: Path, tenant: str, *, window_days: int) -> tuple[Review, dict[str, Any], str]:
     """The review, its report body and the JWS over it, ready to render in any format."""
-    from query.recert import access_review
+    from query.recert.review import access_review
 
     server_key = ServerKey(DataDir.existing(data_dir).server_key())
     review = access_review(data_dir, tenant, window_days=window_days)
@@ -113,7 +113,7 @@ def render(body: dict[str, Any], jws: str, form: str) -> bytes:
     if form == "html":
         return _html(body, jws).encode()
     if form == "pdf":
-        from query.report_pdf import render_pdf
+        from query.recert.pdf import render_pdf
 
         return render_pdf(body, jws)
     raise InvalidInput(f"format must be one of {', '.join(FORMATS)}, got {form!r}")
@@ -186,7 +186,7 @@ def _compare(form: str, data: bytes, body: dict[str, Any], jws: str) -> list[str
         return _diff_csv(_csv(body, jws), data.decode(errors="replace"))
     if form == "html":
         return _diff_lines(_html(body, jws), data.decode(errors="replace"))
-    from query.report_pdf import diff_pdf, render_pdf
+    from query.recert.pdf import diff_pdf, render_pdf
 
     return diff_pdf(render_pdf(body, jws), data)
 

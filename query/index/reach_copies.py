@@ -11,7 +11,7 @@ map, which would otherwise be a scan of the whole lake on every call (0.26 s). A
 memory than a smaller file's (2,560,000 events: 483 MiB, where sorting it whole took 1,840 MiB); an agent's rows
 are then contiguous within each run.
 
-Copies are derived data in ``<data-dir>/index/reach/`` (see ``query.copies``): a blast radius uses the copy of
+Copies are derived data in ``<data-dir>/index/reach/`` (see ``query.index.copies``): a blast radius uses the copy of
 every file that has a current one and reads the lake file itself for the rest, so the answer never depends on
 how far the copies have got, only the time it takes. Long-running readers (read API, dashboard) ``warm`` them in
 the background at start and after each blast radius that found files without one. A copy whose row count differs
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from query.copies import CopyDir, CopyWriter
+from query.index.copies import CopyDir, CopyWriter
 from query.lake import LakeReader
 from store.engine import SYSTEM_TENANT
 from store.lake import partition_of_file
