@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, machine
 from bench.ingest import presign
-from store.lake import Lake, decode_payload
+from store.ground.jws import decode_payload
+from store.lake import Lake
 from store.schema import Signed, event_table
 
 PARTITION = Path("events") / "tenant=t0" / "date=2026-11-30"

@@ -17,11 +17,11 @@ from typing import Any
 
 from ingest.event import EMITTER_ID
 from ingest.service import IngestService
-from store.engine import SERVER_EMITTER, SYSTEM_TENANT
 from store.ground.canonical import canonicalize, event_hash
 from store.ground.errors import Conflict, CorruptState, InvalidInput, NotFound
 from store.ground.jws import sign_compact
 from store.ground.keys import KeyRing, public_jwk, validate_jwk
+from store.ground.layout import SERVER_EMITTER, SYSTEM_TENANT
 from store.ground.server_key import ServerKey
 from store.state import Head
 from store.wal import WalRecord

@@ -28,9 +28,9 @@ from query.index.reach_copies import COLUMNS, CopyFacts, ReachCopies
 from query.lake import LakeReader, sql_paths
 from query.search import event_dicts, rfc3339_us
 from query.spreadsheet import csv_cell
-from store.engine import SYSTEM_TENANT
 from store.ground.errors import InvalidInput
-from store.lake import HIVE_OPTIONS, partition_of_file
+from store.ground.layout import SYSTEM_TENANT
+from store.lake_files import HIVE_OPTIONS, partition_of_file
 
 __all__ = ["IdentityBlastRadius", "Subject", "Taint", "forward_taint", "identity_blast_radius"]
 

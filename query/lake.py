@@ -19,8 +19,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from store.engine import SYSTEM_TENANT
-from store.lake import HIVE_OPTIONS, live_files
+from store.ground.layout import SYSTEM_TENANT
+from store.lake_files import HIVE_OPTIONS, live_files
 from store.schema import EVENT_SCHEMA
 
 __all__ = ["LakeReader", "open_duckdb", "sql_paths"]

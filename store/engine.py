@@ -33,15 +33,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from store.ground.errors import CustodyError, StorageUnavailable
+from store.ground.jws import decode_payload
+from store.ground.layout import SERVER_EMITTER
 from store.indexer import IndexWriter
-from store.lake import Lake, SegmentWrite, decode_payload
+from store.lake import Lake, SegmentWrite
 from store.orphans import exit_with_parent, name_process
 from store.state import IndexEntry, StateDB
 from store.wal import WalRecord, WriteAheadLog, read_records
 
 __all__ = [
-    "SERVER_EMITTER",
-    "SYSTEM_TENANT",
     "FlushStats",
     "Reingested",
     "Store",
@@ -50,9 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SERVER_EMITTER = "custody.server"
-SYSTEM_TENANT = "_system"
 
 
 @dataclass

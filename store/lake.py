@@ -8,38 +8,33 @@ is whole, because it only appears through an atomic rename after its bytes were 
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from store.ground.jws import decode_payload
+from store.lake_files import live_files, segment_level, segment_range
 from store.quarantine import Quarantine
 from store.rows import row_problem, row_values
 from store.schema import EVENT_SCHEMA, Signed, partition_of, rows_table
 from store.wal import WalRecord, fsync_directory
 
 __all__ = [
-    "HIVE_OPTIONS",
     "MERGE_BUFFER_BYTES",
     "SYNC_EVERY_BYTES",
     "Lake",
     "PacedFile",
     "SegmentWrite",
-    "decode_payload",
-    "live_files",
     "merge_sorted",
-    "segment_range",
     "signed_event",
     "signed_events",
 ]
@@ -70,65 +65,7 @@ _UNIQUE_COLUMNS = frozenset({"event_id", "event_hash", "prev_hash", "jws"})
 _DICTIONARY_COLUMNS = [leaf for name, leaf in _LEAVES.items() if name not in _UNIQUE_COLUMNS]
 _STATISTICS_COLUMNS = [leaf for name, leaf in _LEAVES.items() if name != "jws"]  # no query filters on jws
 
-# The partition keys as DuckDB must read them: without types it guesses from the directory names, and a tenant
-# named "0" or "007" would come back as the integer 0 or 7 (found by tests/test_lake_roundtrip.py).
-HIVE_OPTIONS = "hive_partitioning = true, hive_types = {'tenant': VARCHAR, 'date': DATE}"
-
 _TENANT = re.compile(r"[a-z0-9_][a-z0-9._-]{0,127}")  # a protocol tenant id, or the server's _system
-
-_SEGMENT_FILE = re.compile(r"^seg-(\d{12})\.parquet$")
-_COMPACT_FILE = re.compile(r"^compact-(?:L(\d+)-)?(\d{12})-(\d{12})\.parquet$")
-
-
-def segment_range(path: Path) -> tuple[int, int] | None:
-    """The WAL segments a lake file holds: ``seg-N`` holds N, ``compact-LO-HI`` holds LO..HI."""
-    if match := _SEGMENT_FILE.match(path.name):
-        return int(match.group(1)), int(match.group(1))
-    if match := _COMPACT_FILE.match(path.name):
-        return int(match.group(2)), int(match.group(3))
-    return None
-
-
-def _level(path: Path) -> int:
-    """0 for a segment file, k for ``compact-Lk-...``; a full compaction (no level) counts as the top."""
-    if _SEGMENT_FILE.match(path.name):
-        return 0
-    match = _COMPACT_FILE.match(path.name)
-    return int(match.group(1)) if match and match.group(1) else 99
-
-
-def live_files(paths: Iterable[Path]) -> list[Path]:
-    """The files a reader must read: a file whose segments a wider compacted file of the same partition holds is
-    left out (it is about to be deleted), so readers never count an event twice during a compaction."""
-    by_partition: dict[Path, list[tuple[Path, tuple[int, int]]]] = defaultdict(list)
-    for path in paths:
-        covered = segment_range(path)
-        if covered is not None:
-            by_partition[path.parent].append((path, covered))
-    live = []
-    for files in by_partition.values():
-        for path, (low, high) in files:
-            wider = any(
-                other != path and other_low <= low and high <= other_high and (other_low, other_high) != (low, high)
-                for other, (other_low, other_high) in files
-            )
-            if not wider:
-                live.append(path)
-    return sorted(live)
-
-
-def partition_of_file(path: Path | str) -> tuple[str | None, date | None]:
-    """The (tenant, date) partition of a lake file, from its ``tenant=<t>/date=<YYYY-MM-DD>`` directories."""
-    values = dict(part.split("=", 1) for part in Path(path).parts if "=" in part)
-    day = values.get("date")
-    return values.get("tenant"), date.fromisoformat(day) if day else None
-
-
-def decode_payload(jws: str) -> dict[str, Any]:
-    """The JSON payload of a compact JWS (no verification: the caller trusts or re-verifies it)."""
-    payload_b64 = jws.split(".")[1]
-    payload: dict[str, Any] = orjson.loads(base64.urlsafe_b64decode(payload_b64 + "=" * (-len(payload_b64) % 4)))
-    return payload
 
 
 def signed_event(record: WalRecord) -> Signed:
@@ -357,7 +294,7 @@ class Lake:
             level = 0
             while level < 10:
                 files = sorted(
-                    (path for path in live_files(directory.glob("*.parquet")) if _level(path) == level),
+                    (path for path in live_files(directory.glob("*.parquet")) if segment_level(path) == level),
                     key=lambda path: segment_range(path) or (0, 0),
                 )
                 if len(files) < fanout:

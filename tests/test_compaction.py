@@ -17,7 +17,8 @@ from query.lake import LakeReader
 from query.search import EventFilter, search
 from query.verify.chains import verify_chains
 from query.verify.integrity import verify_lake
-from store.lake import Lake, live_files, merge_sorted, segment_range, signed_events
+from store.lake import Lake, merge_sorted, signed_events
+from store.lake_files import live_files, segment_range
 from store.schema import EVENT_SCHEMA, event_table
 from store.wal import WalRecord
 from tests.conftest import Harness

@@ -16,7 +16,7 @@ from ingest.sdk import generate_key
 from query.verify.integrity import verify_event, verify_lake
 from query.verify.report import IntegrityReport
 from store.ground.canonical import canonicalize, event_hash
-from store.lake import decode_payload
+from store.ground.jws import decode_payload
 from store.schema import EVENT_SCHEMA, Signed, event_table
 from tests.conftest import ADMIN, REPO, Harness, read_lake
 from tests.signing import chain, sign

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from ingest.checks import Verified, check_event
 from ingest.sdk import generate_key, public_jwk
 from store.ground.keys import KeyRing
-from store.lake import HIVE_OPTIONS, Lake
+from store.lake import Lake
+from store.lake_files import HIVE_OPTIONS
 from store.rows import Signed, row_problem, row_values
 from store.wal import WalRecord
 from tests.signing import sign

@@ -6,6 +6,7 @@ keys, the server key, the data-dir layout, the error envelope) imports nothing e
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,3 +70,22 @@ def test_no_module_imports_itself_back() -> None:
         }
     )
     assert cycles == []
+
+
+def test_reading_the_lake_loads_no_writer() -> None:
+    """``import query.search`` (and the other forensic reads) loaded the WAL and the write engine."""
+    probe = (
+        "import json, sys, query.search, query.paths, query.findings, query.blast;"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('store', 'ingest'))))"
+    )
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    loaded = set(json.loads(result.stdout))
+    assert not loaded & {"store.engine", "store.wal", "store.lake", "store.indexer", "store.quarantine"}
+    assert not {name for name in loaded if name.startswith("ingest")}

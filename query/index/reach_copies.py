@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 
 from query.index.copies import CopyDir, CopyWriter
 from query.lake import LakeReader
-from store.engine import SYSTEM_TENANT
-from store.lake import partition_of_file
+from store.ground.layout import SYSTEM_TENANT
+from store.lake_files import partition_of_file
 
 __all__ = ["COLUMNS", "CopyFacts", "ReachCopies"]
 

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from query.index.copies import CopyDir, CopyWriter
 from query.lake import LakeReader
 from query.paths import MAX_TREE_EVENTS
-from store.lake import partition_of_file
+from store.lake_files import partition_of_file
 from store.schema import EVENT_SCHEMA
 
 __all__ = ["TreeIndex"]

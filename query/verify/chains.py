@@ -31,7 +31,8 @@ from query.lake import LakeReader
 from query.verify.report import IntegrityProblem, IntegrityReport, compare_heads
 from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
 from store.ground.errors import CanonicalizationError
-from store.lake import decode_payload, partition_of_file
+from store.ground.jws import decode_payload
+from store.lake_files import partition_of_file
 
 __all__ = ["verify_chains"]
 

@@ -26,13 +26,12 @@ import pyarrow as pa
 
 from query.lake import LakeReader, open_duckdb
 from query.verify.report import IntegrityProblem, IntegrityReport, attributed, compare_heads
-from store.engine import SERVER_EMITTER, SYSTEM_TENANT
 from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
 from store.ground.errors import CanonicalizationError
 from store.ground.jws import JwsError, parse_compact, verify_signature
 from store.ground.keys import KeyRing
-from store.ground.layout import DataDir
-from store.lake import HIVE_OPTIONS, partition_of_file
+from store.ground.layout import SERVER_EMITTER, SYSTEM_TENANT, DataDir
+from store.lake_files import HIVE_OPTIONS, partition_of_file
 from store.schema import EVENT_SCHEMA, Signed, event_table, partition_of
 
 __all__ = ["IntegrityProblem", "IntegrityReport", "compare_heads", "verify_event", "verify_lake"]

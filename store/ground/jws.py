@@ -15,6 +15,7 @@ goes through ``verify_signature``, so what ingest accepts, verification accepts.
 
 from __future__ import annotations
 
+import base64
 import binascii
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "ParsedJws",
     "PrivateKey",
     "PublicKey",
+    "decode_payload",
     "parse_compact",
     "public_jwk",
     "sign_compact",
@@ -172,3 +174,10 @@ def _b64decode(part: str, name: str) -> bytes:
         )
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         raise JwsError("malformed_jws", f"{name} is not unpadded base64url: {exc}") from exc
+
+
+def decode_payload(jws: str) -> dict[str, Any]:
+    """The JSON payload of a compact JWS (no verification: the caller trusts or re-verifies it)."""
+    payload_b64 = jws.split(".")[1]
+    payload: dict[str, Any] = orjson.loads(base64.urlsafe_b64decode(payload_b64 + "=" * (-len(payload_b64) % 4)))
+    return payload

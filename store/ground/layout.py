@@ -24,7 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from store.ground.errors import CorruptState, CustodyError
 
-__all__ = ["DataDir", "MissingServerKey", "NotADataDir"]
+__all__ = ["SERVER_EMITTER", "SYSTEM_TENANT", "DataDir", "MissingServerKey", "NotADataDir"]
+
+SERVER_EMITTER = "custody.server"  # the emitter id of the server's own stream (admin changes)
+SYSTEM_TENANT = "_system"  # its tenant: lake/events/tenant=_system, hidden from every forensic query
 
 
 class NotADataDir(CustodyError):
