@@ -62,28 +62,31 @@ _OTHER = "(CASE WHEN $tenant IS NULL THEN 'tenant ' || {0}.tenant ELSE 'another 
 
 # Links between events that cross a tenant wall, which no answer follows: a parent posted by another tenant, an
 # approval id only another tenant approved, a revocation of a credential only another tenant holds.
-_CROSS_TENANT_LINKS = f"""WITH links AS (
+_CROSS_TENANT_LINKS = f"""WITH
+        holders AS (
+            SELECT tenant, credential_id, min(event_id) AS event_id FROM history_for(NULL)
+            WHERE credential_id IS NOT NULL AND type <> 'credential.revoked' GROUP BY 1, 2),
+        approvals AS (
+            SELECT tenant, approval_id, min(event_id) AS event_id FROM history_for(NULL)
+            WHERE type = 'task.approval' AND approval_id IS NOT NULL GROUP BY 1, 2),
+        links AS (
             SELECT e.tenant, 'events of ' || e.tenant || ' name parents in ' || {_OTHER.format("p")} AS subject,
                    e.event_id, e.occurred_at, p.event_id AS other
             FROM scoped_for($tenant) e JOIN history_for(NULL) p
               ON p.event_id = e.parent_event_id AND p.tenant <> e.tenant
+            WHERE e.parent_event_id IS NOT NULL
             UNION ALL
             SELECT e.tenant, 'events of ' || e.tenant || ' name approvals only ' || {_OTHER.format("a")} || ' holds',
                    e.event_id, e.occurred_at, a.event_id
-            FROM scoped_for($tenant) e JOIN history_for(NULL) a
-              ON a.type = 'task.approval' AND a.approval_id = e.approval_id AND a.tenant <> e.tenant
-            WHERE e.type <> 'task.approval' AND NOT EXISTS (
-                SELECT 1 FROM history_for(NULL) own
-                WHERE own.type = 'task.approval' AND own.approval_id = e.approval_id AND own.tenant = e.tenant)
+            FROM scoped_for($tenant) e JOIN approvals a ON a.approval_id = e.approval_id AND a.tenant <> e.tenant
+            WHERE e.type <> 'task.approval' AND e.approval_id IS NOT NULL AND NOT EXISTS (
+                SELECT 1 FROM approvals own WHERE own.approval_id = e.approval_id AND own.tenant = e.tenant)
             UNION ALL
             SELECT e.tenant, e.tenant || ' revoked credentials only ' || {_OTHER.format("u")} || ' holds',
                    e.event_id, e.occurred_at, u.event_id
-            FROM scoped_for($tenant) e JOIN history_for(NULL) u
-              ON u.credential_id = e.credential_id AND u.tenant <> e.tenant AND u.type <> 'credential.revoked'
+            FROM scoped_for($tenant) e JOIN holders u ON u.credential_id = e.credential_id AND u.tenant <> e.tenant
             WHERE e.type = 'credential.revoked' AND NOT EXISTS (
-                SELECT 1 FROM history_for(NULL) own
-                WHERE own.credential_id = e.credential_id AND own.tenant = e.tenant
-                  AND own.type <> 'credential.revoked'))
+                SELECT 1 FROM holders own WHERE own.credential_id = e.credential_id AND own.tenant = e.tenant))
         SELECT tenant, subject, list_sort(list(DISTINCT event_id)), min(occurred_at), max(occurred_at),
                CASE WHEN $tenant IS NULL THEN list_sort(list_distinct(list(other))) END
         FROM links GROUP BY 1, 2 ORDER BY 1, 2"""
