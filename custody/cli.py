@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import math
 import os
 import re
 import sys
@@ -120,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--flush-interval", type=float, default=1.0, help="seconds between lake flushes (default 1)")
     serve.add_argument(
         "--max-event-age",
-        type=_positive_seconds_any,
+        type=_seconds,
         default=None,
         help="refuse (clock_skew) events whose occurred_at is more than this many seconds before the server's"
         " clock; off by default, so that backfills and the demo's 30 days of history load",
@@ -274,14 +275,14 @@ def _http_arguments(parser: argparse.ArgumentParser) -> None:
     """Deadlines and the in-work limit of an HTTP server facing a network (custody.serving)."""
     parser.add_argument(
         "--header-timeout",
-        type=_positive_seconds,
+        type=_deadline_seconds,
         default=10.0,
         help="seconds a connection has to send a request's headers, from connecting or from its last response"
         " (default 10); a late one gets 408 and is closed",
     )
     parser.add_argument(
         "--body-timeout",
-        type=_positive_seconds,
+        type=_deadline_seconds,
         default=30.0,
         help="seconds a request has to send its body once its headers are in (default 30)",
     )
@@ -301,24 +302,20 @@ def _http_limits(args: argparse.Namespace) -> HttpLimits:
     )
 
 
-def _positive_seconds(text: str) -> float:
+def _seconds(text: str, *, at_most: float = math.inf) -> float:
+    """A number of seconds, more than 0 and at most ``at_most``."""
     try:
         value = float(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from exc
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r}: give seconds between 0 and 3600")
+    if not 0 < value <= at_most:
+        bound = "a positive number of seconds" if at_most == math.inf else f"seconds between 0 and {at_most:g}"
+        raise argparse.ArgumentTypeError(f"{text!r}: give {bound}")
     return value
 
 
-def _positive_seconds_any(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from exc
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
-    return value
+def _deadline_seconds(text: str) -> float:
+    return _seconds(text, at_most=3600)
 
 
 _EVENT_FILTERS = {
@@ -534,11 +531,12 @@ def _findings(args: argparse.Namespace) -> int:
 
 def _compact(args: argparse.Namespace) -> int:
     from store.engine import lock_data_dir
+    from store.ground import layout
     from store.lake import Lake
 
     lock = lock_data_dir(args.data_dir)  # a running server compacts the same partitions itself
     try:
-        removed = Lake(args.data_dir / "lake").compact(min_files=args.min_files, progress=print)
+        removed = Lake(layout.DataDir(args.data_dir).lake).compact(min_files=args.min_files, progress=print)
     finally:
         os.close(lock)
     print(f"OK: {removed} files merged")
@@ -546,9 +544,10 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _quarantine_list(args: argparse.Namespace) -> int:
+    from store.ground import layout
     from store.quarantine import Quarantine
 
-    events = Quarantine(args.data_dir / "quarantine").events()
+    events = Quarantine(layout.DataDir(args.data_dir).quarantine).events()
     for event in events:
         if args.json:
             print(orjson.dumps(event.as_json()).decode())

@@ -17,6 +17,7 @@ from ingest.service import BatchOutcome, IngestService, Limits
 from ingest.verifiers import VerifierPool
 from store.engine import Store
 from store.ground.keys import KeyRing
+from store.ground.layout import DataDir
 from store.ground.server_key import ServerKey
 
 __all__ = ["IngestServer"]
@@ -54,7 +55,7 @@ class IngestServer:
         """Recover (rebuild state if needed, replay the WAL into the lake), then start flushing."""
         self.store.open(progress)
         self.metrics.watch_index(lambda: self.store.index.pending)
-        server_key, created = ServerKey.load_or_create(self.store.state_dir / "server_key.pem")
+        server_key, created = ServerKey.load_or_create(DataDir(self.data_dir).server_key_file)
         if self.verify_workers > 0:
             restarts = self.metrics.watch_verifiers(lambda: 0 if self.verifiers is None else self.verifiers.running)
             self.verifiers = VerifierPool(self.verify_workers, on_replace=restarts.inc)

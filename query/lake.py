@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from store.ground.layout import SYSTEM_TENANT
+from store.ground.layout import SYSTEM_TENANT, DataDir
 from store.lake_files import HIVE_OPTIONS, live_files
 from store.schema import EVENT_SCHEMA
 
@@ -64,7 +64,7 @@ def sql_paths(paths: Iterable[Path]) -> str:
 class LakeReader:
     def __init__(self, data_dir: Path, *, files: list[Path] | None = None, rows: pa.Table | None = None) -> None:
         self.data_dir = data_dir
-        self.events_dir = data_dir / "lake" / "events"
+        self.events_dir = DataDir(data_dir).events
         self._pinned = files
         self.rows = rows  # the selected rows this reader is limited to, if any
 

@@ -1,12 +1,6 @@
 """The store as one object: write-ahead log + Parquet lake + derived state, with recovery and a background flusher.
 
-Layout of a data dir::
-
-    <data-dir>/custody.lock           held (flock) by the one process that owns this data dir
-    <data-dir>/wal/<n>.wal            write-ahead log segments not yet in the lake
-    <data-dir>/lake/events/tenant=*/date=*/seg-<n>.parquet
-    <data-dir>/state/state.sqlite     derived: event-id index, chain heads, emitter registry
-    <data-dir>/state/server_key.pem   the server's Ed25519 key (created on first start, mode 0600)
+The data dir's layout is ``store.ground.layout.DataDir``.
 
 ``open`` recovers before anything else: it removes unfinished ``.tmp`` files, rebuilds the derived state if it is
 missing, replays every WAL segment into the state and the lake, and only then starts the flusher.
@@ -34,7 +28,7 @@ import pyarrow.parquet as pq
 
 from store.ground.errors import CustodyError, StorageUnavailable
 from store.ground.jws import decode_payload
-from store.ground.layout import SERVER_EMITTER
+from store.ground.layout import SERVER_EMITTER, DataDir
 from store.indexer import IndexWriter
 from store.lake import Lake, SegmentWrite
 from store.orphans import exit_with_parent, name_process
@@ -69,7 +63,7 @@ def lock_data_dir(data_dir: Path) -> int:
     """Take ``<data-dir>/custody.lock`` (flock, released when the returned descriptor is closed or the process
     ends); raise CustodyError when another process holds it. ``custody serve`` holds it while it runs, and so does
     anything else that rewrites the lake."""
-    fd = os.open(data_dir / "custody.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(DataDir(data_dir).lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
@@ -153,9 +147,10 @@ def reingest_quarantined(data_dir: Path) -> Reingested:
     Those the lake still refuses go back to the quarantine with the new reason; none is ever dropped."""
     lock = lock_data_dir(data_dir)
     try:
-        lake = Lake(data_dir / "lake")
+        layout = DataDir(data_dir)
+        lake = Lake(layout.lake)
         lake.remove_temporary_files()
-        wal = data_dir / "wal"
+        wal = layout.wal
         in_wal = [int(path.stem) for path in wal.glob("*.wal") if path.stem.isdigit()] if wal.is_dir() else []
         number = max([lake.highest_segment(), lake.quarantine.highest_segment(), *in_wal]) + 1
         number, records = lake.quarantine.begin_reingest(number)
@@ -182,8 +177,8 @@ class Store:
         self.flush_interval = flush_interval
         self.catch_up_after = catch_up_after
         self._catching_up = False  # the lake writer runs at normal priority until the lake has caught up
-        self.lake = Lake(data_dir / "lake")
-        self.state_dir = data_dir / "state"
+        self.layout = DataDir(data_dir)
+        self.lake = Lake(self.layout.lake)
         self.flush_stats = FlushStats()
         self._lock_fd: int | None = None
         self._stop = threading.Event()
@@ -206,14 +201,14 @@ class Store:
         if self.data_dir.stat().st_mode & 0o077:
             log.warning("%s was readable by other accounts; it is now 0700 (owner only)", self.data_dir)
             self.data_dir.chmod(0o700)
-        self.state_dir.mkdir(mode=0o700, exist_ok=True)
+        self.layout.state.mkdir(mode=0o700, exist_ok=True)
         self._take_lock()
         self.lake.remove_temporary_files()
-        self.state = StateDB(self.state_dir / "state.sqlite")
+        self.state = StateDB(self.layout.state_db)
         self.index = IndexWriter(self.state)
         if not self.state.complete:
             self._rebuild_state(progress)
-        self.wal = WriteAheadLog(self.data_dir / "wal", first_segment=self._highest_segment() + 1)
+        self.wal = WriteAheadLog(self.layout.wal, first_segment=self._highest_segment() + 1)
         self.flush_stats.quarantined_events = self.lake.quarantine.count()
         self._replay(progress)
 

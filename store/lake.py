@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from store.ground.jws import decode_payload
+from store.ground.layout import DataDir
 from store.lake_files import live_files, segment_level, segment_range
 from store.quarantine import Quarantine
 from store.rows import row_problem, row_values
@@ -165,7 +166,7 @@ class Lake:
         self.events_dir = root / "events"
         self.events_dir.mkdir(parents=True, exist_ok=True)
         self.touched: list[Path] = []  # partitions the last write_segment wrote to
-        self.quarantine = Quarantine(root.parent / "quarantine")
+        self.quarantine = Quarantine(DataDir(root.parent).quarantine)  # the lake is <data-dir>/lake
 
     @property
     def glob(self) -> str:

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from query.index.copies import CopyDir, CopyWriter
 from query.lake import LakeReader
-from store.ground.layout import SYSTEM_TENANT
+from store.ground.layout import SYSTEM_TENANT, DataDir
 from store.lake_files import partition_of_file
 
 __all__ = ["COLUMNS", "CopyFacts", "ReachCopies"]
@@ -81,7 +81,7 @@ class CopyFacts:
 class ReachCopies:
     def __init__(self, reader: LakeReader) -> None:
         self.reader = reader
-        self.copies = CopyDir(reader.data_dir / "index" / "reach", reader.events_dir)
+        self.copies = CopyDir(DataDir(reader.data_dir).reach_copies, reader.events_dir)
         self._lock = threading.Lock()  # one refresh at a time
         self._checked: dict[str, CopyFacts] = {}  # copy name -> its facts, once its rows matched its file's
         self._warming = threading.Lock()  # one background refresh at a time

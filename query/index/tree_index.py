@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from query.index.copies import CopyDir, CopyWriter
 from query.lake import LakeReader
 from query.paths import MAX_TREE_EVENTS
+from store.ground.layout import DataDir
 from store.lake_files import partition_of_file
 from store.schema import EVENT_SCHEMA
 
@@ -169,7 +170,7 @@ class _Lookup:
 class TreeIndex:
     def __init__(self, reader: LakeReader) -> None:
         self.reader = reader
-        self.copies = CopyDir(reader.data_dir / "index" / "rows", reader.events_dir)
+        self.copies = CopyDir(DataDir(reader.data_dir).row_copies, reader.events_dir)
         self._lock = threading.Lock()
         self._files: dict[Path, tuple[int, _File]] = {}  # path -> (file number, file)
         self._next = 0

@@ -32,6 +32,7 @@ from query.verify.report import IntegrityProblem, IntegrityReport, compare_heads
 from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
 from store.ground.errors import CanonicalizationError
 from store.ground.jws import decode_payload
+from store.ground.layout import DataDir
 from store.lake_files import partition_of_file
 
 __all__ = ["verify_chains"]
@@ -99,7 +100,7 @@ def _check_row_group(data_dir: Path, path: Path, offset: int, rows: int) -> _Par
         .sort("emitter", "seq")
         .collect()
     )
-    file = str(path.relative_to(data_dir / "lake" / "events"))
+    file = str(path.relative_to(DataDir(data_dir).events))
     tenant, _ = partition_of_file(path)
     part = _Part(events=frame.height)
     if not frame.height:

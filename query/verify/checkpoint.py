@@ -30,9 +30,6 @@ from store.ground.layout import DataDir
 
 __all__ = ["last_run", "record", "record_run", "verify_since_checkpoint"]
 
-_NAME = "verify-checkpoint.jws"
-_LAST_RUN = "last-verify.json"
-
 
 def file_digests(data_dir: Path) -> dict[Path, str]:
     digests = {}
@@ -46,7 +43,7 @@ def file_digests(data_dir: Path) -> dict[Path, str]:
 
 
 def record(data_dir: Path, digests: dict[Path, str]) -> None:
-    events_dir = data_dir / "lake" / "events"
+    events_dir = DataDir(data_dir).events
     body = {
         "v": 1,
         "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -54,7 +51,7 @@ def record(data_dir: Path, digests: dict[Path, str]) -> None:
     }
     key = _server_key(data_dir)
     token = sign_compact(canonicalize(body), key, "custody-server-checkpoint")
-    target = data_dir / "state" / _NAME
+    target = DataDir(data_dir).verify_checkpoint
     temporary = target.with_suffix(".tmp")
     temporary.write_text(token, encoding="ascii")
     temporary.replace(target)
@@ -73,7 +70,7 @@ def verify_since_checkpoint(
         if why.startswith("checkpoint"):
             report.problems.insert(0, IntegrityProblem("checkpoint", "a checkpoint signed by the server key", why))
     else:
-        events_dir = data_dir / "lake" / "events"
+        events_dir = DataDir(data_dir).events
         changed = {path for path, digest in digests.items() if known.get(str(path.relative_to(events_dir))) != digest}
         report = verify_lake(data_dir, progress=progress, only_files=changed)
         mode = f"incremental: signatures and columns of {len(changed)} new or changed of {len(digests)} files"
@@ -93,7 +90,7 @@ def record_run(data_dir: Path, report: IntegrityReport, mode: str) -> None:
         "emitters": report.emitters,
         "problems": [asdict(problem) for problem in report.problems],
     }
-    target = data_dir / "state" / _LAST_RUN
+    target = DataDir(data_dir).last_verify
     temporary = target.with_suffix(f".{os.getpid()}.tmp")
     temporary.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
     temporary.replace(target)
@@ -102,14 +99,14 @@ def record_run(data_dir: Path, report: IntegrityReport, mode: str) -> None:
 def last_run(data_dir: Path) -> dict[str, Any] | None:
     """The latest verification's outcome, or None if none ran (or its record is unreadable)."""
     try:
-        body: dict[str, Any] = orjson.loads((data_dir / "state" / _LAST_RUN).read_bytes())
+        body: dict[str, Any] = orjson.loads(DataDir(data_dir).last_verify.read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return None
     return body
 
 
 def _load(data_dir: Path) -> tuple[dict[str, str] | None, str]:
-    path = data_dir / "state" / _NAME
+    path = DataDir(data_dir).verify_checkpoint
     if not path.exists():
         return None, "no checkpoint yet"
     try:

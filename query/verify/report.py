@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from store.ground.layout import DataDir
 from store.state import StateDB
 
 __all__ = ["IntegrityProblem", "IntegrityReport", "attributed", "compare_heads"]
@@ -71,7 +72,7 @@ class IntegrityReport:
 
 def compare_heads(data_dir: Path, last_seqs: dict[str, int], tenants: dict[str, str]) -> list[IntegrityProblem]:
     """Streams that end before the head the server recorded (truncation of the newest events)."""
-    path = data_dir / "state" / "state.sqlite"
+    path = DataDir(data_dir).state_db
     if not path.exists():
         return []
     state = StateDB(path)

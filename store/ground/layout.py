@@ -8,7 +8,8 @@
     <data-dir>/quarantine/               acknowledged events the lake could not store
     <data-dir>/state/state.sqlite        derived: event-id index, chain heads, emitter registry
     <data-dir>/state/server_key.pem      the server's Ed25519 key (created by the first ``custody serve``, 0600)
-    <data-dir>/index/                    derived copies for long-running readers (rows, reach)
+    <data-dir>/state/verify-checkpoint.jws, last-verify.json   incremental verification, the last run
+    <data-dir>/index/rows/, index/reach/ derived copies for long-running readers
 
 A command that reads a data dir opens it with ``DataDir.existing``, which refuses a path that is not one (a typo
 must never read as an empty log, and must never get a key created in it); only ``custody serve`` creates one.
@@ -87,8 +88,20 @@ class DataDir:
         return self.root / "state" / "server_key.pem"
 
     @property
-    def index(self) -> Path:
-        return self.root / "index"
+    def verify_checkpoint(self) -> Path:
+        return self.root / "state" / "verify-checkpoint.jws"
+
+    @property
+    def last_verify(self) -> Path:
+        return self.root / "state" / "last-verify.json"
+
+    @property
+    def row_copies(self) -> Path:
+        return self.root / "index" / "rows"
+
+    @property
+    def reach_copies(self) -> Path:
+        return self.root / "index" / "reach"
 
     def server_key(self) -> Ed25519PrivateKey:
         """The server's key, for every reader: ``MissingServerKey`` when there is none (never created here: only
