@@ -183,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     quarantine_commands = quarantine.add_subparsers(required=True, metavar="ACTION")
     quarantined = quarantine_commands.add_parser("list", help="every quarantined event with its reason")
     _data_dir_argument(quarantined)
+    quarantined.add_argument("--tenant", help="only the events whose payload names this tenant")
     quarantined.add_argument("--json", action="store_true", help="JSON lines, with each event's JWS")
     quarantined.set_defaults(run=_quarantine_list, reads_data_dir=True)
     reingest = quarantine_commands.add_parser(
@@ -548,6 +549,8 @@ def _quarantine_list(args: argparse.Namespace) -> int:
     from store.quarantine import Quarantine
 
     events = Quarantine(layout.DataDir(args.data_dir).quarantine).events()
+    if args.tenant is not None:
+        events = [event for event in events if event.tenant == args.tenant]
     for event in events:
         if args.json:
             print(orjson.dumps(event.as_json()).decode())

@@ -201,7 +201,7 @@ class _ReachQuery:
 
     def activity(self) -> _Activity:
         """One scan of the subject's events for the scopes and tools it used, the users it acted for, the agents
-        it delegated to and its event count (five scans before: 10M events, 559 -> 244 ms)."""
+        it delegated to and its event count: one GROUPING SETS pass, not one scan per question."""
         found = _Activity()
         for by_user, by_delegate, event_type, result, needed, server, name, user, delegate, count in self._rows(
             'SELECT GROUPING("user"), GROUPING(delegate_agent), type, decision_result, decision_required_scope,'

@@ -106,10 +106,9 @@ def _writer_started(idle: bool) -> None:
     server.
 
     It runs under ``SCHED_IDLE``: it gets a core only when no acknowledgement, verification or other ordinary task
-    wants it. At nice 10 its share of a busy core still delayed acks: 20-event requests at 3,400 events/s on
-    2 cores had p99 27-51 ms with it, 17-20 ms under SCHED_IDLE (6 paired runs each) and 13-15 ms with no flushes
-    at all. Under saturation it gets almost nothing (a 2-core load of 7,500 events/s for 80 s: 5,500 events
-    written), and a process cannot leave ``SCHED_IDLE`` without ``CAP_SYS_NICE``. So once the lake is
+    wants it. At nice 10 its share of a busy core still delayed acks (measured in ``bench/ingest.py``; see the
+    changelog's performance history). Under saturation it gets almost nothing, and a process cannot leave
+    ``SCHED_IDLE`` without ``CAP_SYS_NICE``. So once the lake is
     ``catch_up_after`` seconds behind, the flusher replaces it, even in the middle of a write, with a writer at
     normal priority, which drops to ``SCHED_IDLE`` once the lake has caught up (``Store._write_segment``).
     Acknowledged events are in the WAL all along."""

@@ -109,9 +109,8 @@ class PacedFile:
 
     Written in one go and fsync'd at the end, a lake file (3 MB a second at 2,000 events/s, 24 MB a compaction)
     puts all its bytes in the disk's queue at once, and a WAL fdatasync behind them waits for them. Synced every
-    512 KiB, no more than that is queued ahead of an ack. ``bench/disk.py`` (the WAL's appends beside a lake-like
-    writer), 3 rounds: WAL fdatasync p99 4.1-6.1 ms, p99.9 12-23 ms, max 49-53 ms in one go; p99 2.3-3.6 ms,
-    p99.9 6.4-22 ms, max 9-33 ms paced.
+    512 KiB, no more than that is queued ahead of an ack. ``bench/disk.py`` measures the WAL's fdatasync beside a
+    lake-like writer both ways.
     """
 
     def __init__(self, path: Path, sync_every: int = SYNC_EVERY_BYTES) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 
 from store.ground.errors import CorruptState
+from store.ground.jws import decode_payload
 from store.wal import WalRecord, fsync_directory
 
 __all__ = ["Quarantine", "QuarantinedEvent"]
@@ -34,11 +35,22 @@ class QuarantinedEvent:
     reason: str
     record: WalRecord
 
+    @property
+    def tenant(self) -> str | None:
+        """The tenant the event's payload names, or None where it names none a string can hold (the JWS was
+        verified at ingest, but a quarantined payload is exactly the kind the lake could not take)."""
+        try:
+            tenant = decode_payload(self.record.jws).get("tenant")
+        except (ValueError, IndexError, AttributeError):
+            return None
+        return tenant if isinstance(tenant, str) else None
+
     def as_json(self) -> dict[str, object]:
         record = self.record
         return {
             "segment": self.segment,
             "reason": self.reason,
+            "tenant": self.tenant,
             "event_id": record.event_id,
             "emitter": record.emitter,
             "seq": record.seq,

@@ -133,6 +133,15 @@ def _no_stray_processes() -> Iterator[None]:
         process.wait(timeout=30)
 
 
+@pytest.fixture(autouse=True)
+def _main_module_kept() -> Iterator[None]:
+    """Streamlit's script runner (AppTest) installs the page it runs as ``sys.modules["__main__"]`` and leaves it
+    there; a process pool started later with the spawn method would then run the dashboard page in every child."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
 class ServerProcess:
     """A real `custody serve` process on 127.0.0.1."""
 

@@ -79,19 +79,20 @@ def test_drain_waits_for_appends_that_began_before_it(tmp_path: Path) -> None:
     index = IndexWriter(state)
     batch = entries(2)
     ticket = index.begin()
+    drained = threading.Event()
 
-    def late_append() -> None:
-        time.sleep(0.3)
-        index.add(batch)
-        index.end(ticket)
+    def drain() -> None:
+        index.drain()
+        drained.set()
 
-    thread = threading.Thread(target=late_append)
-    thread.start()
-    started = time.monotonic()
-    index.drain()
-    assert time.monotonic() - started >= 0.25
+    draining = threading.Thread(target=drain)
+    draining.start()
+    assert not drained.wait(0.2), "drain returned while an append that began before it was still open"
+    index.add(batch)
+    index.end(ticket)
+    draining.join(timeout=10)
+    assert drained.is_set()
     assert set(state.find_event_ids([e.event_id for e in batch])) == {e.event_id for e in batch}
-    thread.join()
 
 
 def test_a_failing_index_keeps_wal_segments_until_sqlite_has_their_entries(tmp_path: Path) -> None:

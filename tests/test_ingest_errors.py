@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -305,12 +304,15 @@ def test_one_event_id_from_two_emitters_at_once_is_accepted_once(
     first = payload("gw-1")
     other = payload("gw-2", event_id=first["event_id"])
     real_fdatasync = os.fdatasync
+    in_append, release = threading.Event(), threading.Event()
 
-    def slow_fdatasync(fd: int) -> None:  # the first request is mid-append when the second one decides
-        time.sleep(0.3)
+    def held_fdatasync(fd: int) -> None:  # the first request is mid-append while the second one decides
+        if not in_append.is_set():
+            in_append.set()
+            assert release.wait(10)
         real_fdatasync(fd)
 
-    monkeypatch.setattr("store.wal.os.fdatasync", slow_fdatasync)
+    monkeypatch.setattr("store.wal.os.fdatasync", held_fdatasync)
     outcomes: dict[str, list[Any]] = {}
 
     def post(name: str, token: str) -> None:
@@ -321,8 +323,10 @@ def test_one_event_id_from_two_emitters_at_once_is_accepted_once(
         threading.Thread(target=post, args=("gw-2", sign(other, key2, kid2))),
     ]
     threads[0].start()
-    time.sleep(0.1)
+    assert in_append.wait(10)
     threads[1].start()
+    threads[1].join(timeout=0.2)  # it waits for gw-1's append (or, if slower to start, finds it done: same answer)
+    release.set()
     for thread in threads:
         thread.join()
     assert outcomes["gw-1"][0].status.value == "accepted"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import pytest
 
 from custody.cli import main
@@ -109,6 +110,10 @@ def test_quarantine_list_and_reingest(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"segment 3: event {bad.event_id} (gw-1 seq 3): credential_expires_at" in listed
     assert f"segment 4: event {storable.event_id} (gw-1 seq 9): refused by an older version" in listed
     assert "2 quarantined events" in listed
+    assert main(["quarantine", "list", "--data-dir", str(data), "--tenant", "acme", "--json"]) == 0
+    assert [orjson.loads(line)["tenant"] for line in capsys.readouterr().out.splitlines()] == ["acme", "acme"]
+    assert main(["quarantine", "list", "--data-dir", str(data), "--tenant", "globex"]) == 0
+    assert capsys.readouterr().out == "0 quarantined events\n"
 
     assert main(["quarantine", "reingest", "--data-dir", str(data)]) == 1  # one is still refused
     out = capsys.readouterr().out

@@ -4,12 +4,11 @@ An agent's events are spread over every row group of every lake file (files hold
 and seq), so a blast radius over the lake decodes the resource, scope and tool columns of all 10M rows to use the
 4% that are the agent's. A *reach copy* of a lake file holds only the columns the blast radius reads (plus the
 file's tenant), sorted by ``agent`` then ``credential_id``, in row groups of 16,384 rows: the agent's rows are
-contiguous, and DuckDB skips every row group whose ``agent`` statistics exclude it (10M events: resources 0.53 ->
-0.26 s, granted scopes 0.40 -> 0.14 s). Each copy also carries, in its Parquet metadata, the file's tool -> scope
-map, which would otherwise be a scan of the whole lake on every call (0.26 s). A file of more than 262,144 events
-(a compacted day of a busy tenant) is copied in sorted runs of that many, so that writing its copy takes no more
-memory than a smaller file's (2,560,000 events: 483 MiB, where sorting it whole took 1,840 MiB); an agent's rows
-are then contiguous within each run.
+contiguous, and DuckDB skips every row group whose ``agent`` statistics exclude it. Each copy also carries, in its
+Parquet metadata, the file's tool -> scope map, which would otherwise be a scan of the whole lake on every call.
+A file of more than 262,144 events (a compacted day of a busy tenant) is copied in sorted runs of that many, so
+that writing its copy takes no more memory than a smaller file's (sorting a big file whole costs several times
+its size); an agent's rows are then contiguous within each run.
 
 Copies are derived data in ``<data-dir>/index/reach/`` (see ``query.index.copies``): a blast radius uses the copy of
 every file that has a current one and reads the lake file itself for the rest, so the answer never depends on

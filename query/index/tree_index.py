@@ -9,12 +9,12 @@ and ``delegation_path`` walks them with the same lookups it runs as SQL over the
 two).
 
 Reading a few rows out of a lake file means decoding a whole row group (128k rows); small row groups would make
-every scan of the lake slower (blast radius 2.7 -> 4.3 s at 10M events with 8k-row groups). So each lake file
+every scan of the lake slower (more row groups, more per-group overhead). So each lake file
 gets a *row copy* beside the lake, ``<data-dir>/index/rows/``: its columns without ``jws``, in the same row order,
 in row groups of 2,048 rows. It is derived data, named after the lake file's path, size and modification time,
 rebuilt when those change, and removed when the file goes. Where it cannot be written (a read-only data dir) the
-rows are read from the lake file itself, only slower. Files are read 65,536 rows at a time: indexing a file of
-2,560,000 events peaks at 511 MiB, where reading it whole took 2,595 MiB.
+rows are read from the lake file itself, only slower. Files are read 65,536 rows at a time, so indexing a big
+file takes memory for one batch, not for the file.
 
 Hashes only locate rows: every row read is checked against the event id hash the index expects, and the SQL then
 matches the real ids, so a hash collision costs an extra row, never a wrong answer. The index is built from the
