@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import orjson
-from fastapi import FastAPI, Header, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -26,10 +26,13 @@ from ingest.codes import ErrorCode, Status
 from ingest.server import IngestServer
 from store.ground.envelope import bearer, envelope, error_response, errors, finish_openapi, install_error_envelope
 from store.ground.errors import CustodyError, InvalidInput, StorageUnavailable, Unauthorized
+from store.log_http import proof_or_invalid, read_tile
 
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+_IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 class PayloadTooLarge(InvalidInput):
@@ -51,6 +54,7 @@ class EventResult(BaseModel):
     status: Status
     error: ErrorCode | None = Field(description="the rejection's code (docs/protocol.md); null unless rejected")
     detail: str | None
+    log_index: int | None = Field(description="an accepted event's leaf index in the transparency log; else null")
 
 
 class HeadModel(BaseModel):
@@ -62,6 +66,14 @@ class EventsResponse(BaseModel):
     errors: bool
     results: list[EventResult]
     heads: dict[str, HeadModel]
+    receipt: str | None = Field(
+        description="JWS by the server's key over the accepted events' hashes and log indexes (docs/transparency.md)"
+    )
+
+
+class ProofModel(BaseModel):
+    tree_size: int
+    proof: list[str] = Field(description="base64 SHA-256 hashes, RFC 6962 order")
 
 
 class KeyView(BaseModel):
@@ -219,6 +231,32 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
             verify_head_proof(token, emitter_id, server.keys)
         server.registry.view(emitter_id)  # 404 for unknown emitters
         return JSONResponse(server.service.head(emitter_id).as_json())
+
+    @app.get("/checkpoint", response_class=PlainTextResponse, responses=errors(e404="not_found: no checkpoint yet"))
+    async def checkpoint() -> Response:
+        """The newest signed checkpoint of the transparency log (c2sp.org/tlog-checkpoint)."""
+        note = server.store.merkle.reader.checkpoint_note()
+        if note is None:
+            return error_response(404, "not_found", "the log has signed no checkpoint yet")
+        return PlainTextResponse(note, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/tile/{path:path}", response_class=Response, responses=errors(e404="not_found: no such tile"))
+    async def tile(path: str) -> Response:
+        """A tile or entry bundle exactly as c2sp.org/tlog-tiles lays them out (immutable)."""
+        data = await run_in_threadpool(read_tile, server.store.merkle.tiles, path)
+        return Response(data, media_type="application/octet-stream", headers={"Cache-Control": _IMMUTABLE})
+
+    @app.get(
+        "/v1/log/consistency",
+        response_model=ProofModel,
+        responses=errors(e400="invalid_input: sizes outside the newest checkpoint, or from > to"),
+    )
+    async def log_consistency(
+        old: Annotated[int, Query(alias="from", ge=0)], new: Annotated[int, Query(alias="to", ge=0)]
+    ) -> JSONResponse:
+        """RFC 6962 consistency proof from tree size ``from`` to ``to`` (at most the newest checkpoint's)."""
+        proof = await run_in_threadpool(proof_or_invalid, server.store.merkle.consistency, old, new)
+        return JSONResponse({"tree_size": new, "proof": proof})
 
     @app.get("/healthz", responses=errors(e503="starting: replaying the write-ahead log; or overloaded"))
     async def healthz() -> JSONResponse:

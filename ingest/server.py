@@ -13,7 +13,7 @@ from pathlib import Path
 from ingest.admin import Registry
 from ingest.auth import AdminToken
 from ingest.metrics import IngestMetrics
-from ingest.service import BatchOutcome, IngestService, Limits
+from ingest.service import BatchOutcome, IngestService, Limits, Receipts
 from ingest.verifiers import VerifierPool
 from store.engine import Store
 from store.ground.keys import KeyRing
@@ -59,7 +59,10 @@ class IngestServer:
         if self.verify_workers > 0:
             restarts = self.metrics.watch_verifiers(lambda: 0 if self.verifiers is None else self.verifiers.running)
             self.verifiers = VerifierPool(self.verify_workers, on_replace=restarts.inc)
+        self.store.merkle.sign_with(server_key.private_key)
         self.service = IngestService(self.store, self.keys, self.limits)
+        assert self.store.merkle.key is not None
+        self.service.receipts = Receipts(server_key.private_key, server_key.kid, self.store.merkle.key.name)
         self.registry = Registry(self.service, self.keys, server_key)
         self.registry.start(created)
         self.store.start_flusher()

@@ -13,18 +13,22 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ingest.checks import Rejected, Verified, check_event
 from ingest.codes import ErrorCode, Status
 from store.engine import Store
+from store.ground.jws import sign_compact
 from store.ground.keys import KeyRing
 from store.state import Head
 from store.wal import WalRecord
 
-__all__ = ["BatchOutcome", "EventResult", "IngestService", "Limits"]
+__all__ = ["BatchOutcome", "EventResult", "IngestService", "Limits", "Receipts"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class EventResult:
     status: Status
     error: ErrorCode | None = None
     detail: str | None = None
+    log_index: int | None = None  # an accepted event's leaf in the transparency log
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +55,7 @@ class EventResult:
             "status": self.status.value,
             "error": None if self.error is None else self.error.value,
             "detail": self.detail,
+            "log_index": self.log_index,
         }
 
 
@@ -57,6 +63,7 @@ class EventResult:
 class BatchOutcome:
     results: list[EventResult]
     heads: dict[str, Head] = field(default_factory=dict)
+    receipt: str | None = None  # JWS by the server over what this request made durable (docs/transparency.md)
 
     @property
     def errors(self) -> bool:
@@ -67,6 +74,7 @@ class BatchOutcome:
             "errors": self.errors,
             "results": [result.as_json() for result in self.results],
             "heads": {emitter: head.as_json() for emitter, head in sorted(self.heads.items())},
+            "receipt": self.receipt,
         }
 
 
@@ -82,6 +90,7 @@ class IngestService:
         # the same event_id, so without this both could be accepted and the lake would hold the id twice
         self._claimed: set[str] = set()
         self._claims_changed = threading.Condition()
+        self.receipts: Receipts | None = None  # set once the server key is loaded
 
     def head(self, emitter: str) -> Head:
         return self._heads.get(emitter, Head())
@@ -115,7 +124,7 @@ class IngestService:
             stack.enter_context(self._claim(event_ids))
             results, accepted, heads = self._chain(checked)
             received_at_us = time.time_ns() // 1000
-            self.store.append(
+            first = self.store.append(
                 [
                     WalRecord(
                         item.event_id, item.emitter, item.seq, item.event_hash, received_at_us, item.kid, item.jws
@@ -124,7 +133,11 @@ class IngestService:
                 ]
             )
             self._heads.update(heads)
-        return BatchOutcome(results, {emitter: self.head(emitter) for emitter in emitters})
+        numbered = _numbered(results, first)
+        receipt = None
+        if accepted and self.receipts is not None:
+            receipt = self.receipts.sign(accepted, first, received_at_us)
+        return BatchOutcome(numbered, {emitter: self.head(emitter) for emitter in emitters}, receipt)
 
     @contextmanager
     def _claim(self, event_ids: set[str]) -> Iterator[None]:
@@ -211,6 +224,37 @@ class IngestService:
                 f" got {item.prev_hash}",
             )
         return EventResult(item.event_id, Status.ACCEPTED)
+
+
+def _numbered(results: list[EventResult], first: int) -> list[EventResult]:
+    """The accepted results with their log indexes, in the order they were appended."""
+    numbered = []
+    for result in results:
+        if result.status is Status.ACCEPTED:
+            result = replace(result, log_index=first)
+            first += 1
+        numbered.append(result)
+    return numbered
+
+
+class Receipts:
+    """Signs, per request, what it made durable: a compact JWS (EdDSA, the server's key) whose payload is
+    ``{"log": origin, "received_at": RFC 3339, "events": [{"event_id", "event_hash", "log_index"}, ...]}``."""
+
+    def __init__(self, private: Ed25519PrivateKey, kid: str, origin: str) -> None:
+        self._private, self._kid, self._origin = private, kid, origin
+
+    def sign(self, accepted: list[Verified], first: int, received_at_us: int) -> str:
+        received = datetime.fromtimestamp(received_at_us / 1e6, UTC).isoformat(timespec="microseconds")
+        payload = {
+            "log": self._origin,
+            "received_at": received.replace("+00:00", "Z"),
+            "events": [
+                {"event_id": item.event_id, "event_hash": item.event_hash, "log_index": first + number}
+                for number, item in enumerate(accepted)
+            ],
+        }
+        return sign_compact(orjson.dumps(payload), self._private, self._kid)
 
 
 def _reject(item: Verified, code: ErrorCode, detail: str) -> EventResult:

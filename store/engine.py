@@ -26,11 +26,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from store.ground.errors import CustodyError, StorageUnavailable
+from store.ground.errors import CorruptState, CustodyError, StorageUnavailable
 from store.ground.jws import decode_payload
 from store.ground.layout import SERVER_EMITTER, DataDir
 from store.indexer import IndexWriter
 from store.lake import Lake, SegmentWrite
+from store.merkle_log import MerkleLog
 from store.orphans import exit_with_parent, name_process
 from store.state import IndexEntry, StateDB
 from store.wal import WalRecord, WriteAheadLog, read_records
@@ -171,13 +172,17 @@ class Store:
         flush_interval: float = 1.0,
         writer_process: bool = True,
         catch_up_after: float = CATCH_UP_AFTER,
+        publish_interval: float = 0.5,
     ) -> None:
         self.data_dir = data_dir
         self.flush_interval = flush_interval
+        self.publish_interval = publish_interval  # how often new leaves join the Merkle log and get a checkpoint
         self.catch_up_after = catch_up_after
         self._catching_up = False  # the lake writer runs at normal priority until the lake has caught up
         self.layout = DataDir(data_dir)
         self.lake = Lake(self.layout.lake)
+        self.merkle = MerkleLog(self.layout)
+        self._publisher: threading.Thread | None = None
         self.flush_stats = FlushStats()
         self._lock_fd: int | None = None
         self._stop = threading.Event()
@@ -207,7 +212,11 @@ class Store:
         self.index = IndexWriter(self.state)
         if not self.state.complete:
             self._rebuild_state(progress)
-        self.wal = WriteAheadLog(self.layout.wal, first_segment=self._highest_segment() + 1)
+        self.layout.log.mkdir(mode=0o700, exist_ok=True)
+        self.merkle.recover(self._leaves_from, progress)
+        self.wal = WriteAheadLog(
+            self.layout.wal, first_segment=self._highest_segment() + 1, next_log_index=self.merkle.size
+        )
         self.flush_stats.quarantined_events = self.lake.quarantine.count()
         self._replay(progress)
 
@@ -219,6 +228,8 @@ class Store:
             self._writer, self._writer_pid = _start_writer(idle=True)
         self._flusher = threading.Thread(target=self._flush_loop, name="custody-flusher", daemon=True)
         self._flusher.start()
+        self._publisher = threading.Thread(target=self._publish_loop, name="custody-log", daemon=True)
+        self._publisher.start()
         self.index.start()
 
     def close(self) -> None:
@@ -226,6 +237,12 @@ class Store:
         self._stop.set()
         if self._flusher is not None:
             self._flusher.join()
+        if self._publisher is not None:
+            self._publisher.join()
+        try:
+            self.merkle.publish()
+        except (OSError, CustodyError) as exc:
+            log.error("final checkpoint failed; the next start rebuilds it from the write-ahead log: %s", exc)
         self._flushing_in_background = False  # the last flush runs here: no process to start for it
         try:
             self.flush()
@@ -279,6 +296,31 @@ class Store:
         self.state.record_events([], [(change, occurred_at) for _, change, occurred_at in admin])
         self.state.mark_complete()
 
+    def _leaves_from(self, start: int) -> list[tuple[int, str]]:
+        """(log index, event hash) of every event at ``start`` or later in the lake, the quarantine and the WAL;
+        an index held twice with two hashes is refused."""
+        found: dict[int, str] = {}
+
+        def take(index: int | None, digest: str, where: object) -> None:
+            if index is None or index < start:
+                return
+            if found.setdefault(index, digest) != digest:
+                raise CorruptState(f"log index {index} is held by two events ({found[index]} and {digest}, {where})")
+
+        for path in self.lake.files():
+            parquet = pq.ParquetFile(path, pre_buffer=False)
+            if "log_index" not in parquet.schema_arrow.names:  # written before the transparency log
+                continue
+            table = pq.read_table(path, columns=["log_index", "event_hash"], filters=[("log_index", ">=", start)])
+            for index, digest in zip(table["log_index"].to_pylist(), table["event_hash"].to_pylist(), strict=True):
+                take(index, digest, path)
+        for event in self.lake.quarantine.events():
+            take(event.record.log_index, event.record.event_hash, "quarantine")
+        for path in sorted(self.layout.wal.glob("*.wal")):
+            for record in read_records(path)[0]:
+                take(record.log_index, record.event_hash, path)
+        return sorted(found.items())
+
     def _replay(self, progress: Callable[[str], None]) -> None:
         segments = self.wal.segments()
         if segments:
@@ -296,14 +338,16 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------------------------------
 
-    def append(self, records: Sequence[WalRecord]) -> None:
+    def append(self, records: Sequence[WalRecord]) -> int:
         """Make records durable (one fsync), then index them: visible to lookups at once, written to SQLite behind
-        the ack (``store.indexer``). Raises StorageUnavailable; then nothing is indexed."""
+        the ack (``store.indexer``), in the Merkle log at its next publish. Return the log index of the first
+        record (the others follow it). Raises StorageUnavailable; then nothing is indexed."""
         if not records:
-            return
+            return self.wal.next_log_index
         ticket = self.index.begin()
         try:
-            segment = self.wal.append(records)
+            segment, first = self.wal.append(records)
+            self.merkle.add(first, [record.event_hash for record in records])
             self._index(records)
         finally:
             self.index.end(ticket)
@@ -314,6 +358,7 @@ class Store:
             else:
                 self._pending.append((segment, len(records), time.monotonic()))
             self._update_stats()
+        return first
 
     def _index(self, records: Sequence[WalRecord], *, now: bool = False) -> None:
         """Index durable records; admin changes (and, with ``now``, everything) in this thread."""
@@ -455,6 +500,13 @@ class Store:
     def _update_stats(self) -> None:
         self.flush_stats.unflushed_events = sum(count for _, count, _ in self._pending)
         self.flush_stats.oldest_unflushed_at = min((since for _, _, since in self._pending), default=None)
+
+    def _publish_loop(self) -> None:
+        while not self._stop.wait(self.publish_interval):
+            try:
+                self.merkle.publish()
+            except Exception:  # the next round retries; every leaf stays in the WAL and the lake meanwhile
+                log.exception("publishing the transparency log failed, will retry")
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_interval):

@@ -71,7 +71,9 @@ _TENANT = re.compile(r"[a-z0-9_][a-z0-9._-]{0,127}")  # a protocol tenant id, or
 
 def signed_event(record: WalRecord) -> Signed:
     """A record's signed payload with what the lake stores beside it."""
-    return Signed(decode_payload(record.jws), record.jws, record.kid, record.event_hash, record.received_at_us)
+    return Signed(
+        decode_payload(record.jws), record.jws, record.kid, record.event_hash, record.received_at_us, record.log_index
+    )
 
 
 def signed_events(records: Iterable[WalRecord]) -> Iterator[Signed]:

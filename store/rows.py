@@ -34,6 +34,7 @@ LAKE_COLUMNS: Final[tuple[tuple[str, ColumnKind], ...]] = (
     ("type", "string"),
     ("occurred_at", "timestamp"),
     ("received_at", "timestamp"),
+    ("log_index", "int64"),
     ("emitter", "string"),
     ("seq", "int64"),
     ("prev_hash", "string"),
@@ -82,6 +83,7 @@ COLUMN_SOURCES: Final[dict[str, tuple[str, str]]] = {
     "type": ("signed", "type"),
     "occurred_at": ("signed", "occurred_at"),
     "received_at": ("server", "the server's clock when it acknowledged the event"),
+    "log_index": ("server", "the event's leaf index in the transparency log (docs/transparency.md)"),
     "emitter": ("signed", "emitter"),
     "seq": ("signed", "seq"),
     "prev_hash": ("signed", "prev_hash"),
@@ -140,6 +142,7 @@ class Signed(NamedTuple):
     kid: str
     event_hash: str
     received_at_us: int
+    log_index: int | None = None  # None: written before the transparency log existed
 
 
 def delegation_chain(delegation: dict[str, Any] | None) -> list[str]:
@@ -172,6 +175,7 @@ def row_values(event: Signed) -> tuple[Any, ...]:
         payload["type"],
         payload["occurred_at"],
         event.received_at_us,
+        event.log_index,
         payload["emitter"],
         payload["seq"],
         payload["prev_hash"],

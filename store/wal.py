@@ -5,7 +5,10 @@ A log is a directory of numbered segment files. Each ``append`` writes one batch
 ``rotate``s the active segment, turns closed segments into Parquet, then ``remove``s them.
 
 Frame: ``<u32 length><u32 crc32(body)><body>``, body = orjson ``[event_id, emitter, seq, event_hash, received_at_us,
-kid, jws]``. A torn frame at the end of a segment (a crash mid-write, never acknowledged) is cut off on recovery; a bad
+kid, jws, log_index]`` (segments written before the transparency log have no ``log_index``). ``append`` numbers the
+records it writes with consecutive log indexes, in the order they reach the file: the order of durable
+acknowledgement. A write cut away after a failure gives its indexes back, so the numbering never has a hole.
+A torn frame at the end of a segment (a crash mid-write, never acknowledged) is cut off on recovery; a bad
 frame followed by more data is corruption, and the segment is moved to ``quarantine/`` rather than trusted.
 """
 
@@ -16,7 +19,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +44,13 @@ class WalRecord:
     received_at_us: int
     kid: str
     jws: str
+    log_index: int | None = None
 
-    def encode(self) -> bytes:
+    def encode(self, log_index: int | None = None) -> bytes:
+        """The record's frame, numbered ``log_index`` (its own when None)."""
+        index = self.log_index if log_index is None else log_index
         body = orjson.dumps(
-            [self.event_id, self.emitter, self.seq, self.event_hash, self.received_at_us, self.kid, self.jws]
+            [self.event_id, self.emitter, self.seq, self.event_hash, self.received_at_us, self.kid, self.jws, index]
         )
         return _FRAME.pack(len(body), zlib.crc32(body)) + body
 
@@ -60,7 +66,7 @@ def fsync_directory(path: Path) -> None:
 class WriteAheadLog:
     """Segmented append-only log; thread-safe. Segment numbers never repeat (see ``first_segment``)."""
 
-    def __init__(self, directory: Path, *, first_segment: int = 1) -> None:
+    def __init__(self, directory: Path, *, first_segment: int = 1, next_log_index: int = 0) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = self.segments()
@@ -73,6 +79,8 @@ class WriteAheadLog:
         self._syncing = False
         self._durable: tuple[int, int] = (0, 0)  # (segment, offset) up to which writes are on disk
         self._failed: tuple[int, int] = (0, 0)  # writes up to here were cut away after a failed fsync
+        self.next_log_index = next_log_index  # of the next record written (under the segment lock)
+        self._index_at: dict[int, int] = {}  # active segment offset -> the log index of the record written there
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -119,21 +127,22 @@ class WriteAheadLog:
 
     # -- writing ----------------------------------------------------------------------------------------------
 
-    def append(self, records: Iterable[WalRecord]) -> int:
-        """Write records and return once they are on disk; return the segment they are in. Raises
-        StorageUnavailable, and then none of them will ever be read back.
+    def append(self, records: Sequence[WalRecord]) -> tuple[int, int]:
+        """Write records and return once they are on disk: the segment they are in and the log index of the first
+        (the rest follow it). Raises StorageUnavailable, and then none of them will ever be read back.
 
         Group commit: the write happens under the segment lock, the fsync after it. Requests that wrote while an
         fsync was running wait for the next one, which a single thread runs for all of them: under concurrent
         requests there is one fsync per group, never more than one per request, and a request never waits for the
         segment lock while another request's fsync runs."""
-        frames = b"".join(record.encode() for record in records)
         with self._lock:
             try:
                 fd = self._open_active()
             except OSError as exc:
                 raise StorageUnavailable(f"cannot open write-ahead log segment: {exc.strerror}") from exc
             start = self._size
+            first = self.next_log_index
+            frames = b"".join(record.encode(first + number) for number, record in enumerate(records))
             try:
                 view = memoryview(frames)
                 while view:
@@ -142,10 +151,12 @@ class WriteAheadLog:
             except OSError as exc:
                 self._abandon_tail(fd, start)
                 raise StorageUnavailable(f"cannot persist to the write-ahead log: {exc.strerror}") from exc
+            self._index_at[start] = first
             self._size = start + len(frames)
+            self.next_log_index = first + len(records)
             mine = (self._active, self._size)
         self._wait_durable(mine)
-        return mine[0]
+        return mine[0], first
 
     def _wait_durable(self, mine: tuple[int, int]) -> None:
         while True:
@@ -237,6 +248,8 @@ class WriteAheadLog:
                 "wal segment %d: could not cut back to %d bytes after a failed write: %s", self._active, start, exc
             )
         self._settle(durable=(self._active, start) if kept else None, failed=(self._active, max(self._size, start)))
+        self.next_log_index = self._index_at.get(start, self.next_log_index)  # the cut writes' indexes are free again
+        self._index_at.clear()
         os.close(fd)
         self._fd = None
         self._active += 1
@@ -266,6 +279,7 @@ class WriteAheadLog:
                     self._fail_unsynced()
                 else:
                     self._settle(durable=(self._active, self._size))
+                    self._index_at.clear()
                     os.close(self._fd)
                     closed = self._active
                     self._fd = None

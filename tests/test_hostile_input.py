@@ -173,7 +173,7 @@ def test_request_level_errors(harness: Harness) -> None:
         assert response.json()["error"]["code"] == code
         assert_envelope(response)
     empty = harness.client.post("/v1/events", json={"events": []})
-    assert empty.json() == {"errors": False, "results": [], "heads": {}}
+    assert empty.json() == {"errors": False, "results": [], "heads": {}, "receipt": None}
 
 
 def test_unknown_routes_and_methods_use_the_envelope(harness: Harness) -> None:

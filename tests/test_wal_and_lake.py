@@ -12,6 +12,7 @@ import time
 import types
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,15 +39,19 @@ def records(count: int, emitter: str = "gw-1") -> list[WalRecord]:
     ]
 
 
+def numbered(batch: list[WalRecord], first: int) -> list[WalRecord]:
+    return [replace(record, log_index=first + n) for n, record in enumerate(batch)]
+
+
 def test_append_read_rotate_remove(tmp_path: Path) -> None:
-    wal = WriteAheadLog(tmp_path)
+    wal = WriteAheadLog(tmp_path, next_log_index=7)
     batch = records(5)
-    assert wal.append(batch[:3]) == 1
-    assert wal.append(batch[3:]) == 1
+    assert wal.append(batch[:3]) == (1, 7)
+    assert wal.append(batch[3:]) == (1, 10)
     assert wal.rotate() == 1
     assert wal.rotate() is None  # nothing new: no empty segments
-    assert wal.append(batch[:1]) == 2
-    assert wal.read_segment(1) == batch
+    assert wal.append(batch[:1]) == (2, 12)
+    assert wal.read_segment(1) == numbered(batch, 7)
     assert wal.segments() == [1, 2]
     wal.remove(1)
     assert wal.segments() == [2]
@@ -55,7 +60,7 @@ def test_append_read_rotate_remove(tmp_path: Path) -> None:
 
 def test_segment_numbers_continue_after_the_highest_flushed(tmp_path: Path) -> None:
     wal = WriteAheadLog(tmp_path, first_segment=42)
-    assert wal.append(records(1)) == 42
+    assert wal.append(records(1)) == (42, 0)
     wal.close()
     assert WriteAheadLog(tmp_path, first_segment=10).active_segment == 43
 
@@ -69,7 +74,7 @@ def test_a_torn_tail_is_cut_and_the_whole_records_kept(tmp_path: Path, caplog: p
     data = path.read_bytes()
     path.write_bytes(data + batch[0].encode()[:-7])  # a write that died half way
     with caplog.at_level(logging.WARNING):
-        assert WriteAheadLog(tmp_path).read_segment(1, repair=True) == batch
+        assert WriteAheadLog(tmp_path).read_segment(1, repair=True) == numbered(batch, 0)
     assert "torn record" in caplog.text
     assert path.read_bytes() == data
 
@@ -81,12 +86,12 @@ def test_a_corrupt_record_in_the_middle_is_quarantined(tmp_path: Path, caplog: p
     wal.close()
     path = tmp_path / "000000000001.wal"
     data = bytearray(path.read_bytes())
-    second = len(batch[0].encode())
+    second = len(batch[0].encode(0))
     data[second + 20] ^= 0xFF  # flip a byte inside record 2
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.ERROR):
         kept = WriteAheadLog(tmp_path).read_segment(1, repair=True)
-    assert kept == batch[:1]
+    assert kept == numbered(batch[:1], 0)
     assert (tmp_path / "quarantine" / "000000000001.wal").read_bytes() == bytes(data)
     assert f"bad record at offset {second}" in caplog.text
 
@@ -194,11 +199,13 @@ def test_group_commit_acknowledges_every_write_with_fewer_fsyncs(
     calls = _slow_fsync(monkeypatch)
     batches = [records(3, f"gw-{n}") for n in range(40)]
     with ThreadPoolExecutor(8) as pool:
-        segments = list(pool.map(wal.append, batches))
-    assert set(segments) == {1}
+        appended = list(pool.map(wal.append, batches))
+    assert {segment for segment, _ in appended} == {1}
     assert len(calls) < len(batches)  # writers that arrive during an fsync share the next one
     stored = wal.read_segment(1)
     assert sorted(r.event_id for r in stored) == sorted(r.event_id for b in [warm, *batches] for r in b)
+    assert [r.log_index for r in stored] == list(range(1 + 3 * len(batches)))  # in file order, no hole
+    assert sorted(first for _, first in appended) == list(range(1, 1 + 3 * len(batches), 3))
 
 
 def test_a_failed_group_fsync_fails_exactly_the_writes_it_covered(
@@ -228,6 +235,9 @@ def test_a_failed_group_fsync_fails_exactly_the_writes_it_covered(
         ids = {r.event_id for r in batch}
         # acknowledged: on disk; failed: never read back (nothing unacknowledged resurfaces in the lake)
         assert (ids <= on_disk) if ok else not (ids & on_disk), (ok, sorted(ids))
+    # the cut writes gave their log indexes back: what is on disk is numbered without a hole
+    indexes = sorted(r.log_index or 0 for segment in wal.segments() for r in wal.read_segment(segment))
+    assert indexes == list(range(len(indexes)))
 
 
 def test_rotate_creates_the_next_segment_ahead_and_close_does_not(tmp_path: Path) -> None:
@@ -237,12 +247,12 @@ def test_rotate_creates_the_next_segment_ahead_and_close_does_not(tmp_path: Path
     assert wal.rotate() == 1
     assert wal.path(2).exists(), "the next segment is created by rotate, not by the next request"
     assert wal.read_segment(2) == []
-    assert wal.append(batch[2:3]) == 2
-    assert wal.read_segment(2) == batch[2:3]
+    assert wal.append(batch[2:3]) == (2, 2)
+    assert wal.read_segment(2) == numbered(batch[2:3], 2)
     wal.close()
     assert wal.segments() == [1, 2], "close leaves no empty segment behind"
-    reopened = WriteAheadLog(tmp_path)
-    assert reopened.append(batch[3:]) == 3
+    reopened = WriteAheadLog(tmp_path, next_log_index=3)
+    assert reopened.append(batch[3:]) == (3, 3)
     reopened.close()
 
 

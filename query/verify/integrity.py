@@ -38,7 +38,8 @@ __all__ = ["IntegrityProblem", "IntegrityReport", "compare_heads", "verify_event
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = [name for name in EVENT_SCHEMA.names if name not in ("jws", "received_at")]  # received_at: not signed
+# Assigned by the server, not signed: received_at, and log_index (checked against the Merkle log by query.verify.log)
+_COLUMNS = [name for name in EVENT_SCHEMA.names if name not in ("jws", "received_at", "log_index")]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 

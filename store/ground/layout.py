@@ -10,6 +10,8 @@
     <data-dir>/state/server_key.pem      the server's Ed25519 key (created by the first ``custody serve``, 0600)
     <data-dir>/state/verify-checkpoint.jws, last-verify.json   incremental verification, the last run
     <data-dir>/index/rows/, index/reach/ derived copies for long-running readers
+    <data-dir>/log/tile/...              the transparency log's tiles (c2sp.org/tlog-tiles; store.merkle_log)
+    <data-dir>/log/checkpoint, log/checkpoints.jsonl   its newest signed checkpoint, and every one it signed
 
 A command that reads a data dir opens it with ``DataDir.existing``, which refuses a path that is not one (a typo
 must never read as an empty log, and must never get a key created in it); only ``custody serve`` creates one.
@@ -102,6 +104,22 @@ class DataDir:
     @property
     def reach_copies(self) -> Path:
         return self.root / "index" / "reach"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def log_tiles(self) -> Path:
+        return self.root / "log" / "tile"
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.root / "log" / "checkpoint"
+
+    @property
+    def checkpoint_history(self) -> Path:
+        return self.root / "log" / "checkpoints.jsonl"
 
     def server_key(self) -> Ed25519PrivateKey:
         """The server's key, for every reader: ``MissingServerKey`` when there is none (never created here: only

@@ -1,0 +1,153 @@
+"""The transparency log in a running server: log indexes in acks and in the lake, signed receipts, checkpoints,
+tiles and proofs over HTTP, recovery after a restart or lost tiles, and refusal of a lake that lost an event."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from store.ground.errors import CorruptState
+from store.ground.jws import decode_payload, parse_compact, verify_signature
+from store.ground.layout import DataDir
+from store.ground.tlog import NoteKey, leaf_hash, open_checkpoint, verify_consistency, verify_inclusion
+from store.merkle_log import log_origin
+from tests.conftest import Harness, open_harness, read_lake
+from tests.signing import chain
+
+
+def log_key(data: Path) -> NoteKey:
+    private = DataDir(data).server_key()
+    return NoteKey.of(log_origin(private), private)
+
+
+def post_chain(harness: Harness, emitter: str, count: int) -> dict[str, Any]:
+    """A new emitter's first ``count`` events, posted ``max_events`` at a time; the results of them all."""
+    key, kid = harness.register(emitter)
+    tokens, _ = chain(emitter, count, key, kid)
+    results: list[dict[str, Any]] = []
+    body: dict[str, Any] = {}
+    for start in range(0, count, 50):
+        body = harness.post(tokens[start : start + 50])
+        results += body["results"]
+    return {**body, "results": results}
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def test_acks_number_events_and_sign_a_receipt(harness: Harness) -> None:
+    body = post_chain(harness, "gw-1", 5)
+    assert all(result["status"] == "accepted" for result in body["results"])
+    indexes = [result["log_index"] for result in body["results"]]
+    first = indexes[0]
+    assert indexes == list(range(first, first + 5))  # after the server's own admin events
+    again = harness.post([])
+    assert again["receipt"] is None
+    receipt = parse_compact(body["receipt"])
+    server_key = DataDir(harness.data_dir).server_key().public_key()
+    assert verify_signature(receipt, server_key)
+    claims = decode_payload(body["receipt"])
+    assert claims["log"] == log_key(harness.data_dir).name
+    assert [(e["event_id"], e["log_index"]) for e in claims["events"]] == [
+        (r["event_id"], r["log_index"]) for r in body["results"]
+    ]
+    harness.flush()
+    rows = read_lake(harness.data_dir, "event_id, log_index")
+    assert {row[0]: row[1] for row in rows if row[0] in claims["events"][0].values()} == {
+        claims["events"][0]["event_id"]: first
+    }
+    assert sorted(row[1] for row in rows) == list(range(len(rows)))  # every event, admin ones too, numbered once
+
+
+def test_checkpoints_tiles_and_proofs_over_http(harness: Harness) -> None:
+    first = post_chain(harness, "gw-1", 3)
+    merkle = harness.server.store.merkle
+    merkle.publish()
+    old = open_checkpoint(harness.client.get("/checkpoint").text, log_key(harness.data_dir))
+    results = post_chain(harness, "gw-2", 300)["results"]  # crosses a full level-0 tile
+    merkle.publish()
+    response = harness.client.get("/checkpoint")
+    assert response.headers["content-type"].startswith("text/plain")
+    new = open_checkpoint(response.text, log_key(harness.data_dir))
+    assert new.size == merkle.size >= old.size + 300  # and the admin events that registered gw-2
+
+    proof = harness.client.get("/v1/log/consistency", params={"from": old.size, "to": new.size}).json()
+    verify_consistency(old.size, new.size, [base64.b64decode(h) for h in proof["proof"]], old.root, new.root)
+
+    event = first["results"][1]
+    rows = {row[0]: row[1] for row in _hashes(harness)}
+    leaf = leaf_hash(bytes.fromhex(rows[event["event_id"]]))
+    path = merkle.inclusion(event["log_index"], new.size)
+    verify_inclusion(leaf, event["log_index"], new.size, path, new.root)
+
+    full = harness.client.get("/tile/0/000")
+    assert full.status_code == 200
+    assert len(full.content) == 8192
+    assert full.content[32 * event["log_index"] : 32 * event["log_index"] + 32] == leaf
+    entries = harness.client.get("/tile/entries/000").content
+    assert entries[34 * event["log_index"] : 34 * event["log_index"] + 34] == b"\x00\x20" + bytes.fromhex(
+        rows[event["event_id"]]
+    )
+    width = new.size % 256
+    partial = harness.client.get(f"/tile/0/001.p/{width}")
+    assert len(partial.content) == 32 * width
+    last = results[-1]
+    assert partial.content[-32:] == leaf_hash(bytes.fromhex(rows[last["event_id"]]))
+
+    for bad in ("0/1", "0/000.p/256", "64/000", "0/x1/000", "../state/server_key.pem", "0/000.p/0"):
+        answer = harness.client.get(f"/tile/{bad}")
+        assert answer.status_code == 404, bad
+        assert answer.json()["error"]["code"] == "not_found"
+    beyond = harness.client.get("/v1/log/consistency", params={"from": 1, "to": new.size + 1})
+    assert beyond.status_code == 400
+    assert "beyond the log's newest checkpoint" in beyond.json()["error"]["message"]
+
+
+def _hashes(harness: Harness) -> list[tuple[str, str]]:
+    harness.flush()
+    return [(row[0], row[1]) for row in read_lake(harness.data_dir, "event_id, event_hash")]
+
+
+def test_the_tree_survives_a_restart_and_lost_tiles(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with open_harness(data) as harness:
+        post_chain(harness, "gw-1", 40)
+        harness.server.store.merkle.publish()
+        before = open_checkpoint(harness.client.get("/checkpoint").text, log_key(data))
+    with open_harness(data) as harness:  # right edge from the tiles; same tree, numbering goes on
+        assert harness.server.store.merkle.root(before.size) == before.root
+        key, kid = harness.register("gw-9")
+        tokens, _ = chain("gw-9", 1, key, kid)
+        [result] = harness.post(tokens)["results"]
+        harness.server.store.merkle.publish()
+        assert result["log_index"] == harness.server.store.merkle.size - 1
+        size_after = harness.server.store.merkle.size
+    shutil.rmtree(DataDir(data).log_tiles)
+    with open_harness(data) as harness:  # every tile rebuilt from the lake
+        merkle = harness.server.store.merkle
+        assert merkle.size == size_after
+        assert merkle.root(before.size) == before.root
+        history = [orjson.loads(line) for line in DataDir(data).checkpoint_history.read_bytes().splitlines()]
+        assert [record["size"] for record in history] == sorted({record["size"] for record in history})
+
+
+def test_a_lake_that_lost_an_acknowledged_event_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with open_harness(data) as harness:
+        post_chain(harness, "gw-1", 10)
+        harness.flush()
+    layout = DataDir(data)
+    shutil.rmtree(layout.log_tiles)  # force a rebuild from the lake
+    [path] = [p for p in layout.events.rglob("*.parquet") if "tenant=acme" in str(p)]
+    table = pq.read_table(path)
+    pq.write_table(table.filter(pc.not_equal(table["seq"], 4)), path)  # one acknowledged event gone
+    with pytest.raises(CorruptState, match=r"no event at log index \d+"), open_harness(data):
+        pass
