@@ -21,7 +21,7 @@ import orjson
 
 from custody import __version__
 from custody.recert_cli import add_recert
-from store.ground.errors import CustodyError
+from store.ground.errors import CustodyError, InvalidInput
 
 if TYPE_CHECKING:
     from custody.serving import HttpLimits
@@ -148,6 +148,19 @@ def _parser() -> argparse.ArgumentParser:
         "--tenant", help="only the problems and counts of this tenant's emitters (the whole lake is still read)"
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON (the read API's shape)")
+    verify.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="a checkpoint you trust (saved earlier from GET /checkpoint, or cosigned by a witness): the lake must"
+        " hold the tree it names; without it, the data dir's own newest checkpoint",
+    )
+    verify.add_argument(
+        "--log-key",
+        metavar="VKEY",
+        help="the log's verifier key (name+keyid+key, as `custody log key` prints it): checks the checkpoints and"
+        " the server's stream without state/; without it, the key in DATA_DIR/state",
+    )
     modes = verify.add_mutually_exclusive_group()
     modes.add_argument(
         "--incremental",
@@ -667,10 +680,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from tqdm import tqdm
 
     from query.verify.checkpoint import record_run
     from query.verify.integrity import verify_lake
+    from query.verify.log import verify_log
+    from store.ground.tlog import LogError, NoteKey
+
+    try:
+        log_key = None if args.log_key is None else NoteKey.from_vkey(args.log_key)
+    except LogError as exc:
+        raise InvalidInput(f"--log-key: {exc}") from exc
+    trusted = None if args.checkpoint is None else _read_text(args.checkpoint, "--checkpoint")
+    server_key = None if log_key is None else Ed25519PublicKey.from_public_bytes(log_key.public)
 
     if args.hash_chain_only:
         from query.verify.chains import verify_chains
@@ -682,12 +705,20 @@ def _verify(args: argparse.Namespace) -> int:
         from query.verify.checkpoint import verify_since_checkpoint
 
         with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
-            report, mode = verify_since_checkpoint(args.data_dir, progress=lambda done: bar.update(done - bar.n))
+            report, mode = verify_since_checkpoint(
+                args.data_dir, progress=lambda done: bar.update(done - bar.n), server_key=server_key
+            )
         checks = f"hashes, signatures, columns, chains; {mode}"
     else:
         with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
-            report = verify_lake(args.data_dir, progress=lambda done: bar.update(done - bar.n))
+            report = verify_lake(args.data_dir, progress=lambda done: bar.update(done - bar.n), server_key=server_key)
         checks = "hashes, signatures, columns, chains"
+    with tqdm(desc="rebuilding the log", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
+        logged = verify_log(args.data_dir, log_key=log_key, trusted=trusted, progress=lambda n: bar.update(n - bar.n))
+    report.problems += logged.problems
+    report.log = logged.as_json()
+    checks += _log_summary(logged)
+    if not (args.hash_chain_only or args.incremental):
         record_run(args.data_dir, report, "full verification")
     report = report.for_tenant(args.tenant)
     if args.json:
@@ -700,6 +731,19 @@ def _verify(args: argparse.Namespace) -> int:
         return 0
     print(f"FAIL: {len(report.problems)} problems in {report.events} events")
     return 1
+
+
+def _log_summary(logged: Any) -> str:
+    checkpoint = logged.checkpoint
+    anchor = "no checkpoint" if checkpoint is None else f"checkpoint {checkpoint.size}"
+    return f"; transparency log: {logged.tree_size} leaves rebuilt, {anchor}, {logged.history} in the history"
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{flag}: cannot read {path}: {exc}") from exc
 
 
 def _demo(args: argparse.Namespace) -> int:

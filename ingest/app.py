@@ -133,7 +133,9 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
     )
 
     install_error_envelope(app)
-    finish_openapi(app, public={"/v1/events", "/healthz", "/metrics"})
+    finish_openapi(
+        app, public={"/v1/events", "/healthz", "/metrics", "/checkpoint", "/tile/{path}", "/v1/log/consistency"}
+    )
     app.add_middleware(EventsEndpoint, server=server)
 
     @app.post(
@@ -232,7 +234,10 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
         server.registry.view(emitter_id)  # 404 for unknown emitters
         return JSONResponse(server.service.head(emitter_id).as_json())
 
-    @app.get("/checkpoint", response_class=PlainTextResponse, responses=errors(e404="not_found: no checkpoint yet"))
+    @app.get(
+        "/checkpoint",
+        responses={200: {"content": {"text/plain": {}}}, **errors(e404="not_found: no checkpoint yet")},
+    )
     async def checkpoint() -> Response:
         """The newest signed checkpoint of the transparency log (c2sp.org/tlog-checkpoint)."""
         note = server.store.merkle.reader.checkpoint_note()
@@ -240,7 +245,10 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
             return error_response(404, "not_found", "the log has signed no checkpoint yet")
         return PlainTextResponse(note, headers={"Cache-Control": "no-cache"})
 
-    @app.get("/tile/{path:path}", response_class=Response, responses=errors(e404="not_found: no such tile"))
+    @app.get(
+        "/tile/{path:path}",
+        responses={200: {"content": {"application/octet-stream": {}}}, **errors(e404="not_found: no such tile")},
+    )
     async def tile(path: str) -> Response:
         """A tile or entry bundle exactly as c2sp.org/tlog-tiles lays them out (immutable)."""
         data = await run_in_threadpool(read_tile, server.store.merkle.tiles, path)

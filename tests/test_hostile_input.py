@@ -50,6 +50,9 @@ def test_the_openapi_lists_every_route(harness: Harness) -> None:
         ("GET", "/v1/emitters/{emitter_id}/head"),
         ("GET", "/healthz"),
         ("GET", "/metrics"),
+        ("GET", "/checkpoint"),
+        ("GET", "/tile/{path}"),
+        ("GET", "/v1/log/consistency"),
     }
 
 
@@ -85,7 +88,14 @@ def test_the_openapi_says_what_the_server_does(harness: Harness) -> None:
     for path, item in spec["paths"].items():
         for method, operation in item.items():
             assert "422" not in operation["responses"], (method, path)  # validation errors are 400 here
-            public = path in ("/v1/events", "/healthz", "/metrics")
+            public = path in (
+                "/v1/events",
+                "/healthz",
+                "/metrics",
+                "/checkpoint",
+                "/tile/{path}",
+                "/v1/log/consistency",
+            )
             assert ("security" in operation) is not public, (method, path)
 
 

@@ -4,15 +4,19 @@ tiles and proofs over HTTP, recovery after a restart or lost tiles, and refusal 
 from __future__ import annotations
 
 import base64
+import io
 import shutil
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from custody.cli import main
 from store.ground.errors import CorruptState
 from store.ground.jws import decode_payload, parse_compact, verify_signature
 from store.ground.layout import DataDir
@@ -151,3 +155,100 @@ def test_a_lake_that_lost_an_acknowledged_event_is_refused(tmp_path: Path) -> No
     pq.write_table(table.filter(pc.not_equal(table["seq"], 4)), path)  # one acknowledged event gone
     with pytest.raises(CorruptState, match=r"no event at log index \d+"), open_harness(data):
         pass
+
+
+# -- custody verify against the log ---------------------------------------------------------------------------
+
+
+def served(data: Path, emitters: int = 2, events: int = 30) -> tuple[str, str]:
+    """A data dir with ``emitters`` streams, flushed; the newest checkpoint and the log's verifier key."""
+    with open_harness(data) as harness:
+        for n in range(emitters):
+            post_chain(harness, f"gw-{n}", events)
+        harness.flush()
+        harness.server.store.merkle.publish()
+        note = harness.client.get("/checkpoint").text
+    return note, log_key(data).vkey
+
+
+def drop_rows(data: Path, emitter: str, seqs: set[int]) -> None:
+    for path in DataDir(data).events.rglob("*.parquet"):
+        table = pq.read_table(path)
+        keep = pc.invert(pc.and_(pc.equal(table["emitter"], emitter), pc.is_in(table["seq"], pa.array(sorted(seqs)))))
+        if table.filter(keep).num_rows != table.num_rows:
+            pq.write_table(table.filter(keep), path)
+
+
+def verify(data: Path, *extra: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["verify", "--data-dir", str(data), "--no-progress", *extra])
+    return code, out.getvalue()
+
+
+def test_a_clean_lake_verifies_against_its_checkpoint(tmp_path: Path) -> None:
+    served(tmp_path / "data")
+    code, out = verify(tmp_path / "data")
+    assert code == 0, out
+    assert "transparency log: 6" in out
+    assert "leaves rebuilt, checkpoint " in out
+
+
+def test_deleting_state_and_the_newest_event_of_a_stream_is_detected(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    note, vkey = served(data)
+    (tmp_path / "checkpoint").write_text(note)
+    shutil.rmtree(DataDir(data).state)  # the heads, the registry and the server key: all gone
+    drop_rows(data, "gw-1", {30})
+    for extra in ([], ["--hash-chain-only"], ["--incremental"]):
+        code, out = verify(data, "--log-key", vkey, "--checkpoint", str(tmp_path / "checkpoint"), *extra)
+        assert code == 1, (extra, out)
+        assert "log_root: expected " in out, out
+        assert "acknowledged events are missing at the end" in out
+    # the operator also rewrote log/ to match: the checkpoint the auditor kept still catches it
+    shutil.rmtree(DataDir(data).log)
+    code, out = verify(data, "--log-key", vkey, "--checkpoint", str(tmp_path / "checkpoint"), "--hash-chain-only")
+    assert code == 1
+    assert "acknowledged events are missing at the end" in out
+
+
+def test_deleting_state_sqlite_and_the_newest_events_is_detected_from_the_data_dirs_own_log(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    served(data)
+    DataDir(data).state_db.unlink()
+    drop_rows(data, "gw-0", {29, 30})
+    code, out = verify(data)
+    assert code == 1
+    assert "FAIL: lake: log_root" in out
+
+
+def test_deleting_any_single_event_is_detected_and_named(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    served(data)
+    rows = read_lake(data, "emitter, seq, log_index")
+    [(index,)] = [(row[2],) for row in rows if row[0] == "gw-0" and row[1] == 12]
+    drop_rows(data, "gw-0", {12})
+    code, out = verify(data, "--hash-chain-only")
+    assert code == 1
+    assert f"log_missing: expected an event at log index {index}, found none in the lake" in out
+
+
+def test_a_log_without_its_checkpoints_is_a_failure_not_an_ok(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    served(data)
+    shutil.rmtree(DataDir(data).log)
+    code, out = verify(data, "--hash-chain-only")
+    assert code == 1
+    assert "checkpoint_missing" in out
+
+
+def test_a_forged_checkpoint_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    note, _ = served(data)
+    lines = note.split("\n")
+    lines[1] = str(int(lines[1]) - 1)
+    (tmp_path / "forged").write_text("\n".join(lines))
+    code, out = verify(data, "--checkpoint", str(tmp_path / "forged"), "--hash-chain-only")
+    assert code == 1
+    assert "checkpoint_signature" in out
+    assert "does not verify" in out

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from query.lake import LakeReader
 from query.verify.integrity import verify_lake
@@ -58,23 +58,23 @@ def record(data_dir: Path, digests: dict[Path, str]) -> None:
 
 
 def verify_since_checkpoint(
-    data_dir: Path, *, progress: Callable[[int], None] | None = None
+    data_dir: Path, *, progress: Callable[[int], None] | None = None, server_key: Ed25519PublicKey | None = None
 ) -> tuple[IntegrityReport, str]:
     """Verify incrementally when a valid checkpoint exists, else fully; record a new checkpoint when clean.
     Returns the report and a sentence saying which mode ran and why."""
     digests = file_digests(data_dir)
     known, why = _load(data_dir)
     if known is None:
-        report = verify_lake(data_dir, progress=progress)
+        report = verify_lake(data_dir, progress=progress, server_key=server_key)
         mode = f"full verification ({why})"
-        if why.startswith("checkpoint"):
+        if why.startswith("checkpoint "):
             report.problems.insert(0, IntegrityProblem("checkpoint", "a checkpoint signed by the server key", why))
     else:
         events_dir = DataDir(data_dir).events
         changed = {path for path, digest in digests.items() if known.get(str(path.relative_to(events_dir))) != digest}
-        report = verify_lake(data_dir, progress=progress, only_files=changed)
+        report = verify_lake(data_dir, progress=progress, only_files=changed, server_key=server_key)
         mode = f"incremental: signatures and columns of {len(changed)} new or changed of {len(digests)} files"
-    if report.ok:
+    if report.ok and DataDir(data_dir).server_key_file.exists():
         record(data_dir, digests)
     record_run(data_dir, report, mode)
     return report, mode
@@ -91,6 +91,8 @@ def record_run(data_dir: Path, report: IntegrityReport, mode: str) -> None:
         "problems": [asdict(problem) for problem in report.problems],
     }
     target = DataDir(data_dir).last_verify
+    if not target.parent.is_dir():  # an auditor's copy of the lake without state/: nothing to show it in
+        return
     temporary = target.with_suffix(f".{os.getpid()}.tmp")
     temporary.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
     temporary.replace(target)
@@ -109,6 +111,8 @@ def _load(data_dir: Path) -> tuple[dict[str, str] | None, str]:
     path = DataDir(data_dir).verify_checkpoint
     if not path.exists():
         return None, "no checkpoint yet"
+    if not DataDir(data_dir).server_key_file.exists():
+        return None, "no server key in the data dir to check its record with"
     try:
         parsed = parse_compact(path.read_text(encoding="ascii").strip())
     except (JwsError, UnicodeDecodeError) as exc:

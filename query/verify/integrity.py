@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from query.lake import LakeReader, open_duckdb
 from query.verify.report import IntegrityProblem, IntegrityReport, attributed, compare_heads
@@ -45,9 +46,14 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 def verify_lake(
-    data_dir: Path, *, progress: Callable[[int], None] | None = None, only_files: set[Path] | None = None
+    data_dir: Path,
+    *,
+    progress: Callable[[int], None] | None = None,
+    only_files: set[Path] | None = None,
+    server_key: Ed25519PublicKey | None = None,
 ) -> IntegrityReport:
     """Verify every event in ``<data_dir>/lake``; ``progress`` is called with the number of rows done so far.
+    ``server_key``: the public key that signs the server's stream (by default the data dir's own).
 
     With ``only_files``, signatures and columns are checked for those files (and the server stream, which holds
     the keys) only, and hashes and chains for the whole lake by ``verify_chains``: the incremental mode."""
@@ -55,7 +61,7 @@ def verify_lake(
         from query.verify.chains import verify_chains
 
         chains = verify_chains(data_dir)
-        report = _verify_rows(data_dir, progress, only_files, check_chains=False)
+        report = _verify_rows(data_dir, progress, only_files, check_chains=False, server_key=server_key)
         report.problems = sorted(
             {(p.emitter, p.seq, p.check): p for p in [*chains.problems, *report.problems]}.values(),
             key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check),
@@ -64,14 +70,19 @@ def verify_lake(
         report.tenants = {**chains.tenants, **report.tenants}
         report.problems = attributed(report.problems, report.tenants)
         return report
-    return _verify_rows(data_dir, progress, None, check_chains=True)
+    return _verify_rows(data_dir, progress, None, check_chains=True, server_key=server_key)
 
 
 def _verify_rows(
-    data_dir: Path, progress: Callable[[int], None] | None, only_files: set[Path] | None, *, check_chains: bool
+    data_dir: Path,
+    progress: Callable[[int], None] | None,
+    only_files: set[Path] | None,
+    *,
+    check_chains: bool,
+    server_key: Ed25519PublicKey | None,
 ) -> IntegrityReport:
     report = IntegrityReport()
-    server_key = _server_public_key(data_dir)
+    server_key = server_key or _server_public_key(data_dir)
     keys = KeyRing()
     registry: dict[str, tuple[str, dict[str, Any], str, str | None]] = {}  # kid -> emitter, jwk, added, revoked
     tenants: dict[str, str] = {}
@@ -342,7 +353,7 @@ def _fold_admin(payload: dict[str, Any], registry: dict[str, Any], tenants: dict
         registry[change["kid"]] = (owner, jwk, added, revoked or at)
 
 
-def _server_public_key(data_dir: Path) -> Any:
+def _server_public_key(data_dir: Path) -> Ed25519PublicKey:
     return DataDir(data_dir).server_key().public_key()
 
 

@@ -14,7 +14,12 @@ from typing import Any
 from store.ground.layout import DataDir
 from store.state import StateDB
 
-__all__ = ["IntegrityProblem", "IntegrityReport", "attributed", "compare_heads"]
+__all__ = ["LOG_CHECKS", "IntegrityProblem", "IntegrityReport", "attributed", "compare_heads"]
+
+# The transparency log's checks (query.verify.log): about the whole log, no emitter's or tenant's events
+LOG_CHECKS = frozenset(
+    {"log_missing", "log_duplicate", "log_root", "checkpoint_missing", "checkpoint_signature", "history_root"}
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class IntegrityReport:
     # tenant's partition must not show that tenant's auditor another tenant's event).
     tenants: dict[str, str] = field(default_factory=dict)
     problems: list[IntegrityProblem] = field(default_factory=list)
+    log: dict[str, Any] | None = None  # the transparency-log check's summary (query.verify.log), when it ran
 
     @property
     def ok(self) -> bool:
@@ -58,7 +64,10 @@ class IntegrityReport:
             events=sum(emitters.values()),
             emitters=emitters,
             tenants={e: t for e, t in self.tenants.items() if t == tenant},
+            # the log's own problems belong to no tenant (a hole does not say whose event is gone): a
+            # tenant-bound view leaves them out, as it leaves out every other tenant's; see docs/transparency.md
             problems=[problem for problem in self.problems if problem.tenant == tenant],
+            log=None,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -67,6 +76,7 @@ class IntegrityReport:
             "events": sum(self.emitters.values()),
             "emitters": self.emitters,
             "problems": [{**asdict(problem), "description": problem.describe()} for problem in self.problems],
+            "log": self.log,
         }
 
 
