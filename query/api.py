@@ -21,6 +21,7 @@ from query.findings import KINDS, findings
 from query.index.reach_copies import ReachCopies
 from query.index.tree_index import TreeIndex
 from query.lake import LakeReader
+from query.log_proofs import consistency, inclusion
 from query.paths import delegation_path
 from query.recert.reports import build_report
 from query.recert.review import parse_window
@@ -28,7 +29,9 @@ from query.search import EventFilter, search
 from query.tokens import Forbidden, Principal, TokenStore
 from query.verify.integrity import verify_lake
 from store.ground.envelope import bearer, errors, finish_openapi, install_error_envelope
-from store.ground.errors import InvalidInput
+from store.ground.errors import InvalidInput, NotFound
+from store.ground.layout import DataDir
+from store.merkle_log import LogReader
 
 __all__ = ["create_query_app"]
 
@@ -106,6 +109,42 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         narrowed = await run_in_threadpool(tree.reader_for, event_id)  # the rows of its task tree only
         found = await run_in_threadpool(delegation_path, narrowed, event_id, tenant=scope)
         return JSONResponse(found.as_json())
+
+    @app.get(
+        "/v1/log/inclusion",
+        responses=errors(
+            e400=_BAD_INPUT + "; or the event is not in that tree",
+            e401=_UNAUTHORIZED,
+            e403=_FORBIDDEN,
+            e404="not_found",
+        ),
+    )
+    async def log_inclusion(
+        caller: Caller, event_id: str, tree_size: Annotated[int | None, Query(ge=0)] = None
+    ) -> JSONResponse:
+        """The event's leaf in the transparency log and its RFC 6962 inclusion proof to the tree of ``tree_size``
+        (default: the newest checkpoint, which the answer then carries)."""
+        scope = caller.scope(None)
+        narrowed = await run_in_threadpool(tree.reader_for, event_id)
+        found = await run_in_threadpool(inclusion, narrowed, event_id, tree_size, tenant=scope)
+        return JSONResponse(found.as_json())
+
+    @app.get("/v1/log/consistency", responses=_READS)
+    async def log_consistency(
+        caller: Caller,
+        old: Annotated[int, Query(alias="from", ge=0)],
+        new: Annotated[int, Query(alias="to", ge=0)],
+    ) -> JSONResponse:
+        """RFC 6962 consistency proof between two tree sizes (at most the newest checkpoint's)."""
+        return JSONResponse(await run_in_threadpool(consistency, reader, old, new))
+
+    @app.get("/v1/log/checkpoint", responses=_READS)
+    async def log_checkpoint(caller: Caller) -> Response:
+        """The newest signed checkpoint (c2sp.org/tlog-checkpoint), as the ingest server's ``/checkpoint``."""
+        note = LogReader(DataDir(data_dir)).checkpoint_note()
+        if note is None:
+            raise NotFound("the log has signed no checkpoint yet")
+        return Response(note, media_type="text/plain; charset=utf-8")
 
     @app.get("/v1/blast-radius", responses=_READS)
     async def blast_radius(

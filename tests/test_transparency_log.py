@@ -15,13 +15,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from fastapi.testclient import TestClient
 
 from custody.cli import main
+from query.api import create_query_app
+from query.tokens import TokenStore
 from store.ground.errors import CorruptState
 from store.ground.jws import decode_payload, parse_compact, verify_signature
 from store.ground.layout import DataDir
 from store.ground.tlog import NoteKey, leaf_hash, open_checkpoint, verify_consistency, verify_inclusion
-from store.merkle_log import log_origin
+from store.merkle_log import LogReader, log_origin
 from tests.conftest import Harness, open_harness, read_lake
 from tests.signing import chain
 
@@ -252,3 +255,59 @@ def test_a_forged_checkpoint_is_refused(tmp_path: Path) -> None:
     assert code == 1
     assert "checkpoint_signature" in out
     assert "does not verify" in out
+
+
+# -- the read API ---------------------------------------------------------------------------------------------
+
+
+def test_the_read_api_proves_inclusion_within_the_callers_tenant(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with open_harness(data) as harness:
+        acme = post_chain(harness, "gw-acme", 20)["results"]
+        key, kid = harness.register("gw-globex", tenant="globex")
+        tokens, _ = chain("gw-globex", 3, key, kid, tenant="globex")
+        harness.post(tokens)
+        harness.flush()
+        harness.server.store.merkle.publish()
+    store = TokenStore(tmp_path / "tokens.json")
+    everyone, globex = store.issue("aud", "auditor", None), store.issue("gab", "auditor", "globex")
+    with TestClient(create_query_app(data, store)) as api:
+        event = acme[7]
+        answer = api.get("/v1/log/inclusion", params={"event_id": event["event_id"]}, headers=_bearer(everyone))
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        checkpoint = open_checkpoint(body["checkpoint"], log_key(data))
+        assert (body["log_index"], body["tree_size"]) == (event["log_index"], checkpoint.size)
+        proof = [base64.b64decode(item) for item in body["proof"]]
+        verify_inclusion(
+            leaf_hash(bytes.fromhex(body["event_hash"])), body["log_index"], checkpoint.size, proof, checkpoint.root
+        )
+        smaller = api.get(
+            "/v1/log/inclusion",
+            params={"event_id": event["event_id"], "tree_size": event["log_index"] + 1},
+            headers=_bearer(everyone),
+        ).json()
+        assert smaller["checkpoint"] is None
+        assert smaller["tree_size"] == event["log_index"] + 1
+        too_small = api.get(
+            "/v1/log/inclusion",
+            params={"event_id": event["event_id"], "tree_size": event["log_index"]},
+            headers=_bearer(everyone),
+        )
+        assert too_small.status_code == 400
+        assert "not in the tree of size" in too_small.json()["error"]["message"]
+        hidden = api.get("/v1/log/inclusion", params={"event_id": event["event_id"]}, headers=_bearer(globex))
+        assert hidden.status_code == 404  # another tenant's event does not exist for this token
+        proof_body = api.get(
+            "/v1/log/consistency", params={"from": 5, "to": checkpoint.size}, headers=_bearer(globex)
+        ).json()
+        old_root = LogReader(DataDir(data)).root(5)
+        verify_consistency(
+            5, checkpoint.size, [base64.b64decode(h) for h in proof_body["proof"]], old_root, checkpoint.root
+        )
+        assert api.get("/v1/log/checkpoint", headers=_bearer(globex)).text == body["checkpoint"]
+        assert api.get("/v1/log/checkpoint").status_code == 401
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
