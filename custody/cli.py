@@ -187,6 +187,17 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("--min-files", type=int, default=8, help="only partitions with at least this many files")
     compact.set_defaults(run=_compact, reads_data_dir=True)
 
+    transparency = commands.add_parser(
+        "log",
+        help="the transparency log: its verifier key, to pin in emitters and auditors' tools",
+        description="Every acknowledged event is a leaf of one Merkle tree with signed checkpoints"
+        " (docs/transparency.md).",
+    )
+    log_commands = transparency.add_subparsers(required=True, metavar="ACTION")
+    log_key = log_commands.add_parser("key", help="print the log's verifier key (name+keyid+key, c2sp.org/signed-note)")
+    _data_dir_argument(log_key)
+    log_key.set_defaults(run=_log_key, reads_data_dir=True)
+
     quarantine = commands.add_parser(
         "quarantine",
         help="acknowledged events the lake could not store: list them, or write them to the lake again",
@@ -554,6 +565,13 @@ def _compact(args: argparse.Namespace) -> int:
     finally:
         os.close(lock)
     print(f"OK: {removed} files merged")
+    return 0
+
+
+def _log_key(args: argparse.Namespace) -> int:
+    from query.verify.log import log_key_of
+
+    print(log_key_of(args.data_dir).vkey)
     return 0
 
 

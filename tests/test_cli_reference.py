@@ -19,6 +19,7 @@ def test_every_command_and_subcommand_is_in_it() -> None:
         "recert",
         "quarantine list",
         "quarantine reingest",
+        "log key",
         "token issue",
     ):
         assert f"## `custody {command}`" in page

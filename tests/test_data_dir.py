@@ -22,6 +22,7 @@ COMMANDS = [
     ["compact"],
     ["quarantine", "list"],
     ["quarantine", "reingest"],
+    ["log", "key"],
     ["recert", "--tenant", "acme", "--format", "json"],
     ["serve-query", "--tokens", "missing.json"],
     ["dashboard", "--tokens", "missing.json"],
