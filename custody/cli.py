@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_verify, reads_data_dir=True)
 
     _forensics_commands(commands)
-    add_recert(commands)
+    add_recert(commands, _data_dir_argument)
 
     compact = commands.add_parser(
         "compact",

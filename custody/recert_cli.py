@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,30 +16,33 @@ from store.ground.errors import InvalidInput
 __all__ = ["add_recert"]
 
 
-def add_recert(commands: argparse._SubParsersAction[Any]) -> None:
+def add_recert(
+    commands: argparse._SubParsersAction[Any], data_dir_argument: Callable[[argparse.ArgumentParser], None]
+) -> None:
     recert = commands.add_parser(
         "recert",
-        help="access-recertification report per agent (csv, json, html, pdf), signed; or verify one",
-        description="Write a report of every agent of TENANT over the window: credentials, scopes granted vs used,"
-        " findings, delegations, users, and a keep / reduce / revoke recommendation, signed by the server key."
-        " 'custody recert verify FILE' checks a report offline and names every edit.",
+        help="access-recertification report per agent (csv, json, html, pdf), signed: write one, or verify one",
+        description="'custody recert write' reports every agent of TENANT over the window: credentials, scopes"
+        " granted vs used, findings, delegations, users, and a keep / reduce / revoke recommendation, signed by the"
+        " server key. 'custody recert verify FILE' checks a report offline and names every edit.",
     )
-    recert.add_argument("action", nargs="?", choices=["verify"], help="verify FILE instead of writing a report")
-    recert.add_argument("file", nargs="?", type=Path, help="the report to verify")
-    recert.add_argument("--data-dir", type=Path, help="data dir (writing: required; verifying: pins its server key)")
-    recert.add_argument("--tenant", help="the tenant whose agents are reviewed")
-    recert.add_argument("--window", default="90d", help="review window in days, like 90d (default)")
-    recert.add_argument("--format", choices=["csv", "json", "html", "pdf"], default="pdf", help="report format")
-    recert.add_argument("--output", type=Path, help="file to write (default recert-TENANT-DATE.FORMAT)")
-    recert.add_argument("--public-key", type=Path, help="verifying: the server's public key (PEM) to check against")
-    recert.set_defaults(run=_recert)
+    actions = recert.add_subparsers(required=True, metavar="ACTION")
+    write = actions.add_parser("write", help="write a signed access review of one tenant's agents")
+    data_dir_argument(write)
+    write.add_argument("--tenant", required=True, help="the tenant whose agents are reviewed")
+    write.add_argument("--window", default="90d", help="review window in days, like 90d")
+    write.add_argument("--format", choices=["csv", "json", "html", "pdf"], default="pdf", help="report format")
+    write.add_argument("--output", type=Path, help="file to write (default: recert-TENANT-DATE.FORMAT)")
+    write.set_defaults(run=_recert, reads_data_dir=True)
+    verify = actions.add_parser("verify", help="check a report offline; names every edit, exit 1 if any")
+    verify.add_argument("file", type=Path, help="the report to verify")
+    keys = verify.add_mutually_exclusive_group()
+    keys.add_argument("--data-dir", type=Path, help="pin the server key of this data dir")
+    keys.add_argument("--public-key", type=Path, help="pin this server public key (PEM)")
+    verify.set_defaults(run=_verify)
 
 
 def _recert(args: argparse.Namespace) -> int:
-    if args.action == "verify":
-        return _verify(args)
-    if args.data_dir is None or args.tenant is None:
-        raise InvalidInput("writing a report needs --data-dir and --tenant")
     from query.recert.reports import build_report
     from query.recert.review import parse_window
 
@@ -59,8 +63,6 @@ def _recert(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from query.recert.reports import verify_report
 
-    if args.file is None:
-        raise InvalidInput("usage: custody recert verify FILE [--data-dir DIR | --public-key PEM]")
     if not args.file.exists():
         raise InvalidInput(f"{args.file} does not exist")
     result = verify_report(args.file, public_key=_pinned_key(args))

@@ -23,7 +23,7 @@ COMMANDS = [
     ["quarantine", "list"],
     ["quarantine", "reingest"],
     ["log", "key"],
-    ["recert", "--tenant", "acme", "--format", "json"],
+    ["recert", "write", "--tenant", "acme", "--format", "json"],
     ["serve-query", "--tokens", "missing.json"],
     ["dashboard", "--tokens", "missing.json"],
 ]
@@ -45,7 +45,7 @@ def test_recert_verify_never_creates_a_server_key(
     harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     report = tmp_path / "report.json"
-    assert main(["recert", "--data-dir", str(harness.data_dir), "--tenant", "acme", "--format", "json",
+    assert main(["recert", "write", "--data-dir", str(harness.data_dir), "--tenant", "acme", "--format", "json",
                  "--output", str(report)]) == 0  # fmt: skip
     # A dir that is not a data dir: exit 2 (was a raw FileNotFoundError traceback).
     assert main(["recert", "verify", str(report), "--data-dir", str(tmp_path / "elsewhere")]) == 2

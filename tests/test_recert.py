@@ -210,7 +210,7 @@ def custody(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_cli_writes_and_verifies_a_report(org: dict[str, Any], tmp_path: Path) -> None:
     target = tmp_path / "acme.pdf"
-    written = custody("recert", "--data-dir", str(org["data"]), "--tenant", "acme", "--window", "3650d",
+    written = custody("recert", "write", "--data-dir", str(org["data"]), "--tenant", "acme", "--window", "3650d",
                       "--format", "pdf", "--output", str(target))  # fmt: skip
     assert written.returncode == 0, written.stderr
     assert re.match(r"OK: wrote .*acme.pdf \(\d+ agents: keep \d+, reduce \d+, revoke \d+;", written.stdout)
@@ -222,7 +222,7 @@ def test_the_cli_writes_and_verifies_a_report(org: dict[str, Any], tmp_path: Pat
     assert bad.returncode == 1
     assert "FAIL: " in bad.stdout
     assert "signed 'support-agent: reduce', file has 'support-agent: revoke'" in bad.stdout
-    wrong = custody("recert", "--data-dir", str(org["data"]), "--tenant", "acme", "--window", "soon")
+    wrong = custody("recert", "write", "--data-dir", str(org["data"]), "--tenant", "acme", "--window", "soon")
     assert wrong.returncode == 1
     assert "window must be a number of days like 90d" in wrong.stderr
 

@@ -2,7 +2,8 @@
 and Ed25519 cosignatures.
 
 This module depends on the standard library and ``cryptography`` only, so that an auditor can read it whole and
-run it on a machine with nothing else of Custody (``store.ground.bundle`` checks an evidence bundle with it).
+run it on a machine with nothing else of Custody: ``verify_bundle`` (and ``python tlog.py BUNDLE VKEY``) checks an
+evidence bundle with only this file, the bundle and the log's verifier key.
 
 - RFC 6962 / RFC 9162 section 2.1: leaf hash ``SHA-256(0x00 || data)``, node hash ``SHA-256(0x01 || left ||
   right)``, the empty tree's root ``SHA-256("")``. Inclusion and consistency proofs are generated from any source
@@ -20,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,11 +31,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 __all__ = [
+    "BUNDLE_FORMAT",
     "EMPTY_ROOT",
+    "BundleEvent",
     "Checkpoint",
     "LogError",
     "NoteKey",
     "ProofSource",
+    "VerifiedBundle",
     "consistency_proof",
     "cosign",
     "inclusion_proof",
@@ -43,6 +48,7 @@ __all__ = [
     "root_of",
     "sign_note",
     "signed_text",
+    "verify_bundle",
     "verify_consistency",
     "verify_cosignature",
     "verify_inclusion",
@@ -419,3 +425,205 @@ def verify_cosignature(text: str, witness: NoteKey, body: bytes) -> int:
     if timestamp >= 1 << 63 or not _ed25519_ok(witness.public, body[8:], message):
         raise LogError(f"cosignature by {witness.name} does not verify")
     return int(timestamp)
+
+
+# -- evidence bundles ---------------------------------------------------------------------------------------------
+
+BUNDLE_FORMAT = "custody-evidence/v1"
+
+
+@dataclass(frozen=True)
+class BundleEvent:
+    """An event of a bundle that checked out: signed by a key the log registered, included in the checkpoint."""
+
+    log_index: int
+    event_id: str
+    emitter: str
+    seq: int
+    kid: str
+    event_hash: str
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    checkpoint: Checkpoint
+    selection: dict[str, object]
+    events: list[BundleEvent]
+    registry: list[BundleEvent]
+
+
+def _b64url(part: str, what: str) -> bytes:
+    if not part or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in part):
+        raise LogError(f"{what} is not unpadded base64url")
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def _jws_parts(jws: object, what: str) -> tuple[dict[str, object], bytes, bytes, bytes]:
+    """(protected header, payload bytes, signing input, signature) of a compact JWS."""
+    if not isinstance(jws, str) or jws.count(".") != 2:
+        raise LogError(f"{what}: not a compact JWS")
+    header_b64, payload_b64, signature_b64 = jws.split(".")
+    try:
+        header = json.loads(_b64url(header_b64, f"{what}: header"))
+    except ValueError as exc:
+        raise LogError(f"{what}: header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise LogError(f"{what}: header is not a JSON object")
+    payload = _b64url(payload_b64, f"{what}: payload")
+    return header, payload, f"{header_b64}.{payload_b64}".encode(), _b64url(signature_b64, f"{what}: signature")
+
+
+def _jwk_verifies(jwk: dict[str, object], alg: object, signature: bytes, message: bytes) -> bool:
+    """An Ed25519 (OKP) or P-256 (EC, ES256) JWK's signature over ``message``."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    try:
+        if jwk.get("kty") == "OKP" and jwk.get("crv") == "Ed25519" and alg == "EdDSA":
+            return _ed25519_ok(_b64url(str(jwk.get("x")), "jwk x"), signature, message)
+        if jwk.get("kty") == "EC" and jwk.get("crv") == "P-256" and alg == "ES256" and len(signature) == 64:
+            x = int.from_bytes(_b64url(str(jwk.get("x")), "jwk x"), "big")
+            y = int.from_bytes(_b64url(str(jwk.get("y")), "jwk y"), "big")
+            public = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+            der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+            public.verify(der, message, ec.ECDSA(hashes.SHA256()))
+            return True
+    except (InvalidSignature, ValueError, LogError):
+        return False
+    return False
+
+
+def _logged_event(
+    entry: object, what: str, checkpoint: Checkpoint
+) -> tuple[BundleEvent, dict[str, object], tuple[dict[str, object], bytes, bytes]]:
+    """Check one bundle entry's inclusion proof; return it, its payload and its JWS parts for the signature."""
+    if not isinstance(entry, dict) or set(entry) != {"log_index", "jws", "proof"}:
+        raise LogError(f"{what}: expected an object with log_index, jws and proof")
+    index, proof = entry["log_index"], entry["proof"]
+    if not isinstance(index, int) or isinstance(index, bool) or not isinstance(proof, list):
+        raise LogError(f"{what}: log_index must be an integer and proof a list")
+    header, payload_bytes, signing_input, signature = _jws_parts(entry["jws"], what)
+    try:
+        payload = json.loads(payload_bytes)
+    except ValueError as exc:
+        raise LogError(f"{what}: payload is not JSON") from exc
+    if not isinstance(payload, dict):
+        raise LogError(f"{what}: payload is not a JSON object")
+    digest = hashlib.sha256(payload_bytes).hexdigest()  # ingest accepts only canonical payload bytes
+    hashes_ = [_unb64(str(item), f"{what}: proof hash") for item in proof]
+    try:
+        verify_inclusion(leaf_hash(bytes.fromhex(digest)), index, checkpoint.size, hashes_, checkpoint.root)
+    except LogError as exc:
+        raise LogError(f"{what} (event {payload.get('event_id')}, log index {index}): {exc}") from exc
+    event = BundleEvent(
+        index,
+        str(payload.get("event_id")),
+        str(payload.get("emitter")),
+        int(payload.get("seq") or 0),
+        str(header.get("kid")),
+        digest,
+    )
+    return event, payload, (header, signing_input, signature)
+
+
+def verify_bundle(
+    bundle: bytes, log_key: NoteKey, witnesses: Sequence[NoteKey] = (), quorum: int = 0
+) -> VerifiedBundle:
+    """Check an evidence bundle offline (docs/transparency.md): the bundle is a signed note by the log key whose text
+    is the bundle's JSON; its checkpoint verifies with the log key (and ``quorum`` of the ``witnesses`` cosigned
+    it); every event and every registry event is included in that checkpoint's tree; the registry events are
+    signed by the log's key and register (and revoke) the emitter keys; every event is signed by a key its emitter
+    had registered, logged before it, and not revoked before it was logged. Raises LogError naming what failed."""
+    try:
+        note = bundle.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LogError(f"bundle is not UTF-8 (byte {exc.start})") from exc
+    try:
+        text = signed_text(note, log_key)
+    except LogError as exc:
+        raise LogError(f"bundle signature: {exc}") from exc
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise LogError("bundle text is not JSON") from exc
+    if not isinstance(body, dict) or body.get("bundle") != BUNDLE_FORMAT:
+        raise LogError(f"not a {BUNDLE_FORMAT} bundle")
+    try:
+        checkpoint = open_checkpoint(str(body.get("checkpoint")), log_key, witnesses)
+    except LogError as exc:
+        raise LogError(f"bundle checkpoint: {exc}") from exc
+    if len(checkpoint.cosigned) < quorum:
+        raise LogError(f"bundle checkpoint: cosigned by {len(checkpoint.cosigned)} known witnesses, {quorum} needed")
+    registry, keys = _registry(body.get("registry"), checkpoint, log_key)
+    events = []
+    entries = body.get("events")
+    if not isinstance(entries, list) or not entries:
+        raise LogError("bundle holds no events")
+    for number, entry in enumerate(entries):
+        what = f"bundle event {number}"
+        event, payload, (header, signing_input, signature) = _logged_event(entry, what, checkpoint)
+        known = keys.get(event.kid)
+        if known is None:
+            raise LogError(f"{what} (event {event.event_id}): key {event.kid} is not registered in the bundle")
+        owner, jwk, added_at, revoked_at = known
+        if owner != event.emitter or payload.get("emitter") != event.emitter:
+            raise LogError(f"{what} (event {event.event_id}): key {event.kid} belongs to {owner}, not {event.emitter}")
+        if event.log_index < added_at or (revoked_at is not None and event.log_index > revoked_at):
+            raise LogError(f"{what} (event {event.event_id}): logged when key {event.kid} was not valid")
+        if not _jwk_verifies(jwk, header.get("alg"), signature, signing_input):
+            raise LogError(f"{what} (event {event.event_id}): signature by {event.kid} does not verify")
+        events.append(event)
+    selection = body.get("selection")
+    return VerifiedBundle(checkpoint, selection if isinstance(selection, dict) else {}, events, registry)
+
+
+def _registry(
+    entries: object, checkpoint: Checkpoint, log_key: NoteKey
+) -> tuple[list[BundleEvent], dict[str, tuple[str, dict[str, object], int, int | None]]]:
+    """The server's admin events of the bundle, checked: kid -> (emitter, jwk, log index added, index revoked)."""
+    if not isinstance(entries, list):
+        raise LogError("bundle registry is not a list")
+    keys: dict[str, tuple[str, dict[str, object], int, int | None]] = {}
+    checked = []
+    for number, entry in enumerate(entries):
+        what = f"bundle registry event {number}"
+        event, payload, (header, signing_input, signature) = _logged_event(entry, what, checkpoint)
+        if header.get("alg") != "EdDSA" or not _ed25519_ok(log_key.public, signature, signing_input):
+            raise LogError(f"{what} (event {event.event_id}): not signed by the log's key")
+        change = payload.get("admin")
+        if not isinstance(change, dict):
+            raise LogError(f"{what} (event {event.event_id}): not an admin event")
+        kid, action = change.get("kid"), change.get("action")
+        if action == "key_added" and isinstance(kid, str) and isinstance(change.get("jwk"), dict):
+            keys.setdefault(kid, (str(change.get("emitter")), change["jwk"], event.log_index, None))
+        elif action == "key_revoked" and isinstance(kid, str) and kid in keys:
+            owner, jwk, added, revoked = keys[kid]
+            keys[kid] = (owner, jwk, added, event.log_index if revoked is None else min(revoked, event.log_index))
+        checked.append(event)
+    return checked, keys
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``python tlog.py BUNDLE VKEY [WITNESS_VKEY ...]``: verify a bundle with nothing else of Custody."""
+    if len(argv) < 2:
+        print("usage: python tlog.py BUNDLE LOG_VKEY [WITNESS_VKEY ...]")
+        return 2
+    try:
+        with open(argv[0], "rb") as handle:
+            data = handle.read()
+        verified = verify_bundle(data, NoteKey.from_vkey(argv[1]), [NoteKey.from_vkey(v) for v in argv[2:]])
+    except (OSError, LogError) as exc:
+        print(f"FAIL: {exc}")
+        return 1
+    checkpoint = verified.checkpoint
+    for event in verified.events:
+        print(f"OK: event {event.event_id} ({event.emitter} seq {event.seq}) at log index {event.log_index}")
+    print(f"OK: {len(verified.events)} events in {checkpoint.origin} at tree size {checkpoint.size}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))
