@@ -198,6 +198,36 @@ def _parser() -> argparse.ArgumentParser:
     _data_dir_argument(log_key)
     log_key.set_defaults(run=_log_key, reads_data_dir=True)
 
+    bundle = commands.add_parser(
+        "bundle",
+        help="evidence bundles: one file proving a set of events to anyone who holds the log's key",
+        description="'custody bundle write' puts the selected events, the keys that signed them and their inclusion"
+        " proofs to one checkpoint in one file signed by the log; 'custody bundle verify FILE --log-key VKEY'"
+        " checks it offline (docs/transparency.md).",
+    )
+    bundle_commands = bundle.add_subparsers(required=True, metavar="ACTION")
+    write = bundle_commands.add_parser("write", help="write the evidence bundle of a selection of events")
+    _data_dir_argument(write)
+    write.add_argument("--tenant", help="only this tenant's events (the selection must lie in it)")
+    chosen = write.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--event", action="append", metavar="EVENT_ID", help="an event id (repeat for more)")
+    chosen.add_argument("--path", metavar="EVENT_ID", help="the events of this event's delegation path")
+    chosen.add_argument(
+        "--finding", metavar="KIND:SUBJECT", help="the evidence of a finding, as custody findings lists it"
+    )
+    chosen.add_argument("--taint-agent", metavar="AGENT", help="the events a forward taint from this agent reaches")
+    write.add_argument("--since", type=_timestamp, help="with --taint-agent: when the compromise began (RFC 3339)")
+    write.add_argument("--output", type=Path, required=True, help="the bundle file to write")
+    write.set_defaults(run=_bundle_write, reads_data_dir=True)
+    check = bundle_commands.add_parser(
+        "verify", help="check a bundle offline with the log's key; exit 1 if anything fails"
+    )
+    check.add_argument("file", type=Path, help="the bundle")
+    check.add_argument("--log-key", required=True, metavar="VKEY", help="the log's verifier key (custody log key)")
+    check.add_argument("--witness", action="append", default=[], metavar="VKEY", help="a witness's cosignature key")
+    check.add_argument("--quorum", type=int, default=0, help="how many of the --witness keys must have cosigned")
+    check.set_defaults(run=_bundle_verify)
+
     quarantine = commands.add_parser(
         "quarantine",
         help="acknowledged events the lake could not store: list them, or write them to the lake again",
@@ -566,6 +596,66 @@ def _compact(args: argparse.Namespace) -> int:
         os.close(lock)
     print(f"OK: {removed} files merged")
     return 0
+
+
+def _bundle_write(args: argparse.Namespace) -> int:
+    from query import bundle
+    from query.lake import LakeReader
+
+    reader = LakeReader(args.data_dir)
+    if args.event:
+        ids, selection = args.event, {"kind": "events", "events": args.event}
+    elif args.path:
+        ids, selection = bundle.path_ids(reader, args.path, tenant=args.tenant), {"kind": "path", "event": args.path}
+    elif args.finding:
+        kind, _, subject = args.finding.partition(":")
+        if not subject:
+            raise InvalidInput("--finding takes KIND:SUBJECT, like use_after_revocation:tok-1")
+        ids = bundle.finding_ids(reader, kind, subject, tenant=args.tenant)
+        selection = {"kind": "finding", "finding": kind, "subject": subject}
+    else:
+        if args.since is None:
+            raise InvalidInput("--taint-agent needs --since")
+        ids = bundle.taint_ids(reader, args.taint_agent, args.since, tenant=args.tenant)
+        selection = {"kind": "taint", "agent": args.taint_agent, "since": args.since.isoformat()}
+    if args.tenant is not None:
+        selection["tenant"] = args.tenant
+    data = bundle.write_bundle(args.data_dir, ids, selection, tenant=args.tenant)
+    args.output.write_bytes(data)
+    print(f"OK: wrote {args.output}: {len(set(ids))} events ({len(data)} bytes)")
+    return 0
+
+
+def _bundle_verify(args: argparse.Namespace) -> int:
+    from store.ground.tlog import LogError, NoteKey, verify_bundle
+
+    try:
+        key = NoteKey.from_vkey(args.log_key)
+        witnesses = [NoteKey.from_vkey(vkey) for vkey in args.witness]
+    except LogError as exc:
+        raise InvalidInput(str(exc)) from exc
+    data = _read_bytes(args.file)
+    try:
+        verified = verify_bundle(data, key, witnesses, args.quorum)
+    except LogError as exc:
+        print(f"FAIL: {args.file}: {exc}")
+        return 1
+    for event in verified.events:
+        print(
+            f"OK: event {event.event_id} ({event.emitter} seq {event.seq}) signed by {event.kid},"
+            f" log index {event.log_index}"
+        )
+    checkpoint = verified.checkpoint
+    cosigned = f", cosigned by {', '.join(sorted(checkpoint.cosigned))}" if checkpoint.cosigned else ""
+    print(f"OK: {len(verified.events)} events included in {checkpoint.origin} at tree size {checkpoint.size}{cosigned}")
+    return 0
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _log_key(args: argparse.Namespace) -> int:

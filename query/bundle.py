@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from query.blast import forward_taint
-from query.findings import findings
+from query.findings import KINDS, findings
 from query.lake import LakeReader
 from query.paths import delegation_path
 from store.ground.errors import InvalidInput, NotFound
@@ -42,6 +42,8 @@ def path_ids(reader: LakeReader, event_id: str, *, tenant: str | None) -> list[s
 
 def finding_ids(reader: LakeReader, kind: str, subject: str, *, tenant: str | None) -> list[str]:
     """The evidence of the finding of ``kind`` about ``subject`` (as ``custody findings`` lists it)."""
+    if kind not in KINDS:
+        raise InvalidInput(f"no finding kind {kind!r}; the kinds are {', '.join(KINDS)}")
     for finding in findings(reader, tenant=tenant, kinds=(kind,)):
         if finding.subject == subject:
             if finding.evidence_truncated:

@@ -226,7 +226,7 @@ def _print_tour(
     print(f"  2. Everything support-agent reached from then on: {blast}")
     print(f"  3. The other planted incidents (borrowed session, shared key, ...): {dashboard}/findings?window=all")
     print(f"  4. Prove the log was not altered (sign in as auditor): {dashboard}/integrity")
-    print(f"  5. Access review for auditors: .venv/bin/custody recert write --data-dir {data_dir} --tenant acme --format pdf")
+    print(f"  5. Access review for auditors: .venv/bin/custody recert write --data-dir {data_dir} --tenant acme")
 
 
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:

@@ -21,6 +21,8 @@ def test_every_command_and_subcommand_is_in_it() -> None:
         "quarantine list",
         "quarantine reingest",
         "log key",
+        "bundle write",
+        "bundle verify",
         "token issue",
     ):
         assert f"## `custody {command}`" in page

@@ -23,6 +23,7 @@ COMMANDS = [
     ["quarantine", "list"],
     ["quarantine", "reingest"],
     ["log", "key"],
+    ["bundle", "write", "--event", "x", "--output", "b.json"],
     ["recert", "write", "--tenant", "acme", "--format", "json"],
     ["serve-query", "--tokens", "missing.json"],
     ["dashboard", "--tokens", "missing.json"],

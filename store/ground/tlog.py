@@ -530,23 +530,24 @@ def _logged_event(
 def verify_bundle(
     bundle: bytes, log_key: NoteKey, witnesses: Sequence[NoteKey] = (), quorum: int = 0
 ) -> VerifiedBundle:
-    """Check an evidence bundle offline (docs/transparency.md): the bundle is a signed note by the log key whose text
-    is the bundle's JSON; its checkpoint verifies with the log key (and ``quorum`` of the ``witnesses`` cosigned
-    it); every event and every registry event is included in that checkpoint's tree; the registry events are
-    signed by the log's key and register (and revoke) the emitter keys; every event is signed by a key its emitter
-    had registered, logged before it, and not revoked before it was logged. Raises LogError naming what failed."""
+    """Check an evidence bundle offline (docs/transparency.md). The bundle is a signed note by the log key whose
+    text is the bundle's JSON. Its checkpoint verifies with the log key (and ``quorum`` of the ``witnesses``
+    cosigned it); every event and every registry event is included in that checkpoint's tree; the registry events
+    are signed by the log's key and register (and revoke) the emitter keys; every event is signed by a key its
+    emitter had registered, logged before it, and not revoked before it was logged; last, the note's signature
+    covers the rest (the selection), so a changed proof, event or checkpoint is named precisely above. Raises
+    LogError naming what failed."""
     try:
         note = bundle.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LogError(f"bundle is not UTF-8 (byte {exc.start})") from exc
     try:
-        text = signed_text(note, log_key)
-    except LogError as exc:
-        raise LogError(f"bundle signature: {exc}") from exc
-    try:
+        text, _ = split_note(note)
         body = json.loads(text)
+    except LogError as exc:
+        raise LogError(f"bundle: {exc}") from exc
     except ValueError as exc:
-        raise LogError("bundle text is not JSON") from exc
+        raise LogError(f"bundle text is not JSON: {exc}") from exc
     if not isinstance(body, dict) or body.get("bundle") != BUNDLE_FORMAT:
         raise LogError(f"not a {BUNDLE_FORMAT} bundle")
     try:
@@ -574,6 +575,10 @@ def verify_bundle(
         if not _jwk_verifies(jwk, header.get("alg"), signature, signing_input):
             raise LogError(f"{what} (event {event.event_id}): signature by {event.kid} does not verify")
         events.append(event)
+    try:  # last, so that a changed proof, event or checkpoint is named above; this covers the rest (selection)
+        signed_text(note, log_key)
+    except LogError as exc:
+        raise LogError(f"bundle signature: {exc}") from exc
     selection = body.get("selection")
     return VerifiedBundle(checkpoint, selection if isinstance(selection, dict) else {}, events, registry)
 
