@@ -24,6 +24,9 @@ import pytest
 
 from ingest.sdk import Emitter, generate_key, public_jwk
 from store.ground.canonical import canonicalize, event_hash
+from store.ground.layout import DataDir
+from store.ground.tlog import NoteKey, open_checkpoint
+from store.merkle_log import LogReader, log_origin
 from tests.conftest import ADMIN, ServerProcess, invocation, read_lake
 from tests.signing import GrowingChain, chain
 
@@ -131,6 +134,8 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     emitters = {f"gw-{i}": register(server.url, f"gw-{i}") for i in range(3)}
     chains = {name: GrowingChain(name, key, kid) for name, (key, kid) in emitters.items()}
     acked: dict[str, set[int]] = {name: set() for name in emitters}
+    logged: dict[int, str] = {}  # log index -> event id, from the acks
+    checkpoints: list[str] = []  # every checkpoint seen, kills included
     rng = random.Random(9)
 
     def load(name: str, url: str, stop: threading.Event) -> None:
@@ -146,6 +151,11 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
                 for offset, result in enumerate(body["results"]):
                     assert result["status"] in ("accepted", "duplicate"), result
                     acked[name].add(position + offset + 1)
+                    if result["status"] == "accepted":
+                        logged[result["log_index"]] = result["event_id"]
+                with contextlib.suppress(httpx.TransportError):
+                    if (seen := client.get("/checkpoint")).status_code == 200:
+                        checkpoints.append(seen.text)
                 position += len(batch)
 
     for round_number in range(5):
@@ -186,6 +196,16 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
         assert acked[name] <= set(seqs), f"{name}: acknowledged seqs missing from the lake"
     assert sum(len(v) for v in acked.values()) > 500
     assert not list((tmp_path / "data" / "wal").glob("*.wal")), "SIGTERM left events in the WAL"
+    # the transparency log: every acknowledged index holds its event, no hole, every checkpoint seen still holds
+    indexes = dict(read_lake(server.data_dir, "log_index, event_id"))
+    assert sorted(indexes) == list(range(len(indexes))), "log indexes with a hole or twice"
+    assert all(indexes[index] == event_id for index, event_id in logged.items()), "an acked log index changed"
+    log = LogReader(DataDir(server.data_dir))
+    key = NoteKey.of(log_origin(DataDir(server.data_dir).server_key()), DataDir(server.data_dir).server_key())
+    assert len(checkpoints) > 10
+    for note in checkpoints:
+        checkpoint = open_checkpoint(note, key)
+        assert log.root(checkpoint.size) == checkpoint.root, f"checkpoint {checkpoint.size} no longer holds"
 
 
 def helpers_named(pid: int, name: str) -> list[int]:
