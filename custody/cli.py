@@ -134,7 +134,35 @@ def _parser() -> argparse.ArgumentParser:
         help="processes verifying signatures in parallel; 0 verifies in the server process"
         " (default: the number of usable cores, 0 on one core)",
     )
+    serve.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        type=_witness_endpoint,
+        metavar="URL=VKEY",
+        help="a witness (c2sp.org/tlog-witness) to cosign each checkpoint: its URL and cosignature key; repeat",
+    )
+    serve.add_argument(
+        "--witness-quorum",
+        type=int,
+        default=0,
+        help="cosignatures a checkpoint should get; fewer is logged as an error",
+    )
     serve.set_defaults(run=_serve)
+
+    witness = commands.add_parser(
+        "witness",
+        help="run a transparency-log witness (c2sp.org/tlog-witness) for one or more Custody logs",
+        description="A witness cosigns a log's checkpoints only if each extends the last one it cosigned, so a log"
+        " cannot show two histories. Run it on another machine, by another party; it prints its cosignature key.",
+    )
+    witness.add_argument("--name", required=True, help="the witness's key name, like witness.example.com/w1")
+    witness.add_argument("--key-file", type=Path, required=True, help="its Ed25519 key (PEM), created if missing")
+    witness.add_argument("--state", type=Path, required=True, help="the file of the last checkpoint cosigned per log")
+    witness.add_argument("--log", action="append", required=True, metavar="VKEY", help="a log's verifier key; repeat")
+    witness.add_argument("--host", default="127.0.0.1", help="address to bind")
+    witness.add_argument("--port", type=int, default=8780, help="port to bind")
+    witness.set_defaults(run=_witness)
 
     verify = commands.add_parser(
         "verify",
@@ -783,7 +811,34 @@ def _serve(args: argparse.Namespace) -> int:
         http=_http_limits(args),
         flush_interval=args.flush_interval,
         verify_workers=args.verify_workers,
+        witnesses=args.witness,
+        witness_quorum=args.witness_quorum,
     )
+    return 0
+
+
+def _witness_endpoint(text: str) -> Any:
+    from ingest.witness import WitnessEndpoint
+    from store.ground.tlog import LogError
+
+    try:
+        return WitnessEndpoint.parse(text)
+    except (LogError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _witness(args: argparse.Namespace) -> int:
+    from custody.serving import serve_query
+    from ingest.witness import Witness, create_witness_app, load_witness_key
+    from store.ground.tlog import LogError, NoteKey
+
+    try:
+        logs = [NoteKey.from_vkey(vkey) for vkey in args.log]
+        witness = Witness(args.name, load_witness_key(args.key_file), logs, args.state)
+    except (LogError, ValueError, OSError) as exc:
+        raise InvalidInput(str(exc)) from exc
+    print(f"witness key: {witness.public.vkey}", flush=True)
+    serve_query(create_witness_app(witness), host=args.host, port=args.port)
     return 0
 
 

@@ -22,7 +22,7 @@ import logging
 import math
 import resource
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -36,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ingest.app import create_app
 from ingest.server import IngestServer
 from ingest.service import Limits
+from ingest.witness import WitnessEndpoint
 from store.ground.envelope import envelope
 
 __all__ = ["DeadlineProtocol", "HttpLimits", "RequestLimit", "serve_ingest", "serve_query", "uvicorn_config"]
@@ -62,12 +63,20 @@ def serve_ingest(
     http: HttpLimits | None = None,
     flush_interval: float = 1.0,
     verify_workers: int = 0,
+    witnesses: Sequence[WitnessEndpoint] = (),
+    witness_quorum: int = 0,
 ) -> None:
     """Run the ingest API. Recovery happens in the app's lifespan, before the port takes traffic; SIGTERM and
     Ctrl-C stop accepting, finish requests in flight, and flush the WAL into the lake."""
     try:
         server = IngestServer(
-            data_dir, admin_token, limits=limits, flush_interval=flush_interval, verify_workers=verify_workers
+            data_dir,
+            admin_token,
+            limits=limits,
+            flush_interval=flush_interval,
+            verify_workers=verify_workers,
+            witnesses=witnesses,
+            witness_quorum=witness_quorum,
         )
     except ValueError as exc:
         from store.ground.errors import CustodyError

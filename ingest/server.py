@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +15,7 @@ from ingest.auth import AdminToken
 from ingest.metrics import IngestMetrics
 from ingest.service import BatchOutcome, IngestService, Limits, Receipts
 from ingest.verifiers import VerifierPool
+from ingest.witness import WitnessEndpoint, Witnessing
 from store.engine import Store
 from store.ground.keys import KeyRing
 from store.ground.layout import DataDir
@@ -35,6 +36,8 @@ class IngestServer:
         flush_interval: float = 1.0,
         verify_workers: int = 0,
         writer_process: bool = True,
+        witnesses: Sequence[WitnessEndpoint] = (),
+        witness_quorum: int = 0,
     ) -> None:
         self.data_dir = data_dir
         self.admin = AdminToken(admin_token)
@@ -44,6 +47,10 @@ class IngestServer:
         self.metrics = IngestMetrics(self.store.flush_stats)
         self.ready = False
         self.verify_workers = verify_workers
+        if witness_quorum > len(witnesses):
+            raise ValueError(f"--witness-quorum {witness_quorum} is more than the {len(witnesses)} witnesses given")
+        self.witnesses, self.witness_quorum = list(witnesses), witness_quorum
+        self.witnessing: Witnessing | None = None
         self.verifiers: VerifierPool | None = None
         # Commits run in their own threads (the WAL's fsync blocks): a plain executor costs the event loop about
         # 30 us less per request than anyio's worker threads. As many as anyio's default, for the group commit.
@@ -59,10 +66,14 @@ class IngestServer:
         if self.verify_workers > 0:
             restarts = self.metrics.watch_verifiers(lambda: 0 if self.verifiers is None else self.verifiers.running)
             self.verifiers = VerifierPool(self.verify_workers, on_replace=restarts.inc)
-        self.store.merkle.sign_with(server_key.private_key)
+        merkle = self.store.merkle
+        merkle.sign_with(server_key.private_key)
+        assert merkle.key is not None
+        if self.witnesses:
+            self.witnessing = Witnessing(self.witnesses, self.witness_quorum, merkle.key, merkle.consistency)
+            merkle.cosigners = self.witnessing.cosign
         self.service = IngestService(self.store, self.keys, self.limits)
-        assert self.store.merkle.key is not None
-        self.service.receipts = Receipts(server_key.private_key, server_key.kid, self.store.merkle.key.name)
+        self.service.receipts = Receipts(server_key.private_key, server_key.kid, merkle.key.name)
         self.registry = Registry(self.service, self.keys, server_key)
         self.registry.start(created)
         self.store.start_flusher()
@@ -95,3 +106,5 @@ class IngestServer:
             self.verifiers.close()
         self._commits.shutdown(wait=True)  # commits in flight finish before the store closes under them
         self.store.close()
+        if self.witnessing is not None:
+            self.witnessing.close()

@@ -210,6 +210,11 @@ class MerkleLog:
         self.checkpoint: Checkpoint | None = None
         self.published_at = 0.0
         self._written = 0  # the tree size whose tiles are all on disk: proofs are served up to it
+        # Asked for cosignature lines of each new checkpoint (ingest.witness.Witnessing), from the publisher thread
+        self.cosigners: Callable[[Checkpoint], list[str]] | None = None
+        self.reissue_after = (
+            60.0  # idle: submit the same checkpoint again after this many seconds, for fresh cosignatures
+        )
 
     # -- identity -----------------------------------------------------------------------------------------------
 
@@ -252,6 +257,8 @@ class MerkleLog:
             entries = list(edge.entries)
             root = root_of(edge.subtrees())
         if unchanged:
+            if self.checkpoint is not None and time.monotonic() - self.published_at >= self.reissue_after:
+                self._publish_note(self.checkpoint)  # re-issued while idle: fresh cosignatures
             return self._sign_if_due(size, root)
         for level, index, data in completed:
             self.tiles.write(level, index, data, TILE_WIDTH)
@@ -281,12 +288,23 @@ class MerkleLog:
             handle.write(orjson.dumps(record) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
+        self.checkpoint = checkpoint
+        self._publish_note(checkpoint)
+        return checkpoint
+
+    def _publish_note(self, checkpoint: Checkpoint) -> None:
+        """``log/checkpoint``: the checkpoint at once, then with the witnesses' cosignatures once they answer."""
+        self._write_checkpoint(checkpoint.note)
+        self.published_at = time.monotonic()
+        if self.cosigners is not None:
+            lines = self.cosigners(checkpoint)
+            if lines and self.checkpoint is checkpoint:  # no newer checkpoint was published meanwhile
+                self._write_checkpoint(checkpoint.note + "".join(lines))
+
+    def _write_checkpoint(self, note: str) -> None:
         temporary = self.layout.checkpoint_file.with_suffix(".tmp")
         temporary.write_text(note, encoding="utf-8")
         os.replace(temporary, self.layout.checkpoint_file)
-        self.checkpoint = checkpoint
-        self.published_at = time.monotonic()
-        return checkpoint
 
     # -- reading ------------------------------------------------------------------------------------------------
 

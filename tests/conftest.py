@@ -88,7 +88,7 @@ class Harness:
 
 
 @contextmanager
-def open_harness(data_dir: Path, max_events: int = 50, verify_workers: int = 0) -> Iterator[Harness]:
+def open_harness(data_dir: Path, max_events: int = 50, verify_workers: int = 0, **options: Any) -> Iterator[Harness]:
     # In-process flushes (no lake-writer process): real server processes in test_server_process.py use it.
     server = IngestServer(
         data_dir,
@@ -97,6 +97,7 @@ def open_harness(data_dir: Path, max_events: int = 50, verify_workers: int = 0) 
         flush_interval=3600,
         writer_process=False,
         verify_workers=verify_workers,
+        **options,
     )
     with TestClient(create_app(server)) as client:
         yield Harness(client, server, data_dir)

@@ -23,6 +23,7 @@ def test_every_command_and_subcommand_is_in_it() -> None:
         "log key",
         "bundle write",
         "bundle verify",
+        "witness",
         "token issue",
     ):
         assert f"## `custody {command}`" in page
