@@ -14,10 +14,16 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from query.bundle import path_ids, write_bundle
+from query.findings import findings
+from query.lake import LakeReader
 from query.tokens import TokenStore
+from store.ground.errors import NotFound
 from store.ground.layout import DataDir
+from store.ground.tlog import verify_bundle
 from tests import scenario
 from tests.conftest import open_harness
+from tests.test_transparency_log import log_key
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 PAGES = ["overview", "investigate", "path", "blast", "findings", "integrity", "recert"]
@@ -183,6 +189,7 @@ def test_delegation_path_of_the_export(app, lake: dict[str, Any]) -> None:
     assert int(metric(at, "Descendants")) >= 1  # the deep chain
     dot = at.get("graphviz_chart")[0].proto.spec
     assert '"agent:export-subagent"' in dot
+    assert "Download evidence bundle" in {b.proto.label for b in at.get("download_button")}
     assert "penwidth=2.5" in dot
     # Move to the parent (the refund) through the neighbour picker.
     refund = lake["scenario"].id("refund")
@@ -226,6 +233,21 @@ def test_findings_open_their_evidence(app, lake: dict[str, Any]) -> None:
     assert set(table(at, "severity", "kind", "title")["kind"]) == {"borrowed_session"}
     evidence = table(at, "event_id", "occurred_at", "resource_id")
     assert lake["scenario"].id("borrowed") in set(evidence["event_id"])
+    assert "Download evidence bundle" in {b.proto.label for b in at.get("download_button")}
+
+
+def test_the_bundles_the_pages_offer_verify_offline(lake: dict[str, Any]) -> None:
+    """What the path and findings pages' buttons write (query.bundle, in the principal's tenant) verifies."""
+    reader = LakeReader(lake["data"])
+    key = log_key(lake["data"])
+    ids = path_ids(reader, lake["scenario"].id("export"), tenant="acme")
+    verified = verify_bundle(write_bundle(lake["data"], ids, {"kind": "path"}, tenant="acme"), key)
+    assert {event.event_id for event in verified.events} == set(ids)
+    [finding] = [f for f in findings(reader, tenant="acme", kinds=("borrowed_session",))]
+    evidence = verify_bundle(write_bundle(lake["data"], finding.evidence, {"kind": "finding"}, tenant="acme"), key)
+    assert lake["scenario"].id("borrowed") in {event.event_id for event in evidence.events}
+    with pytest.raises(NotFound):  # another tenant's events are not bundled for a bound principal
+        write_bundle(lake["data"], ids, {"kind": "path"}, tenant="globex")
 
 
 def test_integrity_lists_emitters_and_verifies_with_progress(app) -> None:

@@ -363,3 +363,19 @@ def test_custody_log_key_prints_the_verifier_key(tmp_path: Path, capsys: pytest.
     printed = capsys.readouterr().out.strip()
     assert printed == log_key(tmp_path / "data").vkey
     assert NoteKey.from_vkey(printed).name.startswith("custody/")
+
+
+def test_an_access_review_names_the_checkpoint_it_was_computed_at(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    note, _ = served(data, emitters=1, events=3)
+    target = tmp_path / "review.json"
+    write = ["recert", "write", "--data-dir", str(data), "--tenant", "acme", "--format", "json", "--output", str(target)]
+    assert main(write) == 0
+    position = orjson.loads(target.read_bytes())["report"]["log_position"]
+    checkpoint = open_checkpoint(note, log_key(data))
+    assert position["checkpoint"] == {
+        "origin": checkpoint.origin,
+        "size": checkpoint.size,
+        "root": base64.b64encode(checkpoint.root).decode(),
+    }
+    assert main(["recert", "verify", str(target), "--data-dir", str(data)]) == 0

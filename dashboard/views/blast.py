@@ -11,6 +11,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import now, require_session, show_error
+from dashboard.evidence import bundle_button
 from dashboard.graphs import scope_chart, scope_rows, taint_dot
 from dashboard.text import md
 from query.blast import Subject
@@ -96,8 +97,11 @@ if taint.events:
         with tab:
             st.dataframe(pd.DataFrame(summary[name]), hide_index=True, key=f"affected_{name}")
     st.subheader("Evidence")
-    downloads = st.columns(2)
+    downloads = st.columns(3)
     stem = f"blast-radius-{kind}-{subject}-{start:%Y%m%dT%H%M}".replace("/", "_")
+    with downloads[2]:
+        selection = {"kind": "taint", "subject": f"{kind}:{subject}", "since": f"{start:%Y-%m-%dT%H:%M:%SZ}"}
+        bundle_button(current, [str(e["event_id"]) for e in taint.events], selection, key="bundle_blast")
     downloads[0].download_button(
         "Download CSV", taint.as_csv(), file_name=f"{stem}.csv", mime="text/csv", key="download_csv"
     )

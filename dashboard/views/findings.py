@@ -11,6 +11,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import SLOW_SECONDS, require_session, time_window
+from dashboard.evidence import bundle_button
 from dashboard.text import md
 from query.search import EventFilter
 from store.schema import parse_timestamp
@@ -75,6 +76,8 @@ if finding.details.get("detail") is not None:
     st.caption(f"Detail: {md(finding.details['detail'])}")
 if finding.evidence_truncated:
     st.warning(f"Showing the first {len(finding.evidence)} of {finding.evidence_total} evidence events.")
+selection = {"kind": "finding", "finding": finding.kind, "subject": finding.subject}
+bundle_button(current, finding.evidence, selection, key="bundle_finding")
 # The evidence lies between the finding's first and last sighting: those bounds let DuckDB skip other days.
 first, last = (parse_timestamp(value) if value else None for value in (finding.first_seen, finding.last_seen))
 where = EventFilter(

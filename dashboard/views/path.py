@@ -9,6 +9,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import require_session, show_error
+from dashboard.evidence import bundle_button
 from dashboard.graphs import path_dot
 from dashboard.text import md
 from store.ground.errors import CustodyError
@@ -71,6 +72,8 @@ metrics[2].metric("Nodes", len(path.nodes))
 metrics[3].metric("Agents in the chain", sum(1 for node in chain if node.kind == "agent"))
 
 st.graphviz_chart(path_dot(path), width="stretch")
+tree = [path.event, *([path.approval] if path.approval else []), *path.ancestors, *path.descendants]
+bundle_button(current, [str(e["event_id"]) for e in tree], {"kind": "path", "event": event_id}, key="bundle_path")
 
 neighbours = {e["event_id"]: e for e in [*path.ancestors, *path.descendants]}
 if neighbours:

@@ -77,10 +77,20 @@ def _title_page(pdf: _Report, body: dict[str, Any]) -> None:
         f"Signed by the Custody server key {body['signed_by']['kid']}",
         f"Computed from the log at {body['log_position']['events']} events; heads of"
         f" {len(body['log_position']['heads'])} emitters (see the next page).",
+        _checkpoint(body["log_position"].get("checkpoint")),
         "Verify this file: custody recert verify FILE --data-dir DIR (or --public-key PEM).",
     ]
     for line in lines:
         pdf.multi_cell(0, 8, latin1(line), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+
+
+def _checkpoint(checkpoint: dict[str, Any] | None) -> str:
+    if not checkpoint:
+        return "No transparency-log checkpoint had been signed yet."
+    return (
+        f"Transparency log {checkpoint['origin']}: checkpoint of size {checkpoint['size']}, root {checkpoint['root']}"
+        " (check it with custody verify --checkpoint, or a witness)."
+    )
 
 
 def _summary_page(pdf: _Report, body: dict[str, Any]) -> None:

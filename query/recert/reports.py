@@ -34,6 +34,7 @@ from store.ground.errors import InvalidInput
 from store.ground.jws import JwsError, parse_compact, sign_compact, verify_signature
 from store.ground.layout import DataDir
 from store.ground.server_key import ServerKey
+from store.merkle_log import log_origin, newest_history_record
 
 __all__ = [
     "FORMATS",
@@ -83,19 +84,29 @@ def signed_review(data_dir: Path, tenant: str, *, window_days: int) -> tuple[Rev
     """The review, its report body and the JWS over it, ready to render in any format."""
     from query.recert.review import access_review
 
-    server_key = ServerKey(DataDir.existing(data_dir).server_key())
+    layout = DataDir.existing(data_dir)
+    server_key = ServerKey(layout.server_key())
+    checkpoint = newest_checkpoint(layout)  # before the review reads the lake: every event it covers is in the tree
     review = access_review(data_dir, tenant, window_days=window_days)
-    body = report_body(review, server_key)
+    body = report_body(review, server_key, checkpoint)
     return review, body, sign_report(body, server_key)
 
 
-def report_body(review: Review, server_key: ServerKey) -> dict[str, Any]:
+def newest_checkpoint(layout: DataDir) -> dict[str, Any] | None:
+    """The transparency log's newest checkpoint (origin, size, root): where an auditor checks the report's log."""
+    record = newest_history_record(layout.checkpoint_history)
+    if record is None:
+        return None
+    return {"origin": log_origin(layout.server_key()), "size": record["size"], "root": record["root"]}
+
+
+def report_body(review: Review, server_key: ServerKey, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     body = asdict(review)
     return {
         "schema": SCHEMA,
         "title": f"Access recertification of the agents of tenant {review.tenant}",
         "signed_by": {"kid": server_key.kid, "jwk": server_key.jwk},
-        "log_position": {"events": body.pop("events"), "heads": body.pop("heads")},
+        "log_position": {"events": body.pop("events"), "heads": body.pop("heads"), "checkpoint": checkpoint},
         "summary": review.summary(),
         **body,
     }
@@ -222,11 +233,18 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _checkpoint_line(position: dict[str, Any]) -> str:
+    checkpoint = position.get("checkpoint")
+    if not checkpoint:
+        return "no transparency-log checkpoint yet"
+    return f"transparency log {checkpoint['origin']} checkpoint size {checkpoint['size']} root {checkpoint['root']}"
+
+
 def _csv(body: dict[str, Any], jws: str) -> str:
     out = io.StringIO()
     position = body["log_position"]
     out.write(f"# {body['title']}; window {body['since']} to {body['until']} ({body['window_days']} days)\n")
-    out.write(f"# log position: {position['events']} events; heads: ")
+    out.write(f"# log position: {position['events']} events; {_checkpoint_line(position)}; heads: ")
     out.write(", ".join(f"{e} seq {h['seq']} {h['hash'][:16]}" for e, h in position["heads"].items()) + "\n")
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -297,7 +315,8 @@ def _html(body: dict[str, Any], jws: str) -> str:
         "<h2>Summary</h2><table>",
         *(f"<tr><th>{e(name.replace('_', ' '))}</th><td>{value}</td></tr>" for name, value in summary.items()),
         "</table>",
-        f"<h2>Log position</h2><p>{position['events']} events in the tenant's streams; heads:</p><table>",
+        f"<h2>Log position</h2><p>{position['events']} events in the tenant's streams;"
+        f" {e(_checkpoint_line(position))}; heads:</p><table>",
         "<tr><th>emitter</th><th>seq</th><th>hash</th></tr>",
         *(
             f"<tr><td>{e(name)}</td><td>{head['seq']}</td><td><code>{e(head['hash'])}</code></td></tr>"
