@@ -369,8 +369,8 @@ def test_an_access_review_names_the_checkpoint_it_was_computed_at(tmp_path: Path
     data = tmp_path / "data"
     note, _ = served(data, emitters=1, events=3)
     target = tmp_path / "review.json"
-    write = ["recert", "write", "--data-dir", str(data), "--tenant", "acme", "--format", "json", "--output", str(target)]
-    assert main(write) == 0
+    write = ["recert", "write", "--data-dir", str(data), "--tenant", "acme", "--format", "json"]
+    assert main([*write, "--output", str(target)]) == 0
     position = orjson.loads(target.read_bytes())["report"]["log_position"]
     checkpoint = open_checkpoint(note, log_key(data))
     assert position["checkpoint"] == {
