@@ -177,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON (the read API's shape)")
     verify.add_argument(
+        "--workers",
+        type=int,
+        default=_default_verify_workers() or 1,
+        help="processes checking signatures and columns in the full verification (default: the usable cores)",
+    )
+    verify.add_argument(
         "--checkpoint",
         type=Path,
         metavar="FILE",
@@ -874,7 +880,12 @@ def _verify(args: argparse.Namespace) -> int:
         checks = f"hashes, signatures, columns, chains; {mode}"
     else:
         with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
-            report = verify_lake(args.data_dir, progress=lambda done: bar.update(done - bar.n), server_key=server_key)
+            report = verify_lake(
+                args.data_dir,
+                progress=lambda done: bar.update(done - bar.n),
+                server_key=server_key,
+                workers=max(1, args.workers),
+            )
         checks = "hashes, signatures, columns, chains"
     with tqdm(desc="rebuilding the log", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
         logged = verify_log(args.data_dir, log_key=log_key, trusted=trusted, progress=lambda n: bar.update(n - bar.n))

@@ -351,3 +351,20 @@ def test_one_event_check_catches_an_edited_column_and_a_broken_link(lake: Harnes
     ]
     assert verify_event(lake.data_dir, "00000000-0000-4000-8000-000000000000", **hint) is None
     assert verify_event(lake.data_dir, event_3, tenant="globex", **hint) is None  # not visible to another tenant
+
+
+def test_the_verification_in_processes_finds_what_the_one_in_this_process_finds(lake: Harness) -> None:
+    """Signatures and columns checked in worker processes (custody verify's default) give the same report."""
+
+    def edit(rows):
+        for row in rows:
+            if row["emitter"] == "gw-1" and row["seq"] == 3:
+                row["tool_name"] = "delete_all_tickets"
+        return [row for row in rows if not (row["emitter"] == "gw-1" and row["seq"] == 5)]
+
+    rewrite(files_of(lake, "gw-1")[0], edit)
+    rewrite(files_of(lake, "gw-2")[0], lambda rows: [{**rows[0], "event_hash": "f" * 64}, *rows[1:]])
+    alone, parallel = verify_lake(lake.data_dir), verify_lake(lake.data_dir, workers=2)
+    assert problems(parallel) == problems(alone)
+    assert len(problems(alone)) >= 3
+    assert (parallel.events, parallel.emitters) == (alone.events, alone.emitters)

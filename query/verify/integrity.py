@@ -16,7 +16,9 @@ fix. ``received_at`` is assigned by the server and not signed.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from query.lake import LakeReader, open_duckdb
 from query.verify.report import IntegrityProblem, IntegrityReport, attributed, compare_heads
@@ -51,17 +54,24 @@ def verify_lake(
     progress: Callable[[int], None] | None = None,
     only_files: set[Path] | None = None,
     server_key: Ed25519PublicKey | None = None,
+    workers: int = 1,
 ) -> IntegrityReport:
     """Verify every event in ``<data_dir>/lake``; ``progress`` is called with the number of rows done so far.
     ``server_key``: the public key that signs the server's stream (by default the data dir's own).
 
     With ``only_files``, signatures and columns are checked for those files (and the server stream, which holds
-    the keys) only, and hashes and chains for the whole lake by ``verify_chains``: the incremental mode."""
+    the keys) only, and hashes and chains for the whole lake by ``verify_chains``: the incremental mode. With
+    ``workers`` > 1, signatures and columns are checked that way for every file, in that many processes."""
+    if workers > 1 and only_files is None:
+        only_files = set(LakeReader(data_dir).files())
     if only_files is not None:
         from query.verify.chains import verify_chains
 
         chains = verify_chains(data_dir)
-        report = _verify_rows(data_dir, progress, only_files, check_chains=False, server_key=server_key)
+        if workers > 1:
+            report = _verify_in_processes(data_dir, progress, only_files, server_key, workers)
+        else:
+            report = _verify_rows(data_dir, progress, only_files, check_chains=False, server_key=server_key)
         report.problems = sorted(
             {(p.emitter, p.seq, p.check): p for p in [*chains.problems, *report.problems]}.values(),
             key=lambda problem: (problem.emitter or "", problem.seq or 0, problem.check),
@@ -71,6 +81,43 @@ def verify_lake(
         report.problems = attributed(report.problems, report.tenants)
         return report
     return _verify_rows(data_dir, progress, None, check_chains=True, server_key=server_key)
+
+
+def _verify_in_processes(
+    data_dir: Path,
+    progress: Callable[[int], None] | None,
+    files: set[Path],
+    server_key: Ed25519PublicKey | None,
+    workers: int,
+) -> IntegrityReport:
+    """Signatures and columns of ``files``, in parts of about equal bytes, in ``workers`` processes (each also reads
+    the server's stream, for the keys). The parts' problems merged, each once."""
+    ordered = sorted(files, key=lambda path: path.stat().st_size, reverse=True)
+    parts: list[list[Path]] = [[] for _ in range(min(len(ordered), workers * 4) or 1)]
+    sizes = [0] * len(parts)
+    for path in ordered:  # largest first, each to the lightest part
+        lightest = sizes.index(min(sizes))
+        parts[lightest].append(path)
+        sizes[lightest] += path.stat().st_size
+    raw_key = None if server_key is None else server_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    report = IntegrityReport()
+    done = 0
+    context = multiprocessing.get_context("spawn")  # the parent may hold threads and DuckDB: never fork it
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(_verify_part, data_dir, part, raw_key) for part in parts if part]
+        for future in as_completed(futures):
+            part = future.result()
+            report.problems.extend(part.problems)
+            report.tenants.update(part.tenants)
+            done += part.events
+            if progress is not None:
+                progress(done)
+    return report
+
+
+def _verify_part(data_dir: Path, files: list[Path], raw_key: bytes | None) -> IntegrityReport:
+    server_key = None if raw_key is None else Ed25519PublicKey.from_public_bytes(raw_key)
+    return _verify_rows(data_dir, None, set(files), check_chains=False, server_key=server_key)
 
 
 def _verify_rows(
