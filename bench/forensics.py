@@ -98,8 +98,9 @@ def generate_emitters(job: tuple[Path, list[int], int, int]) -> int:
             canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
             previous = hashlib.sha256(canonical).hexdigest()
             jws = f"{HEADER}.{b64(canonical)}.AAAA"
+            log_index = emitter_index * per_emitter + seq - 1  # unique and without a hole over the whole lake
             by_day.setdefault(payload["occurred_at"][:10], []).append(
-                Signed(payload, jws, "bench", previous, int(occurred.timestamp() * 1e6))
+                Signed(payload, jws, "bench", previous, int(occurred.timestamp() * 1e6), log_index)
             )
         for day, events in by_day.items():
             directory = root / f"tenant={tenant}" / f"date={day}"

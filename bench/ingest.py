@@ -283,6 +283,36 @@ def latency_rounds(
     )
 
 
+def checkpoint_latency(root: Path, chains: dict[str, tuple[Ed25519PrivateKey, list[str]]], probes: int) -> None:
+    """How long after an ack the newest checkpoint covers the acknowledged events (one request of 20 at a time,
+    polled every 5 ms). A server without the transparency log is reported as such."""
+    server = Server(root / "data-checkpoint", TOKEN)
+    register(server.url, chains)
+    _, tokens = next(iter(chains.values()))
+    delays: list[float] = []
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for probe in range(probes):
+            body = client.post("/v1/events", json={"events": tokens[probe * 20 : probe * 20 + 20]}).json()
+            acked = time.perf_counter()
+            last = body["results"][-1].get("log_index")
+            if last is None:
+                print("checkpoint after an ack: this server has no transparency log")
+                server.stop()
+                return
+            while True:
+                response = client.get("/checkpoint")
+                if response.status_code == 200 and int(response.text.split("\n")[1]) > last:
+                    break
+                time.sleep(0.005)
+            delays.append(time.perf_counter() - acked)
+            time.sleep(0.1)
+    server.stop()
+    print(
+        f"checkpoint covering an ack, after the ack: p50 {percentile(delays, 50) * 1000:.0f} ms,"
+        f" p99 {percentile(delays, 99) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms ({probes} requests of 20)"
+    )
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -306,6 +336,7 @@ def main() -> None:
         help="also a full 2-core load for this long (90 s: about 700,000 events, 1.5 GB pre-signed), the lake keeping"
         " up, and latency at half of that rate",
     )
+    parser.add_argument("--checkpoint-probes", type=int, default=30, help="acks timed until a checkpoint covers them")
     parser.add_argument(
         "--small-batches", type=int, nargs="*", default=[20, 5], help="request sizes measured at half their own maximum"
     )
@@ -363,6 +394,7 @@ def main() -> None:
             args.clients,
             args.latency_rounds,
         )
+        checkpoint_latency(root, chains, args.checkpoint_probes)
         if args.sustain:
             rate = sustained(root, args.emitters, args.sustain, results["2 cores"], args.batch, args.clients)
             latency_rounds(
