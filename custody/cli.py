@@ -849,12 +849,9 @@ def _witness(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from tqdm import tqdm
 
-    from query.verify.checkpoint import record_run
-    from query.verify.integrity import verify_lake
-    from query.verify.log import verify_log
+    from query.verify.run import Mode, run_verification
     from store.ground.tlog import LogError, NoteKey
 
     try:
@@ -862,39 +859,19 @@ def _verify(args: argparse.Namespace) -> int:
     except LogError as exc:
         raise InvalidInput(f"--log-key: {exc}") from exc
     trusted = None if args.checkpoint is None else _read_text(args.checkpoint, "--checkpoint")
-    server_key = None if log_key is None else Ed25519PublicKey.from_public_bytes(log_key.public)
-
-    if args.hash_chain_only:
-        from query.verify.chains import verify_chains
-
-        with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
-            report = verify_chains(args.data_dir, progress=lambda done: bar.update(done - bar.n))
-        checks = "hashes, chains"
-    elif args.incremental:
-        from query.verify.checkpoint import verify_since_checkpoint
-
-        with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
-            report, mode = verify_since_checkpoint(
-                args.data_dir, progress=lambda done: bar.update(done - bar.n), server_key=server_key
-            )
-        checks = f"hashes, signatures, columns, chains; {mode}"
-    else:
-        with tqdm(desc="verifying", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
-            report = verify_lake(
-                args.data_dir,
-                progress=lambda done: bar.update(done - bar.n),
-                server_key=server_key,
-                workers=max(1, args.workers),
-            )
-        checks = "hashes, signatures, columns, chains"
-    with tqdm(desc="rebuilding the log", unit="event", disable=args.no_progress, file=sys.stderr) as bar:
-        logged = verify_log(args.data_dir, log_key=log_key, trusted=trusted, progress=lambda n: bar.update(n - bar.n))
-    report.problems += logged.problems
-    report.log = logged.as_json()
-    checks += _log_summary(logged)
-    if not (args.hash_chain_only or args.incremental):
-        record_run(args.data_dir, report, "full verification")
-    report = report.for_tenant(args.tenant)
+    mode: Mode = "hash-chain-only" if args.hash_chain_only else "incremental" if args.incremental else "full"
+    bars = {"disable": args.no_progress, "file": sys.stderr, "unit": "event"}
+    with tqdm(desc="verifying", **bars) as bar, tqdm(desc="rebuilding the log", **bars) as log_bar:
+        verification = run_verification(
+            args.data_dir,
+            mode,
+            log_key=log_key,
+            trusted=trusted,
+            workers=max(1, args.workers),
+            progress=lambda done: bar.update(done - bar.n),
+            log_progress=lambda done: log_bar.update(done - log_bar.n),
+        )
+    report, checks = verification.report.for_tenant(args.tenant), verification.checks
     if args.json:
         print(orjson.dumps({**report.as_json(), "checks": checks}, option=orjson.OPT_INDENT_2).decode())
         return 0 if report.ok else 1
@@ -905,12 +882,6 @@ def _verify(args: argparse.Namespace) -> int:
         return 0
     print(f"FAIL: {len(report.problems)} problems in {report.events} events")
     return 1
-
-
-def _log_summary(logged: Any) -> str:
-    checkpoint = logged.checkpoint
-    anchor = "no checkpoint" if checkpoint is None else f"checkpoint {checkpoint.size}"
-    return f"; transparency log: {logged.tree_size} leaves rebuilt, {anchor}, {logged.history} in the history"
 
 
 def _read_text(path: Path, flag: str) -> str:

@@ -27,7 +27,7 @@ from query.recert.reports import build_report
 from query.recert.review import parse_window
 from query.search import EventFilter, search
 from query.tokens import Forbidden, Principal, TokenStore
-from query.verify.integrity import verify_lake
+from query.verify.run import run_verification
 from store.ground.envelope import bearer, errors, finish_openapi, install_error_envelope
 from store.ground.errors import InvalidInput, NotFound
 from store.ground.layout import DataDir
@@ -210,11 +210,12 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
 
     @app.post("/v1/verify", responses=_READS)
     async def verify(caller: Caller) -> JSONResponse:
-        """Verify the whole lake; a tenant-bound caller sees only the problems of its tenant's emitters."""
+        """Verify the whole lake, and the lake against the transparency log; a tenant-bound caller sees only the
+        problems of its tenant's emitters."""
         if caller.role not in ("admin", "auditor"):
             raise Forbidden(f"verification is for admin and auditor tokens; {caller.name!r} is {caller.role}")
-        report = await run_in_threadpool(verify_lake, data_dir)
-        return JSONResponse(report.for_tenant(caller.tenant).as_json())
+        verification = await run_in_threadpool(run_verification, data_dir)
+        return JSONResponse(verification.report.for_tenant(caller.tenant).as_json())
 
     @app.get("/v1/recert", responses=_READS)
     async def recert(

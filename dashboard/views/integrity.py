@@ -10,7 +10,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.context import require_session
-from query.verify.checkpoint import verify_since_checkpoint
+from query.verify.run import run_verification
 
 
 def events_of(run: dict[str, Any]) -> str:
@@ -70,8 +70,9 @@ if not current.may_verify:
     st.caption("Verification is for auditor and admin tokens.")
     st.stop()
 st.caption(
-    "Recomputes every hash and chain link, and re-checks signatures and columns of every file new or changed since"
-    " the last clean run (a checkpoint signed by the server key); the first run checks everything."
+    "Recomputes every hash and chain link, re-checks signatures and columns of every file new or changed since"
+    " the last clean run (the first run checks everything), and rebuilds the transparency log's tree from the lake"
+    " to compare it with every checkpoint the log signed."
 )
 if st.button("Verify the log", key="verify", type="primary"):
     total = max(sum(s.events for s in streams), 1)
@@ -80,7 +81,8 @@ if st.button("Verify the log", key="verify", type="primary"):
     def progress(done: int) -> None:
         bar.progress(min(done / total, 1.0), text=f"Verified {done:,} of about {total:,} events")
 
-    report, mode = verify_since_checkpoint(current.data_dir, progress=progress)
+    verification = run_verification(current.data_dir, "incremental", progress=progress)
+    report, mode = verification.report, verification.checks
     bar.progress(1.0, text="Done")
     problems = [asdict(p) for p in report.problems if current.tenant is None or p.tenant == current.tenant]
     if problems:
