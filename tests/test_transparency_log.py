@@ -4,6 +4,7 @@ tiles and proofs over HTTP, recovery after a restart or lost tiles, and refusal 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import shutil
 from contextlib import redirect_stdout
@@ -17,11 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from custody.cli import main
 from ingest.sdk import Emitter, LogMisbehaved
 from query.api import create_query_app
 from query.tokens import TokenStore
+from query.verify.log import LogCheck, _rebuild
 from store.ground.errors import CorruptState
 from store.ground.jws import decode_payload, parse_compact, verify_signature
 from store.ground.layout import DataDir
@@ -29,6 +33,7 @@ from store.ground.tlog import NoteKey, leaf_hash, open_checkpoint, verify_consis
 from store.merkle_log import LogReader, log_origin
 from tests.conftest import Harness, invocation, open_harness, read_lake
 from tests.signing import chain
+from tests.test_tlog_math import naive_root
 
 
 def log_key(data: Path) -> NoteKey:
@@ -379,3 +384,24 @@ def test_an_access_review_names_the_checkpoint_it_was_computed_at(tmp_path: Path
         "root": base64.b64encode(checkpoint.root).decode(),
     }
     assert main(["recert", "verify", str(target), "--data-dir", str(data)]) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2100), st.data())
+def test_the_verifiers_tree_rebuild_equals_the_naive_tree(size: int, data: st.DataObject) -> None:
+    """verify's fold (whole aligned blocks of 256 leaves at once, single leaves between) gives RFC 6962 roots at
+    every size asked for, sizes inside a block included; a hole stops it and is named."""
+    leaves = [hashlib.sha256(n.to_bytes(4, "big")).digest() for n in range(size)]
+    sizes = sorted(set(data.draw(st.lists(st.integers(0, size), max_size=4))) | {size})
+    check = LogCheck()
+    roots = _rebuild(pa.array(range(size), pa.int64()), pa.array([leaf.hex() for leaf in leaves]), sizes, check, None)
+    assert (check.tree_size, check.problems) == (size, [])
+    assert all(roots[n] == naive_root(leaves[:n]) for n in sizes)
+    if size > 2:
+        hole = data.draw(st.integers(1, size - 2))
+        kept = [n for n in range(size) if n != hole]
+        check = LogCheck()
+        _rebuild(pa.array(kept, pa.int64()), pa.array([leaves[n].hex() for n in kept]), [size], check, None)
+        assert check.tree_size == hole
+        assert [problem.check for problem in check.problems] == ["log_missing"]
+        assert f"an event at log index {hole}" in check.problems[0].expected

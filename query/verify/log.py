@@ -3,7 +3,8 @@
 ``verify_log`` reads every event's ``log_index`` and ``event_hash`` (lake, quarantine, WAL), rebuilds the RFC 6962
 tree in index order, and checks:
 
-- every log index from 0 up is held by exactly one event (``log_missing``, ``log_duplicate``): an event deleted
+- every log index from 0 up is held by exactly one event (``log_missing``, ``log_duplicate``; ``log_leaf`` for an
+  event hash that is not one): an event deleted
   anywhere, the newest ones included, leaves a hole or a short tree;
 - the newest checkpoint verifies with the log's key and its root is the rebuilt tree's at its size
   (``checkpoint_signature``, ``log_root``; ``checkpoint_missing`` when the lake has numbered events and no
@@ -19,6 +20,7 @@ an operator who deletes events and rewrites everything under ``--data-dir`` is s
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +34,15 @@ from query.lake import LakeReader
 from query.verify.report import LOG_CHECKS, IntegrityProblem
 from store.ground.errors import CustodyError
 from store.ground.layout import DataDir
-from store.ground.tlog import Checkpoint, LogError, NoteKey, leaf_hash, node_hash, open_checkpoint, root_of
+from store.ground.tlog import Checkpoint, LogError, NoteKey, open_checkpoint, root_of
 from store.merkle_log import log_origin, read_history
 from store.quarantine import Quarantine
 from store.wal import read_records
 
 __all__ = ["LOG_CHECKS", "LogCheck", "log_key_of", "verify_log"]
+
+_SLICE = 65_536  # leaves turned into Python objects at a time
+_BLOCK = 256  # leaves hashed as one complete subtree when aligned and whole
 
 
 @dataclass
@@ -196,56 +201,116 @@ def _rebuild(
     progress: Callable[[int], None] | None,
 ) -> dict[int, bytes]:
     """Fold the leaves, in index order, into a compact range (one subtree root per set bit of the size), and
-    take the root at each of ``sizes``; holes and duplicates end the contiguous tree and are reported."""
+    take the root at each of ``sizes``; holes and duplicates end the contiguous tree and are reported. The
+    columns are turned into Python objects a slice at a time, the hex of a slice decoded in one call."""
+    sha256 = hashlib.sha256
     stack: list[bytes] = []  # roots of the complete subtrees, left to right
     roots: dict[int, bytes] = {}
     pending = iter(sizes)
     next_size = next(pending, None)
     if next_size == 0:
         roots[0], next_size = root_of([]), next(pending, None)
-    expected = 0
-    digests = hashes.to_pylist()
-    all_indexes = indexes.to_pylist()
-    for position, index in enumerate(all_indexes):
-        if index != expected:
-            if index == expected - 1 and digests[position] == digests[position - 1]:
-                continue  # the same event in the WAL and the lake (a flush the server has not finished)
-            if index < expected:
-                check.problems.append(
-                    IntegrityProblem(
-                        "log_duplicate",
-                        f"one event at log index {index} ({digests[position - 1]})",
-                        f"another with event hash {digests[position]}",
-                    )
-                )
+    expected, previous_digest = 0, ""
+    for start in range(0, len(indexes), _SLICE):
+        digests = hashes.slice(start, _SLICE).to_pylist()
+        leaves = _leaf_bytes(digests)
+        numbers = indexes.slice(start, _SLICE).to_pylist()
+        offset = 0
+        while offset < len(numbers):
+            if (
+                leaves
+                and expected % _BLOCK == 0
+                and numbers[offset : offset + _BLOCK] == list(range(expected, expected + _BLOCK))
+                and not (next_size is not None and expected < next_size < expected + _BLOCK)
+            ):  # a whole aligned block of 256 leaves: its subtree at once, then one push of height 8
+                base = 32 * offset
+                level = [sha256(b"\x00" + leaves[i : i + 32]).digest() for i in range(base, base + 32 * _BLOCK, 32)]
+                while len(level) > 1:
+                    level = [sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level), 2)]
+                node = level[0]
+                size = expected + _BLOCK
+                carry = (size & -size) >> 9
+                while carry:
+                    node = sha256(b"\x01" + stack.pop() + node).digest()
+                    carry >>= 1
+                stack.append(node)
+                expected, previous_digest = size, digests[offset + _BLOCK - 1]
+                offset += _BLOCK
+                if size == next_size:
+                    roots[size] = root_of(stack)
+                    next_size = next(pending, None)
+                    while next_size == size:
+                        next_size = next(pending, None)
                 continue
-            missing = all_indexes[-1] + 1 - len(set(all_indexes))
-            check.problems.append(
-                IntegrityProblem(
-                    "log_missing",
-                    f"an event at log index {expected}" + (f"-{index - 1}" if index - 1 > expected else ""),
-                    f"none in the lake, the quarantine or the WAL ({missing} log indexes missing up to"
-                    f" {all_indexes[-1]}; the tree is checked up to the first)",
-                )
-            )
-            break
-        node = leaf_hash(bytes.fromhex(digests[position]))
-        size = expected + 1
-        level = 0
-        while (size >> level) & 1 == 0:  # merge equal-height subtrees, as a binary counter carries
-            node = node_hash(stack.pop(), node)
-            level += 1
-        stack.append(node)
-        expected = size
-        if next_size is not None and size == next_size:
-            roots[size] = root_of(stack)
-            next_size = next(pending, None)
-            while next_size == size:
+            index, digest = numbers[offset], digests[offset]
+            offset += 1
+            if index != expected:
+                if index == expected - 1 and digest == previous_digest:
+                    continue  # the same event in the WAL and the lake (a flush the server has not finished)
+                if index < expected:
+                    check.problems.append(
+                        IntegrityProblem(
+                            "log_duplicate",
+                            f"one event at log index {index} ({previous_digest})",
+                            f"another with event hash {digest}",
+                        )
+                    )
+                    continue
+                check.problems.append(_missing(indexes, expected, index))
+                check.tree_size = expected
+                return roots
+            leaf = leaves[32 * (offset - 1) : 32 * offset] if leaves else _one_leaf(digest, index, check)
+            node = sha256(b"\x00" + leaf).digest()
+            size = expected + 1
+            carry = (size & -size) >> 1  # equal-height subtrees merge, as a binary counter carries
+            while carry:
+                node = sha256(b"\x01" + stack.pop() + node).digest()
+                carry >>= 1
+            stack.append(node)
+            expected, previous_digest = size, digest
+            if size == next_size:
+                roots[size] = root_of(stack)
                 next_size = next(pending, None)
-        if progress is not None and size % 65536 == 0:
-            progress(size)
+                while next_size == size:
+                    next_size = next(pending, None)
+        if progress is not None:
+            progress(expected)
     check.tree_size = expected
     return roots
+
+
+def _leaf_bytes(digests: list[str]) -> bytes:
+    """The raw bytes of a slice of event hashes, decoded at once; empty if any is not 64 hex digits."""
+    if any(len(digest) != 64 for digest in digests):
+        return b""
+    try:
+        return bytes.fromhex("".join(digests))
+    except ValueError:
+        return b""
+
+
+def _one_leaf(digest: str, index: int, check: LogCheck) -> bytes:
+    try:
+        raw = bytes.fromhex(digest)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        check.problems.append(
+            IntegrityProblem("log_leaf", f"a SHA-256 event hash at log index {index}", f"{digest[:80]!r}")
+        )
+    return raw
+
+
+def _missing(indexes: pa.Array, expected: int, found: int) -> IntegrityProblem:
+    """The first hole, with how many indexes are missing in all."""
+    last = indexes[len(indexes) - 1].as_py()
+    missing = last + 1 - len(pc.unique(indexes))
+    return IntegrityProblem(
+        "log_missing",
+        f"an event at log index {expected}" + (f"-{found - 1}" if found - 1 > expected else ""),
+        f"none in the lake, the quarantine or the WAL ({missing} log indexes missing up to {last};"
+        " the tree is checked up to the first)",
+    )
 
 
 def _b64(raw: bytes) -> str:

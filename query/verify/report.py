@@ -18,7 +18,15 @@ __all__ = ["LOG_CHECKS", "IntegrityProblem", "IntegrityReport", "attributed", "c
 
 # The transparency log's checks (query.verify.log): about the whole log, no emitter's or tenant's events
 LOG_CHECKS = frozenset(
-    {"log_missing", "log_duplicate", "log_root", "checkpoint_missing", "checkpoint_signature", "history_root"}
+    {
+        "log_missing",
+        "log_duplicate",
+        "log_leaf",
+        "log_root",
+        "checkpoint_missing",
+        "checkpoint_signature",
+        "history_root",
+    }
 )
 
 

@@ -3,7 +3,10 @@ three modes) and then the lake against the transparency log, in one report."""
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,6 +47,33 @@ def run_verification(
     """Verify the lake in ``mode`` and against the log (``log_key`` and a ``trusted`` checkpoint when the data
     dir's own are not to be relied on); a full run is recorded for the dashboard."""
     server_key = None if log_key is None else Ed25519PublicKey.from_public_bytes(log_key.public)
+    with ExitStack() as stack:
+        background = None
+        if workers > 1:  # the log's tree is rebuilt in a process of its own, beside the lake's checks
+            pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+            background = pool.submit(verify_log, data_dir, log_key=log_key, trusted=trusted)
+        report, checks = _lake(data_dir, mode, server_key, workers, progress)
+        if background is None:
+            logged = verify_log(data_dir, log_key=log_key, trusted=trusted, progress=log_progress)
+        else:
+            logged = background.result()
+            if log_progress is not None:
+                log_progress(logged.tree_size)
+    report.problems += logged.problems
+    report.log = logged.as_json()
+    checks += _log_summary(logged)
+    if mode == "full":
+        record_run(data_dir, report, "full verification")
+    return Verification(report, checks)
+
+
+def _lake(
+    data_dir: Path,
+    mode: Mode,
+    server_key: Ed25519PublicKey | None,
+    workers: int,
+    progress: Callable[[int], None] | None,
+) -> tuple[IntegrityReport, str]:
     if mode == "hash-chain-only":
         from query.verify.chains import verify_chains
 
@@ -55,13 +85,7 @@ def run_verification(
     else:
         report = verify_lake(data_dir, progress=progress, server_key=server_key, workers=workers)
         checks = "hashes, signatures, columns, chains"
-    logged = verify_log(data_dir, log_key=log_key, trusted=trusted, progress=log_progress)
-    report.problems += logged.problems
-    report.log = logged.as_json()
-    checks += _log_summary(logged)
-    if mode == "full":
-        record_run(data_dir, report, "full verification")
-    return Verification(report, checks)
+    return report, checks
 
 
 def _log_summary(logged: LogCheck) -> str:
