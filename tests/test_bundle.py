@@ -20,6 +20,7 @@ from custody.cli import main
 from store.ground.layout import DataDir
 from store.ground.tlog import LogError, NoteKey, verify_bundle
 from tests.conftest import invocation, open_harness
+from tests.signing import hash_of, payload, sign_raw
 from tests.test_transparency_log import log_key
 
 TLOG = Path(__file__).parent.parent / "store" / "ground" / "tlog.py"
@@ -166,3 +167,22 @@ def test_a_bundle_needs_a_checkpoint_that_holds_its_events(tmp_path: Path, capsy
             == 1
         )
         assert "no checkpoint yet" in capsys.readouterr().err
+
+
+def test_a_bundle_of_an_event_signed_over_non_canonical_bytes_verifies(tmp_path: Path) -> None:
+    """Ingest accepts a payload that is not in canonical form (its event_hash is the canonical form's), and so
+    does the offline verifier, with its own RFC 8785."""
+    data = tmp_path / "data"
+    with open_harness(data) as harness:
+        key, kid = harness.register("gw-nc")
+        first = payload("gw-nc")
+        token = sign_raw(orjson.dumps(first, option=orjson.OPT_INDENT_2), key, kid)
+        assert harness.post([token])["results"][0]["status"] == "accepted"
+        harness.flush()
+        harness.server.store.merkle.publish()
+    target = tmp_path / "bundle"
+    assert (
+        main(["bundle", "write", "--data-dir", str(data), "--event", first["event_id"], "--output", str(target)]) == 0
+    )
+    [event] = verify_bundle(target.read_bytes(), log_key(data)).events
+    assert event.event_hash == hash_of(first)

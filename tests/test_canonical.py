@@ -10,6 +10,7 @@ import pytest
 
 from store.ground.canonical import canonicalize, event_hash
 from store.ground.errors import CanonicalizationError
+from store.ground.tlog import LogError, jcs
 from tests.conftest import VECTORS
 
 JCS = json.loads((VECTORS / "jcs" / "canonicalization_vectors.json").read_text(encoding="utf-8"))
@@ -40,6 +41,21 @@ def test_integer_only_vectors_canonicalize_byte_for_byte(case: dict[str, Any]) -
 def test_vectors_with_floats_are_refused(case: dict[str, Any]) -> None:
     with pytest.raises(CanonicalizationError, match="must be integers"):
         canonicalize(_input(case))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not _has_non_integer(_input(c))], ids=lambda c: c["name"])
+def test_the_offline_verifiers_own_canonicalizer_agrees(case: dict[str, Any]) -> None:
+    """store/ground/tlog.py carries its own RFC 8785 (it may import nothing of Custody): same bytes."""
+    assert jcs(_input(case)) == case["canonical"].encode("utf-8")
+    assert jcs({"outer": [{"\U0001f389": 1, "\ue000": 2, "a": 3}]}) == canonicalize(
+        {"outer": [{"\U0001f389": 1, "\ue000": 2, "a": 3}]}
+    )
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _has_non_integer(_input(c))], ids=lambda c: c["name"])
+def test_the_offline_verifiers_canonicalizer_refuses_floats(case: dict[str, Any]) -> None:
+    with pytest.raises(LogError, match="no fractions"):
+        jcs(_input(case))
 
 
 def test_the_vector_set_covers_both_kinds() -> None:

@@ -42,6 +42,7 @@ __all__ = [
     "consistency_proof",
     "cosign",
     "inclusion_proof",
+    "jcs",
     "leaf_hash",
     "node_hash",
     "open_checkpoint",
@@ -458,6 +459,28 @@ def _b64url(part: str, what: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
+def jcs(value: object) -> bytes:
+    """RFC 8785 canonical bytes of a JSON value of the protocol (integers, strings, booleans, null, arrays,
+    objects): keys in UTF-16 code-unit order, no whitespace, strings as ECMAScript serializes them."""
+    try:
+        return _jcs(value).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LogError(f"a string holds a lone surrogate at index {exc.start}") from exc
+
+
+def _jcs(value: object) -> str:
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda item: item[0].encode("utf-16-be"))
+        return "{" + ",".join(json.dumps(key, ensure_ascii=False) + ":" + _jcs(item) for key, item in items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_jcs(item) for item in value) + "]"
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int) and -(2**53) <= value <= 2**53:
+        return str(value)
+    raise LogError(f"{value!r} is not a JSON value of the protocol (integers within +/-2**53, no fractions)")
+
+
 def _jws_parts(jws: object, what: str) -> tuple[dict[str, object], bytes, bytes, bytes]:
     """(protected header, payload bytes, signing input, signature) of a compact JWS."""
     if not isinstance(jws, str) or jws.count(".") != 2:
@@ -510,7 +533,7 @@ def _logged_event(
         raise LogError(f"{what}: payload is not JSON") from exc
     if not isinstance(payload, dict):
         raise LogError(f"{what}: payload is not a JSON object")
-    digest = hashlib.sha256(payload_bytes).hexdigest()  # ingest accepts only canonical payload bytes
+    digest = hashlib.sha256(jcs(payload)).hexdigest()  # the event_hash: of the canonical form, as ingest computes it
     hashes_ = [_unb64(str(item), f"{what}: proof hash") for item in proof]
     try:
         verify_inclusion(leaf_hash(bytes.fromhex(digest)), index, checkpoint.size, hashes_, checkpoint.root)
