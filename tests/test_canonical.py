@@ -6,9 +6,12 @@ import json
 import math
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from store.ground.canonical import canonicalize, event_hash
+from store.ground.canonical import canonicalize, canonicalize_parsed, event_hash
 from store.ground.errors import CanonicalizationError
 from store.ground.tlog import LogError, jcs
 from tests.conftest import VECTORS
@@ -93,3 +96,33 @@ def test_error_names_the_path_of_the_float() -> None:
 
 def test_event_hash_is_lowercase_sha256_hex() -> None:
     assert event_hash(b"{}") == "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=("Cs",))),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(st.characters(exclude_categories=("Cs",)), max_size=4), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_the_verifiers_canonicalizer_for_parsed_values_agrees_with_the_full_one(value: Any) -> None:
+    """The verifier's shortcut (numbers and keys only, for what orjson parsed) gives the same bytes or error."""
+    parsed = orjson.loads(orjson.dumps(value))
+    try:
+        expected: bytes | str = canonicalize(parsed)
+    except CanonicalizationError as exc:
+        expected = str(exc)
+    try:
+        got: bytes | str = canonicalize_parsed(parsed)
+    except CanonicalizationError as exc:
+        got = str(exc)
+    assert got == expected

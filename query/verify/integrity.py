@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from query.lake import LakeReader, open_duckdb
 from query.verify.report import IntegrityProblem, IntegrityReport, attributed, compare_heads
-from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
+from store.ground.canonical import ZERO_HASH, canonicalize_parsed, event_hash
 from store.ground.errors import CanonicalizationError
 from store.ground.jws import JwsError, parse_compact, verify_signature
 from store.ground.keys import KeyRing
@@ -255,7 +255,7 @@ def _check_row(
     try:
         parsed = parse_compact(row["jws"])
         payload = orjson.loads(parsed.payload)
-        computed = event_hash(canonicalize(payload))
+        computed = event_hash(canonicalize_parsed(payload))
     except (JwsError, orjson.JSONDecodeError, CanonicalizationError, TypeError) as exc:
         return [IntegrityProblem("jws", "a parseable signed event", str(exc), **where)], None
     if computed != row["event_hash"]:

@@ -18,7 +18,15 @@ import orjson
 
 from store.ground.errors import CanonicalizationError
 
-__all__ = ["MAX_SAFE_INTEGER", "ZERO_HASH", "canonicalize", "canonicalize_checked", "event_hash", "needs_utf16_order"]
+__all__ = [
+    "MAX_SAFE_INTEGER",
+    "ZERO_HASH",
+    "canonicalize",
+    "canonicalize_checked",
+    "canonicalize_parsed",
+    "event_hash",
+    "needs_utf16_order",
+]
 
 MAX_SAFE_INTEGER = 2**53
 ZERO_HASH = "0" * 64
@@ -31,6 +39,28 @@ def canonicalize(value: Any) -> bytes:
         value = _utf16_ordered(value)
         return orjson.dumps(value)
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def canonicalize_parsed(value: Any) -> bytes:
+    """``canonicalize`` for a value orjson parsed, whose strings are valid Unicode already (orjson refuses lone
+    surrogates) and whose keys are strings: only numbers and keys are looked at, without recursion. A value that
+    is not canonicalizable gets ``canonicalize``'s error, with its path."""
+    if type(value) not in (dict, list):
+        return canonicalize(value)
+    utf16_order = False
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        children = item.values() if type(item) is dict else item
+        if type(item) is dict and not utf16_order:
+            utf16_order = needs_utf16_order(key for key in item if not key.isascii())
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                pending.append(child)
+            elif kind is float or (kind is int and not -MAX_SAFE_INTEGER <= child <= MAX_SAFE_INTEGER):
+                return canonicalize(value)  # raises, naming where
+    return canonicalize_checked(value, utf16_order=utf16_order)
 
 
 def canonicalize_checked(value: Any, *, utf16_order: bool) -> bytes:
