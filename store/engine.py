@@ -164,6 +164,20 @@ def reingest_quarantined(data_dir: Path) -> Reingested:
         os.close(lock)
 
 
+def _all_below(parquet: pq.ParquetFile, start: int) -> bool:
+    """True when every row group's ``log_index`` statistics end below ``start`` (False when any group has none)."""
+    metadata = parquet.metadata
+    leaves = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
+    if "log_index" not in leaves:
+        return False
+    column = leaves.index("log_index")
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(column).statistics
+        if statistics is None or not statistics.has_min_max or statistics.null_count or statistics.max >= start:
+            return False
+    return True
+
+
 class Store:
     def __init__(
         self,
@@ -310,6 +324,8 @@ class Store:
         for path in self.lake.files():
             parquet = pq.ParquetFile(path, pre_buffer=False)
             if "log_index" not in parquet.schema_arrow.names:  # written before the transparency log
+                continue
+            if _all_below(parquet, start):  # the file's statistics say so: no need to read it
                 continue
             table = pq.read_table(path, columns=["log_index", "event_hash"], filters=[("log_index", ">=", start)])
             for index, digest in zip(table["log_index"].to_pylist(), table["event_hash"].to_pylist(), strict=True):
