@@ -255,6 +255,7 @@ class Store:
             self._publisher.join()
         try:
             self.merkle.publish()
+            self.merkle.sync()
         except (OSError, CustodyError) as exc:
             log.error("final checkpoint failed; the next start rebuilds it from the write-ahead log: %s", exc)
         self._flushing_in_background = False  # the last flush runs here: no process to start for it
@@ -521,6 +522,7 @@ class Store:
         while not self._stop.wait(self.publish_interval):
             try:
                 self.merkle.publish()
+                self.merkle.sync_if_due()
             except Exception:  # the next round retries; every leaf stays in the WAL and the lake meanwhile
                 log.exception("publishing the transparency log failed, will retry")
 

@@ -22,6 +22,7 @@ records an acknowledged batch's first index and hashes.
 from __future__ import annotations
 
 import base64
+import ctypes
 import logging
 import os
 import struct
@@ -75,7 +76,8 @@ def tile_path(level: int | str, index: int, width: int = TILE_WIDTH) -> str:
 
 
 class TileStore:
-    """Tiles and entry bundles under ``log/tile``; files appear by rename, full ones are fsync'd."""
+    """Tiles and entry bundles under ``log/tile``; files appear by rename. They reach the disk in batches: the
+    log syncs the file system every ``sync_interval`` and then records the size its tiles are durable up to."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -90,9 +92,7 @@ class TileStore:
         temporary = final.with_name(final.name + ".tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, data)
-            if width == TILE_WIDTH:
-                os.fdatasync(fd)  # a full tile is read for good; a partial one is superseded within a second
+            os.write(fd, data)  # no fsync per tile (one each would queue before the WAL's): see MerkleLog.sync
         finally:
             os.close(fd)
         os.replace(temporary, final)
@@ -215,6 +215,8 @@ class MerkleLog:
         self.reissue_after = (
             60.0  # idle: submit the same checkpoint again after this many seconds, for fresh cosignatures
         )
+        self.sync_interval = 30.0  # how often the tiles written meanwhile are made durable (one syncfs)
+        self._synced_at = time.monotonic()
 
     # -- identity -----------------------------------------------------------------------------------------------
 
@@ -269,6 +271,28 @@ class MerkleLog:
             self.tiles.write("entries", size >> TILE_HEIGHT, bundle, len(entries))
         self._written = size
         return self._sign_if_due(size, root)
+
+    def sync(self) -> None:
+        """Make every tile written so far durable (one syncfs of the data dir's file system, not one fsync per
+        tile), then record the newest checkpoint as the size the tiles hold on disk: recovery starts there."""
+        checkpoint = self.checkpoint
+        if checkpoint is None:
+            return
+        _sync_file_system(self.layout.log)
+        marker = {"size": checkpoint.size, "root": base64.b64encode(checkpoint.root).decode()}
+        temporary = self.layout.tiles_durable.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, orjson.dumps(marker))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, self.layout.tiles_durable)
+        self._synced_at = time.monotonic()
+
+    def sync_if_due(self) -> None:
+        if time.monotonic() - self._synced_at >= self.sync_interval:
+            self.sync()
 
     def _sign_if_due(self, size: int, root: bytes | None) -> Checkpoint | None:
         signer, key = self._signer, self.key
@@ -327,14 +351,33 @@ class MerkleLog:
     # -- recovery -----------------------------------------------------------------------------------------------
 
     def recover(self, leaves_from: Callable[[int], Iterable[tuple[int, str]]], progress: Callable[[str], None]) -> None:
-        """Load the tree: the right edge of the newest checkpoint from its tiles (checked against its root), then
-        every leaf the data dir holds beyond it (``leaves_from(size)``: (log index, event hash) from the lake, the
-        quarantine and the WAL, any order). Without usable tiles, every leaf is read and the tiles are rewritten."""
+        """Load the tree: the right edge at the size the tiles were last made durable at (``log/tiles-durable``),
+        from its tiles and checked against that checkpoint's root, then every leaf the data dir holds beyond it
+        (``leaves_from(size)``: (log index, event hash) from the lake, the quarantine and the WAL, any order).
+        Without usable tiles, every leaf is read and the tiles are written again. The tree must then give the root
+        of the newest checkpoint the log signed."""
+        durable = _read_json(self.layout.tiles_durable)
+        edge = self._edge_from_tiles(durable) if durable is not None else None
         newest = newest_history_record(self.layout.checkpoint_history)
-        edge = self._edge_from_tiles(newest) if newest is not None else None
         if edge is None and newest is not None:
             progress(f"rebuilding the transparency log's tiles from the lake (checkpoint {newest['size']})")
-        edge = edge or _Edge()
+        try:
+            self._extend(edge or _Edge(), leaves_from, newest)
+        except _TilesDisagree:
+            if edge is None:
+                raise CorruptState(_disagree(newest)) from None
+            progress("the tiles do not give the newest checkpoint; rebuilding them from the lake")
+            try:
+                self._extend(_Edge(), leaves_from, newest)
+            except _TilesDisagree:
+                raise CorruptState(_disagree(newest)) from None
+
+    def _extend(
+        self,
+        edge: _Edge,
+        leaves_from: Callable[[int], Iterable[tuple[int, str]]],
+        newest: dict[str, object] | None,
+    ) -> None:
         ordered = sorted(leaves_from(edge.size))
         for expected, (index, _) in enumerate(ordered, edge.size):
             if index != expected:
@@ -346,15 +389,13 @@ class MerkleLog:
             edge.append(bytes.fromhex(digest))
         with self._lock:
             self._edge = edge
+            self._written = 0
         self.tiles.forget()
         self.publish()  # the tiles; the checkpoint once a key signs for the log
         if newest is not None:
-            size, root = int(newest["size"]), str(newest["root"])  # type: ignore[call-overload]
+            size, root = int(str(newest["size"])), str(newest["root"])
             if size > edge.size or base64.b64encode(self.root(size)).decode() != root:
-                raise CorruptState(
-                    f"the data dir's events do not match checkpoint {size} (root {root}) that this log signed;"
-                    " run `custody verify`"
-                )
+                raise _TilesDisagree
 
     def _edge_from_tiles(self, record: dict[str, object]) -> _Edge | None:
         """The right edge at the size of a checkpoint record, from the partial tiles written for it; None when
@@ -458,6 +499,36 @@ class LogReader:
         top = self._limit(limit)
         if not 0 <= size <= top:
             raise LogError(f"tree size {size} is beyond the log's newest checkpoint ({top})")
+
+
+class _TilesDisagree(Exception):
+    """The tree loaded from the tiles and the leaves does not give the newest checkpoint's root."""
+
+
+def _disagree(newest: dict[str, object] | None) -> str:
+    size, root = (None, None) if newest is None else (newest["size"], newest["root"])
+    return (
+        f"the data dir's events do not match checkpoint {size} (root {root}) that this log signed; run `custody verify`"
+    )
+
+
+def _read_json(path: Path) -> dict[str, object] | None:
+    try:
+        value = orjson.loads(path.read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) and {"size", "root"} <= value.keys() else None
+
+
+def _sync_file_system(path: Path) -> None:
+    """syncfs(2) of the file system holding ``path`` (all its dirty data in one call); sync(2) where there is none."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if not hasattr(libc, "syncfs") or libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
 
 
 def _range_subtrees(hash_at: Callable[[int, int], bytes], size: int) -> list[bytes]:

@@ -26,11 +26,12 @@ from ingest.sdk import Emitter, LogMisbehaved
 from query.api import create_query_app
 from query.tokens import TokenStore
 from query.verify.log import LogCheck, _rebuild
+from store.engine import Store
 from store.ground.errors import CorruptState
 from store.ground.jws import decode_payload, parse_compact, verify_signature
 from store.ground.layout import DataDir
 from store.ground.tlog import NoteKey, leaf_hash, open_checkpoint, verify_consistency, verify_inclusion
-from store.merkle_log import LogReader, log_origin
+from store.merkle_log import LogReader, MerkleLog, log_origin
 from tests.conftest import Harness, invocation, open_harness, read_lake
 from tests.signing import chain
 from tests.test_tlog_math import naive_root
@@ -405,3 +406,37 @@ def test_the_verifiers_tree_rebuild_equals_the_naive_tree(size: int, data: st.Da
         assert check.tree_size == hole
         assert [problem.check for problem in check.problems] == ["log_missing"]
         assert f"an event at log index {hole}" in check.problems[0].expected
+
+
+def test_tiles_written_after_the_last_sync_are_rebuilt_after_a_crash(tmp_path: Path) -> None:
+    """Tiles reach the disk in batches (one syncfs every sync_interval): after a crash, recovery starts from the
+    last synced checkpoint's edge, and tiles written after it, torn or lost, are written again from the lake."""
+    data = tmp_path / "data"
+    layout = DataDir(data)
+    with open_harness(data) as harness:
+        post_chain(harness, "gw-1", 100)
+        merkle = harness.server.store.merkle
+        merkle.publish()
+        merkle.sync()
+        synced = layout.tiles_durable.read_bytes()
+        before = {path: path.read_bytes() for path in layout.log_tiles.rglob("*") if path.is_file()}
+        post_chain(harness, "gw-2", 300)  # completes the first level-0 tile and more, after the sync
+        merkle.publish()
+        final = open_checkpoint(harness.client.get("/checkpoint").text, log_key(data))
+        harness.flush()
+    layout.tiles_durable.write_bytes(synced)  # as if the crash came before the next sync:
+    for path, content in before.items():  # the synced tiles are there (the full tile had replaced them)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    torn = [path for path in layout.log_tiles.rglob("*") if path.is_file() and path not in before]
+    assert torn
+    for path in torn:
+        path.write_bytes(b"\0" * 7)  # written, never synced: torn
+    messages: list[str] = []
+    recovered = MerkleLog(layout)
+    recovered.recover(Store(data, writer_process=False)._leaves_from, messages.append)
+    assert not any("rebuilding" in message for message in messages), messages  # from the synced edge
+    assert recovered.root(final.size) == final.root
+    assert len(recovered.tiles.hashes(0, 0, 256) or b"") == 8192
+    with open_harness(data) as harness:
+        assert harness.server.store.merkle.root(final.size) == final.root

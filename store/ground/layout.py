@@ -12,6 +12,7 @@
     <data-dir>/index/rows/, index/reach/ derived copies for long-running readers
     <data-dir>/log/tile/...              the transparency log's tiles (c2sp.org/tlog-tiles; store.merkle_log)
     <data-dir>/log/checkpoint, log/checkpoints.jsonl   its newest signed checkpoint, and every one it signed
+    <data-dir>/log/tiles-durable.json    the checkpoint up to which the tiles were last synced to disk
 
 A command that reads a data dir opens it with ``DataDir.existing``, which refuses a path that is not one (a typo
 must never read as an empty log, and must never get a key created in it); only ``custody serve`` creates one.
@@ -120,6 +121,10 @@ class DataDir:
     @property
     def checkpoint_history(self) -> Path:
         return self.root / "log" / "checkpoints.jsonl"
+
+    @property
+    def tiles_durable(self) -> Path:
+        return self.root / "log" / "tiles-durable.json"
 
     def server_key(self) -> Ed25519PrivateKey:
         """The server's key, for every reader: ``MissingServerKey`` when there is none (never created here: only
