@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -231,7 +231,7 @@ def _numbered(results: list[EventResult], first: int) -> list[EventResult]:
     numbered = []
     for result in results:
         if result.status is Status.ACCEPTED:
-            result = replace(result, log_index=first)
+            result = EventResult(result.event_id, Status.ACCEPTED, log_index=first)
             first += 1
         numbered.append(result)
     return numbered

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import hashlib
 import logging
 import os
 import struct
@@ -44,8 +45,6 @@ from store.ground.tlog import (
     checkpoint_text,
     consistency_proof,
     inclusion_proof,
-    leaf_hash,
-    node_hash,
     open_checkpoint,
     root_of,
     sign_note,
@@ -154,24 +153,36 @@ class _Edge:
     completed: list[tuple[int | str, int, bytes]] = field(default_factory=list)
 
     def append(self, event_hash: bytes) -> None:
-        self.entries.append(event_hash)
-        self._push(0, leaf_hash(event_hash))
-        self.size += 1
+        self.extend([event_hash])
 
-    def _push(self, level: int, digest: bytes) -> None:
-        if level == len(self.levels):
-            self.levels.append([])
+    def extend(self, event_hashes: list[bytes]) -> None:
+        """Append leaves: their hashes computed a level-0 tile's worth at a time."""
+        sha256 = hashlib.sha256
+        start = 0
+        while start < len(event_hashes):
+            room = TILE_WIDTH - len(self.levels[0])
+            chunk = event_hashes[start : start + room]
+            start += len(chunk)
+            self.entries += chunk
+            self.levels[0] += [sha256(b"\x00" + digest).digest() for digest in chunk]
+            self.size += len(chunk)
+            if len(self.levels[0]) == TILE_WIDTH:
+                self._complete(0)
+
+    def _complete(self, level: int) -> None:
+        """The partial tile at ``level`` has just become full: keep it for writing, push its root a level up."""
         hashes = self.levels[level]
-        hashes.append(digest)
-        if len(hashes) < TILE_WIDTH:
-            return
-        index = self.size >> (TILE_HEIGHT * (level + 1))  # self.size: the index of the leaf being appended
+        index = (self.size - 1) >> (TILE_HEIGHT * (level + 1))
         self.completed.append((level, index, b"".join(hashes)))
         if level == 0:
             self.completed.append(("entries", index, b"".join(_ENTRY_PREFIX + e for e in self.entries)))
             self.entries = []
         self.levels[level] = []
-        self._push(level + 1, _subtree_root(hashes))
+        if level + 1 == len(self.levels):
+            self.levels.append([])
+        self.levels[level + 1].append(_subtree_root(hashes))
+        if len(self.levels[level + 1]) == TILE_WIDTH:
+            self._complete(level + 1)
 
     def subtrees(self) -> list[bytes]:
         """The roots of the maximal complete subtrees, left to right: the tree's root is ``root_of`` them."""
@@ -188,8 +199,9 @@ class _Edge:
 
 def _subtree_root(hashes: list[bytes]) -> bytes:
     """The root over a power-of-two count of hashes (the subtree a run of tile hashes spans)."""
+    sha256 = hashlib.sha256
     while len(hashes) > 1:
-        hashes = [node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
+        hashes = [sha256(b"\x01" + hashes[i] + hashes[i + 1]).digest() for i in range(0, len(hashes), 2)]
     return hashes[0]
 
 
@@ -241,8 +253,7 @@ class MerkleLog:
         added = 0
         with self._pending_lock, self._lock:
             while (batch := self._pending.pop(self._edge.size, None)) is not None:
-                for digest in batch:
-                    self._edge.append(digest)
+                self._edge.extend(batch)
                 added += len(batch)
         return added
 
@@ -385,8 +396,7 @@ class MerkleLog:
                     f"the transparency log cannot be rebuilt: the data dir holds no event at log index {expected}"
                     f" (next held: {index}); an acknowledged event is missing. Run `custody verify`"
                 )
-        for _, digest in ordered:
-            edge.append(bytes.fromhex(digest))
+        edge.extend([bytes.fromhex(digest) for _, digest in ordered])
         with self._lock:
             self._edge = edge
             self._written = 0

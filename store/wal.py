@@ -54,6 +54,15 @@ class WalRecord:
         )
         return _FRAME.pack(len(body), zlib.crc32(body)) + body
 
+    def unnumbered(self) -> tuple[bytes, int]:
+        """The body up to its log index, and that part's CRC: ``append`` finishes the frame under its lock with a
+        few bytes and a CRC continued over them, not the whole record encoded there."""
+        head = orjson.dumps(
+            [self.event_id, self.emitter, self.seq, self.event_hash, self.received_at_us, self.kid, self.jws]
+        )
+        head = head[:-1] + b","
+        return head, zlib.crc32(head)
+
 
 def fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -135,6 +144,7 @@ class WriteAheadLog:
         fsync was running wait for the next one, which a single thread runs for all of them: under concurrent
         requests there is one fsync per group, never more than one per request, and a request never waits for the
         segment lock while another request's fsync runs."""
+        heads = [record.unnumbered() for record in records]
         with self._lock:
             try:
                 fd = self._open_active()
@@ -142,7 +152,7 @@ class WriteAheadLog:
                 raise StorageUnavailable(f"cannot open write-ahead log segment: {exc.strerror}") from exc
             start = self._size
             first = self.next_log_index
-            frames = b"".join(record.encode(first + number) for number, record in enumerate(records))
+            frames = b"".join(_numbered(head, crc, first + number) for number, (head, crc) in enumerate(heads))
             try:
                 view = memoryview(frames)
                 while view:
@@ -308,6 +318,11 @@ class WriteAheadLog:
 
     def path(self, number: int) -> Path:
         return self.directory / f"{number:012d}{_SUFFIX}"
+
+
+def _numbered(head: bytes, crc: int, log_index: int) -> bytes:
+    tail = b"%d]" % log_index
+    return _FRAME.pack(len(head) + len(tail), zlib.crc32(tail, crc)) + head + tail
 
 
 def read_records(path: Path) -> tuple[list[WalRecord], int]:
