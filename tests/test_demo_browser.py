@@ -38,26 +38,37 @@ CHROMIUM_FLAGS = [
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    data = tmp_path_factory.mktemp("demo") / "data"
+def start_demo(data: Path, *size: str) -> tuple[subprocess.Popen[bytes], Path, dict[str, int], str]:
+    """``./demo`` on ``data`` in a session of its own, once it serves: the process, its log, its ports, its output."""
     ports = {"port": free_port(), "query": free_port(), "dashboard": free_port()}
     log_path = data.parent / "demo.log"
     command = [
-        str(ROOT / "demo"),
-        "--data-dir", str(data), "--tasks-per-day", "40",
+        str(ROOT / "demo"), "--data-dir", str(data), *size,
         "--port", str(ports["port"]), "--query-port", str(ports["query"]), "--dashboard-port", str(ports["dashboard"]),
     ]  # fmt: skip
     env = {**os.environ, "CUSTODY_ADMIN_TOKEN": ADMIN_TOKEN}
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while "Serving until Ctrl-C." not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_demo(process)
+            raise AssertionError(f"the demo did not come up: {log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+    return process, log_path, ports, log_path.read_text(errors="replace")
+
+
+def stop_demo(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=90)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    data = tmp_path_factory.mktemp("demo") / "data"
+    process, log_path, ports, output = start_demo(data, "--tasks-per-day", "40")
     try:
-        deadline = time.monotonic() + 300
-        while "Serving until Ctrl-C." not in log_path.read_text(errors="replace"):
-            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "the demo did not come up in 300 s"
-            time.sleep(0.5)
-        output = log_path.read_text(errors="replace")
         yield {
             "process": process,
             "output": output,
@@ -68,9 +79,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "log": log_path,
         }
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            process.wait(timeout=90)
+        stop_demo(process)
 
 
 def test_the_demo_serves_the_apis_and_the_dashboard_then_stops_on_ctrl_c(demo: dict[str, Any]) -> None:
@@ -148,14 +157,18 @@ def test_the_overview_window_choice_lands_in_the_url(browser: Any, demo: dict[st
     page.close()
 
 
-def test_ctrl_c_stops_every_demo_process(demo: dict[str, Any]) -> None:
-    process = demo["process"]
-    os.killpg(process.pid, signal.SIGINT)
-    assert process.wait(timeout=90) == 0
-    for port in demo["ports"].values():
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
-    assert "stopping" in demo["log"].read_text(errors="replace")
+def test_ctrl_c_stops_every_demo_process(tmp_path: Path) -> None:
+    """A demo of its own (the module's is shared by the tests around it, in any order)."""
+    process, log_path, ports, _ = start_demo(tmp_path / "data", "--days", "3", "--tasks-per-day", "20")
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+        for port in ports.values():
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+        assert "stopping" in log_path.read_text(errors="replace")
+    finally:
+        stop_demo(process)
 
 
 def test_a_second_run_reuses_the_data_dir_and_says_so(tmp_path: Path) -> None:

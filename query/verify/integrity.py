@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # Assigned by the server, not signed: received_at, and log_index (checked against the Merkle log by query.verify.log)
 _COLUMNS = [name for name in EVENT_SCHEMA.names if name not in ("jws", "received_at", "log_index")]
+# What _check_row and the problem reports read of each row, as Python values; every other column is compared whole
+_ROW_FIELDS = ["event_id", "emitter", "seq", "event_hash", "jws", "received_at", "tenant", "date", "filename"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -135,7 +137,8 @@ def _verify_rows(
     tenants: dict[str, str] = {}
     previous: tuple[str, int, str] | None = None  # emitter, seq, computed hash of the last row
     for batch in _batches(data_dir, only_files):
-        rows = batch.to_pylist()
+        names = batch.schema.names  # ``filename`` is there twice (read_parquet's and the SELECT's): take the first
+        rows = batch.select([names.index(name) for name in _ROW_FIELDS]).to_pylist()  # the rest: by column
         recomputed: list[tuple[int, Signed]] = []
         for index, row in enumerate(rows):
             emitter, seq = row["emitter"], row["seq"]
@@ -156,7 +159,7 @@ def _verify_rows(
                     ]
                     keys.load_specs(specs, keys.version + 1)
             previous = (emitter, seq, row["event_hash"] if signed is None else signed.event_hash)
-        report.problems.extend(_check_columns(rows, recomputed))
+        report.problems.extend(_check_columns(rows, recomputed, batch))
         report.events += len(rows)
         if progress is not None:
             progress(report.events)
@@ -310,8 +313,11 @@ def _where(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_columns(rows: list[dict[str, Any]], recomputed: list[tuple[int, Signed]]) -> list[IntegrityProblem]:
-    """Every typed column and the partition of each row against the same columns rebuilt from its payload."""
+def _check_columns(
+    rows: list[dict[str, Any]], recomputed: list[tuple[int, Signed]], batch: pa.RecordBatch | None = None
+) -> list[IntegrityProblem]:
+    """Every typed column and the partition of each row against the same columns rebuilt from its payload. With
+    the ``batch`` the rows came from, a column is compared whole (Arrow) and row by row only where it differs."""
     problems: list[IntegrityProblem] = []
     usable: list[tuple[int, Signed]] = []
     for index, signed in recomputed:
@@ -339,13 +345,29 @@ def _check_columns(rows: list[dict[str, Any]], recomputed: list[tuple[int, Signe
         expected = event_table(signed for _, signed in usable)
     except (KeyError, TypeError, ValueError, pa.ArrowException):
         return problems + _check_columns_one_by_one(rows, usable)
+    positions = pa.array([index for index, _ in usable], pa.int64())
     for name in _COLUMNS:
-        for (index, _), value in zip(usable, expected.column(name).to_pylist(), strict=True):
-            if not _same(value, rows[index][name]):
-                problems.append(
-                    IntegrityProblem(f"column {name}", repr(value), repr(rows[index][name]), **_where(rows[index]))
-                )
+        wanted = expected.column(name)
+        if batch is not None:
+            found = batch.column(name).take(positions)
+            if _whole_column_equal(wanted, found):
+                continue
+            actual = found.to_pylist()
+        else:
+            actual = [rows[index][name] for index, _ in usable]
+        for (index, _), value, stored in zip(usable, wanted.to_pylist(), actual, strict=True):
+            if not _same(value, stored):
+                problems.append(IntegrityProblem(f"column {name}", repr(value), repr(stored), **_where(rows[index])))
     return problems
+
+
+def _whole_column_equal(expected: pa.ChunkedArray, found: pa.Array) -> bool:
+    """True when the lake's column equals the rebuilt one, value for value and null for null (False when the
+    types cannot be made alike: then the rows are compared one by one)."""
+    try:
+        return bool(expected.combine_chunks().equals(found.cast(expected.type)))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
 
 
 def _check_columns_one_by_one(rows: list[dict[str, Any]], usable: list[tuple[int, Signed]]) -> list[IntegrityProblem]:
