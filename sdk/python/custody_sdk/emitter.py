@@ -1,0 +1,206 @@
+"""The emitter: sign, chain and spool each event before ``emit`` returns; a sender thread delivers the spool.
+
+    with Emitter(url, "gw-1", "acme", key, "gw-1-k1", spool="/var/lib/gw/spool") as gateway:
+        gateway.emit(type="tool.invocation", delegation=..., credential=..., tool=..., decision=...)
+
+Guarantees (docs/sdk.md): an event ``emit`` returned for is on disk; it is sent until Custody acknowledges it
+(``accepted`` or ``duplicate``), always as the very same JWS, so it is stored once under one hash; after a restart
+on the same spool the chain continues at the next ``seq``; a transport error, a timeout or a 5xx is retried with
+backoff for as long as it takes (Custody down for hours: the spool grows, up to ``max_spool_bytes``). A rejection
+of a spooled event cannot be fixed by the SDK (the chain diverged from the server's): delivery stops there, and
+``delivery.blocked`` says why; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from custody_sdk.canonical import ZERO_HASH, canonicalize, event_hash
+from custody_sdk.keys import PrivateKey, sign_compact
+from custody_sdk.spool import Spool, SpooledEvent
+
+__all__ = ["Delivery", "Emitter", "SignedEvent"]
+
+HEAD_AUDIENCE = "custody:head"
+_RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True, slots=True)
+class SignedEvent:
+    event_id: str
+    seq: int
+    event_hash: str
+    jws: str
+
+
+@dataclass
+class Delivery:
+    """What the sender has done: events acknowledged, the last error it is retrying after, and the rejection it
+    stopped at, if any."""
+
+    acknowledged: int = 0
+    last_error: str | None = None
+    blocked: str | None = None
+    receipts: list[str] = field(default_factory=list)
+
+
+class Emitter:
+    def __init__(
+        self,
+        base_url: str,
+        emitter_id: str,
+        tenant: str,
+        key: PrivateKey,
+        kid: str,
+        *,
+        spool: Path | str,
+        batch_size: int = 500,
+        max_spool_bytes: int = 1 << 30,
+        when_full: str = "raise",
+        timeout: float = 10.0,
+        max_backoff: float = 30.0,
+        client: httpx.Client | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        send: bool = True,
+    ) -> None:
+        self.emitter_id, self.tenant, self.key, self.kid = emitter_id, tenant, key, kid
+        self.batch_size, self.max_backoff, self.clock = batch_size, max_backoff, clock
+        self.spool = Spool(spool, max_bytes=max_spool_bytes, when_full=when_full)
+        self._client = client or httpx.Client(base_url=base_url, timeout=timeout)
+        self._owns_client = client is None
+        self.delivery = Delivery()
+        self._emitting = threading.Lock()  # seq and prev_hash are taken and spooled in one step
+        self._stop = threading.Event()
+        self._head = self.spool.head
+        self._sender: threading.Thread | None = None
+        if send:
+            self._sender = threading.Thread(target=self._send_loop, name=f"custody-sender-{emitter_id}", daemon=True)
+            self._sender.start()
+
+    # -- emitting -----------------------------------------------------------------------------------------------
+
+    def emit(self, **fields: Any) -> SignedEvent:
+        """Sign the event after the chain's head and append it to the spool; return once it is on disk."""
+        with self._emitting:
+            seq, previous = self._chain_head()
+            payload = {
+                "v": 1,
+                "event_id": str(uuid.uuid4()),
+                "occurred_at": self.clock().astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+                **fields,
+                "emitter": self.emitter_id,
+                "tenant": self.tenant,
+                "seq": seq + 1,
+                "prev_hash": previous,
+            }
+            canonical = canonicalize(payload)
+            digest = event_hash(canonical)
+            jws = sign_compact(canonical, self.key, self.kid)
+            self.spool.append(SpooledEvent(seq + 1, payload["event_id"], digest, jws))
+            self._head = (seq + 1, digest)
+            return SignedEvent(payload["event_id"], seq + 1, digest, jws)
+
+    def _chain_head(self) -> tuple[int, str]:
+        """The spool's last event, or, for an empty new spool, the server's head (asked once, with a head proof)."""
+        if self._head is None:
+            self._head = self._server_head()
+        return self._head
+
+    def _server_head(self) -> tuple[int, str]:
+        now = int(time.time())
+        claims = {"sub": self.emitter_id, "aud": HEAD_AUDIENCE, "iat": now, "exp": now + 120}
+        proof = sign_compact(json.dumps(claims).encode(), self.key, self.kid, {"typ": "JWT"})
+        response = self._client.get(
+            f"/v1/emitters/{self.emitter_id}/head", headers={"Authorization": f"Bearer {proof}"}
+        )
+        if response.status_code == 404:
+            return 0, ZERO_HASH
+        response.raise_for_status()
+        head = response.json()
+        return int(head["seq"]), str(head["hash"])
+
+    # -- delivering ---------------------------------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            if not self.spool.wait_for_events(0.5) or self.delivery.blocked:
+                if self.delivery.blocked:
+                    self._stop.wait(self.max_backoff)
+                continue
+            if self._send_once():
+                backoff = 0.1
+            else:
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+
+    def _send_once(self) -> bool:
+        """Post one batch of the spool; True when it was answered (acknowledged or rejected), False to retry."""
+        batch = self.spool.unsent(self.batch_size)
+        if not batch:
+            return True
+        try:
+            response = self._client.post("/v1/events", json={"events": [event.jws for event in batch]})
+        except httpx.HTTPError as exc:
+            self.delivery.last_error = f"{type(exc).__name__}: {exc}"
+            return False
+        if response.status_code in _RETRY_STATUSES or response.status_code >= 500:
+            self.delivery.last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+            return False
+        if response.status_code != 200:
+            self.delivery.blocked = f"HTTP {response.status_code}: {response.text[:500]}"
+            return True
+        body = response.json()
+        done = 0
+        for result in body["results"]:
+            if result["status"] not in ("accepted", "duplicate"):
+                self.delivery.blocked = (
+                    f"event {result['event_id']} was rejected: {result['error']}: {result['detail']};"
+                    " the spool keeps it and every event after it"
+                )
+                break
+            done += 1
+        self.spool.mark_sent(done)
+        self.delivery.acknowledged += done
+        self.delivery.last_error = None
+        if body.get("receipt"):
+            self.delivery.receipts.append(body["receipt"])
+        return True
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until Custody has acknowledged everything spooled; TimeoutError (the events stay spooled)."""
+        if self._sender is None:
+            while self.spool.pending and not self.delivery.blocked:
+                if not self._send_once():
+                    raise TimeoutError(f"Custody is not reachable: {self.delivery.last_error}")
+        elif not self.spool.wait_until_empty(timeout):
+            error = self.delivery.last_error or "no error"
+            raise TimeoutError(
+                f"{self.spool.pending} events not acknowledged after {timeout} s ({error}); they stay in the spool"
+            )
+        if self.delivery.blocked:
+            raise RuntimeError(self.delivery.blocked)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._sender is not None:
+            self._sender.join()
+        if self._owns_client:
+            self._client.close()
+        self.spool.close()
+
+    def __enter__(self) -> Emitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,207 @@
+"""The durable spool: every signed event is on disk before ``emit`` returns, until Custody has acknowledged it.
+
+A spool is a directory of numbered segment files of framed records (``<u32 length><u32 crc32(body)><body>``,
+body = JSON ``[seq, event_id, event_hash, jws]``), appended with ``O_APPEND`` and fdatasync'd per append, and a
+``cursor.json`` naming the first record not yet acknowledged (written atomically and fsync'd after each
+acknowledged batch). Opening a spool cuts a torn last record (a crash mid-append: ``emit`` never returned for it),
+reloads the unacknowledged records in order and the chain head (the last record), so an emitter resumes at the
+right ``seq``. Segments wholly acknowledged are deleted. A spool never holds more than ``max_bytes`` of segments:
+``append`` then raises ``SpoolFull`` (or, with ``when_full="block"``, waits for the sender to make room).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Spool", "SpoolFull", "SpooledEvent"]
+
+_FRAME = struct.Struct("<II")
+_SUFFIX = ".seg"
+
+
+class SpoolFull(Exception):
+    """The spool holds ``max_bytes`` of events Custody has not acknowledged; nothing was appended."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledEvent:
+    seq: int
+    event_id: str
+    event_hash: str
+    jws: str
+
+
+class Spool:
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        max_bytes: int = 1 << 30,
+        segment_bytes: int = 16 << 20,
+        when_full: str = "raise",
+    ) -> None:
+        if when_full not in ("raise", "block"):
+            raise ValueError(f"when_full must be 'raise' or 'block', not {when_full!r}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.max_bytes, self.segment_bytes, self.when_full = max_bytes, segment_bytes, when_full
+        self._lock = threading.Condition()
+        self._unsent: deque[tuple[SpooledEvent, int, int]] = deque()  # event, its segment, the offset after it
+        self.head: tuple[int, str] | None = None  # (seq, event hash) of the last event appended
+        self._fd: int | None = None
+        self._active = 0
+        self._size = 0
+        self._held = 0  # bytes of segment files on disk
+        self._recover()
+
+    # -- opening ------------------------------------------------------------------------------------------------
+
+    def _segments(self) -> list[int]:
+        return sorted(int(path.stem) for path in self.directory.glob(f"*{_SUFFIX}") if path.stem.isdigit())
+
+    def _path(self, number: int) -> Path:
+        return self.directory / f"{number:012d}{_SUFFIX}"
+
+    def _recover(self) -> None:
+        cursor = self._read_cursor()
+        segments = self._segments()
+        for number in segments:
+            data = self._path(number).read_bytes()
+            offset = 0
+            while offset + _FRAME.size <= len(data):
+                length, crc = _FRAME.unpack_from(data, offset)
+                body = data[offset + _FRAME.size : offset + _FRAME.size + length]
+                if len(body) < length or zlib.crc32(body) != crc:
+                    break
+                seq, event_id, digest, jws = json.loads(body)
+                offset += _FRAME.size + length
+                event = SpooledEvent(seq, event_id, digest, jws)
+                self.head = (seq, digest)
+                if (number, offset) > cursor:
+                    self._unsent.append((event, number, offset))
+            if offset < len(data):
+                if number != segments[-1]:
+                    raise ValueError(f"spool segment {self._path(number)} is damaged before its end")
+                with self._path(number).open("r+b") as handle:  # a torn append: emit never returned for it
+                    handle.truncate(offset)
+                    os.fsync(handle.fileno())
+        self._active = segments[-1] if segments else 1
+        self._fd = os.open(self._path(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._size = os.fstat(self._fd).st_size
+        self._held = sum(self._path(number).stat().st_size for number in self._segments())
+        _fsync_directory(self.directory)
+
+    def _read_cursor(self) -> tuple[int, int]:
+        try:
+            cursor = json.loads((self.directory / "cursor.json").read_text())
+        except FileNotFoundError:
+            return (0, 0)
+        return (int(cursor["segment"]), int(cursor["offset"]))
+
+    # -- appending ----------------------------------------------------------------------------------------------
+
+    def append(self, event: SpooledEvent) -> None:
+        """Write ``event`` and return once it is on disk."""
+        body = json.dumps([event.seq, event.event_id, event.event_hash, event.jws], separators=(",", ":")).encode()
+        frame = _FRAME.pack(len(body), zlib.crc32(body)) + body
+        with self._lock:
+            while self.bytes_held() + len(frame) > self.max_bytes:
+                if self.when_full == "raise":
+                    raise SpoolFull(
+                        f"the spool {self.directory} holds {self.bytes_held():,} bytes Custody has not acknowledged"
+                        f" (max_bytes {self.max_bytes:,})"
+                    )
+                self._lock.wait(1.0)
+            if self._size + len(frame) > self.segment_bytes and self._size > 0:
+                self._rotate()
+            assert self._fd is not None
+            os.write(self._fd, frame)
+            os.fdatasync(self._fd)
+            self._size += len(frame)
+            self._held += len(frame)
+            self._unsent.append((event, self._active, self._size))
+            self.head = (event.seq, event.event_hash)
+            self._lock.notify_all()
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        os.close(self._fd)
+        self._active += 1
+        self._fd = os.open(self._path(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._size = 0
+        _fsync_directory(self.directory)
+
+    # -- sending ------------------------------------------------------------------------------------------------
+
+    def unsent(self, limit: int) -> list[SpooledEvent]:
+        with self._lock:
+            return [event for event, _, _ in list(self._unsent)[:limit]]
+
+    def wait_for_events(self, timeout: float) -> bool:
+        with self._lock:
+            if not self._unsent:
+                self._lock.wait(timeout)
+            return bool(self._unsent)
+
+    def mark_sent(self, count: int) -> None:
+        """The first ``count`` unsent events are acknowledged: move the cursor past them, durably."""
+        if count <= 0:
+            return
+        with self._lock:
+            for _ in range(count):
+                _, segment, offset = self._unsent.popleft()
+            cursor = {"segment": segment, "offset": offset}
+            temporary = self.directory / "cursor.tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, json.dumps(cursor).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.directory / "cursor.json")
+            for number in self._segments():
+                if number < segment:  # wholly acknowledged
+                    self._held -= self._path(number).stat().st_size
+                    self._path(number).unlink(missing_ok=True)
+            self._lock.notify_all()
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._unsent)
+
+    def bytes_held(self) -> int:
+        """Bytes of spool segments on disk (acknowledged events stay until their whole segment is)."""
+        return self._held
+
+    def wait_until_empty(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._unsent:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.5))
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,197 @@
+"""custody-sdk (sdk/python): its own distribution, a pinned public surface, the same canonical bytes as the server,
+and a durable spool: torn appends cut, the chain resumed after a restart, nothing over its bound; against a real
+``custody serve``, kill -9 of the emitting process and of the server at random points, many rounds, loses no event
+that ``emit`` returned for and stores none twice."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import custody_sdk
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from custody_sdk import Emitter, Spool, SpooledEvent, SpoolFull, canonicalize, generate_key, public_jwk
+
+from store.ground.canonical import canonicalize as server_canonicalize
+from tests.conftest import ADMIN, REPO, ServerProcess, invocation, open_harness, read_lake
+from tests.test_canonical import CASES, _has_non_integer, _input
+
+SDK = REPO / "sdk" / "python"
+
+
+def test_the_public_surface_is_pinned() -> None:
+    assert custody_sdk.__all__ == [
+        "Delivery",
+        "Emitter",
+        "SignedEvent",
+        "Spool",
+        "SpoolFull",
+        "SpooledEvent",
+        "canonicalize",
+        "event_hash",
+        "generate_key",
+        "public_jwk",
+    ]
+
+
+def test_the_sdk_imports_nothing_of_the_server() -> None:
+    program = "import sys, custody_sdk; print(sorted(m for m in sys.modules if m.split('.')[0] in" + (
+        " ('store', 'ingest', 'query', 'custody', 'dashboard', 'pydantic', 'duckdb', 'pyarrow', 'jwt', 'orjson')))"
+    )
+    ran = subprocess.run([sys.executable, "-c", program], cwd=SDK, capture_output=True, text=True, check=True)
+    assert ran.stdout.strip() == "[]"
+    requires = (SDK / "pyproject.toml").read_text()
+    assert 'dependencies = ["httpx>=0.27", "cryptography>=42"]' in requires
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not _has_non_integer(_input(c))], ids=lambda c: c["name"])
+def test_its_canonical_bytes_are_the_servers(case: dict[str, Any]) -> None:
+    assert canonicalize(_input(case)) == server_canonicalize(_input(case)) == case["canonical"].encode()
+
+
+def event(seq: int) -> SpooledEvent:
+    return SpooledEvent(seq, f"id-{seq}", f"{seq:064x}", f"h.p{seq}.s")
+
+
+def test_a_torn_append_is_cut_and_the_head_resumes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    for seq in range(1, 4):
+        spool.append(event(seq))
+    spool.mark_sent(1)
+    spool.close()
+    [segment] = (tmp_path / "spool").glob("*.seg")
+    whole = segment.read_bytes()
+    segment.write_bytes(whole + whole[:9])  # a crash in the middle of the next append
+    reopened = Spool(tmp_path / "spool")
+    assert reopened.head == (3, f"{3:064x}")
+    assert [e.seq for e in reopened.unsent(10)] == [2, 3]
+    assert segment.read_bytes() == whole
+
+
+def test_segments_go_once_acknowledged_and_the_bound_holds(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1000, segment_bytes=200)
+    appended, refused = 0, None
+    for seq in range(1, 100):
+        try:
+            spool.append(event(seq))
+        except SpoolFull as exc:
+            refused = str(exc)
+            break
+        appended = seq
+    assert refused is not None
+    assert "has not acknowledged" in refused
+    assert spool.bytes_held() <= 1000
+    assert appended >= 9
+    held = {record.seq for record in spool.unsent(100)}
+    assert held == set(range(1, appended + 1))  # nothing beyond the bound was taken
+    spool.mark_sent(appended - 1)
+    assert len(list((tmp_path / "spool").glob("*.seg"))) <= 2  # the acknowledged segments are gone
+    spool.append(event(appended + 1))  # room again
+    spool.close()
+    reopened = Spool(tmp_path / "spool", max_bytes=1000, segment_bytes=200)
+    assert [e.seq for e in reopened.unsent(5)] == [appended, appended + 1]
+
+
+def test_an_emitter_delivers_through_the_spool_and_resumes_its_chain(tmp_path: Path) -> None:
+    with open_harness(tmp_path / "data") as harness:
+        key = generate_key()
+        harness.client.put(
+            "/v1/emitters/gw-sdk",
+            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "gw-sdk-k1")]},
+            headers=ADMIN,
+        ).raise_for_status()
+        spool = tmp_path / "spool"
+        first = Emitter(
+            "http://testserver", "gw-sdk", "acme", key, "gw-sdk-k1", spool=spool, client=harness.client, send=False
+        )
+        signed = [first.emit(**invocation(trace_id=f"t-{n}")) for n in range(5)]
+        first.close()  # not sent: the process "stopped" here
+        again = Emitter(
+            "http://testserver", "gw-sdk", "acme", key, "gw-sdk-k1", spool=spool, client=harness.client, send=False
+        )
+        signed.append(again.emit(**invocation()))
+        assert [s.seq for s in signed] == [1, 2, 3, 4, 5, 6]
+        again.flush()
+        assert again.delivery.acknowledged == 6
+        assert len(again.delivery.receipts) == 1
+        again.close()
+        harness.flush()
+    rows = [row for row in read_lake(tmp_path / "data", "emitter, seq, event_id") if row[0] == "gw-sdk"]
+    assert [(row[1], row[2]) for row in rows] == [(s.seq, s.event_id) for s in signed]
+
+
+EMITTING = """
+import json, os, sys, time
+from cryptography.hazmat.primitives import serialization
+from custody_sdk import Emitter
+url, spool, key_file, returned, count = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+key = serialization.load_pem_private_key(open(key_file, "rb").read(), password=None)
+emitter = Emitter(url, "gw-kill", "acme", key, "gw-kill-k1", spool=spool, batch_size=50, max_backoff=0.5)
+log = os.open(returned, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+for n in range(count):
+    signed = emitter.emit(type="tool.invocation", delegation={"sub": "u@acme.example", "act": {"sub": "agent-1"}},
+                          credential={"id": "tok-1", "kind": "agent_token", "client_id": "agent-1", "scopes": ["a"]},
+                          tool={"name": "read", "server": "mcp"}, decision={"result": "allow", "required_scope": "a"},
+                          outcome="success")
+    os.write(log, (signed.event_id + "\\n").encode())  # emit returned: the event must reach the lake
+    time.sleep(0.002)
+emitter.flush(timeout=120)
+emitter.close()
+print("drained", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_emitter_and_the_server_loses_nothing_emit_returned(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log").start()
+    key = generate_key()
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    httpx.put(
+        f"{server.url}/v1/emitters/gw-kill",
+        json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "gw-kill-k1")]},
+        headers=ADMIN,
+    ).raise_for_status()
+    spool, returned = tmp_path / "spool", tmp_path / "returned.txt"
+    rng = random.Random(5)
+
+    def start_emitter(count: int) -> subprocess.Popen[str]:
+        command = [sys.executable, "-c", EMITTING, server.url, str(spool), str(key_file), str(returned), str(count)]
+        return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    for _ in range(6):
+        emitting = start_emitter(100_000)
+        time.sleep(rng.uniform(0.3, 1.2))
+        victims = rng.choice(["emitter", "server", "both"])
+        if victims in ("server", "both"):
+            server.kill()
+        time.sleep(rng.uniform(0.0, 0.5))  # the emitter goes on spooling while Custody is down
+        if victims in ("emitter", "both"):
+            emitting.send_signal(signal.SIGKILL)
+        else:
+            emitting.terminate()
+        emitting.wait(timeout=30)
+        assert emitting.stdout is not None
+        emitting.stdout.close()
+        if server.process is not None and server.process.poll() is not None:
+            server = ServerProcess(tmp_path / "data", tmp_path / "server.log").start()
+    emitting = start_emitter(0)  # drain what the spool holds
+    output, _ = emitting.communicate(timeout=180)
+    assert "drained" in output, output[-2000:]
+    assert server.stop() == 0
+    promised = returned.read_text().split()
+    rows = [row for row in read_lake(tmp_path / "data", "emitter, seq, event_id") if row[0] == "gw-kill"]
+    stored = [row[2] for row in rows]
+    assert len(promised) > 200
+    assert len(stored) == len(set(stored)), "an event is in the lake twice"
+    assert set(promised) <= set(stored), f"{len(set(promised) - set(stored))} events emit returned for are missing"
+    assert [row[1] for row in rows] == list(range(1, len(rows) + 1)), "the chain has a gap"
