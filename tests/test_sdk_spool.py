@@ -18,10 +18,12 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from custody_sdk import Emitter, Spool, SpooledEvent, SpoolFull, canonicalize, generate_key, public_jwk
+from hypothesis import given, settings
 
 from store.ground.canonical import canonicalize as server_canonicalize
+from store.ground.errors import CanonicalizationError
 from tests.conftest import ADMIN, REPO, ServerProcess, invocation, open_harness, read_lake
-from tests.test_canonical import CASES, _has_non_integer, _input
+from tests.test_canonical import CASES, JSON_VALUES, _has_non_integer, _input
 
 SDK = REPO / "sdk" / "python"
 
@@ -195,3 +197,18 @@ def test_kill_9_of_the_emitter_and_the_server_loses_nothing_emit_returned(tmp_pa
     assert len(stored) == len(set(stored)), "an event is in the lake twice"
     assert set(promised) <= set(stored), f"{len(set(promised) - set(stored))} events emit returned for are missing"
     assert [row[1] for row in rows] == list(range(1, len(rows) + 1)), "the chain has a gap"
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_its_canonical_bytes_are_the_servers_for_any_value(value: Any) -> None:
+    """The SDK's canonicalizer (a walk, then the standard library's encoder) against the server's, or both refuse."""
+    try:
+        expected: bytes | None = server_canonicalize(value)
+    except CanonicalizationError:
+        expected = None
+    try:
+        got: bytes | None = canonicalize(value)
+    except ValueError:
+        got = None
+    assert got == expected

@@ -13,11 +13,42 @@ _MAX_SAFE = 2**53
 
 
 def canonicalize(value: Any) -> bytes:
-    """The RFC 8785 bytes of a JSON value of dicts, lists, strings, integers within +/-2**53, booleans and None."""
+    """The RFC 8785 bytes of a JSON value of dicts, lists, strings, integers within +/-2**53, booleans and None.
+
+    The value is walked once for what JCS refuses or orders differently (numbers, keys); then, unless a key holds
+    a character beyond the BMP (where UTF-16 order differs from code-point order), the standard library's C
+    encoder writes it: its escaping with ``ensure_ascii=False`` is JCS's."""
     try:
-        return _text(value).encode("utf-8")
+        if _needs_utf16_order(value):
+            return _text(value).encode("utf-8")
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"a string holds a lone surrogate at index {exc.start}") from exc
+
+
+def _needs_utf16_order(value: Any) -> bool:
+    """Walk ``value`` (without recursion) for numbers and keys JCS cannot take; True when a key needs UTF-16 order."""
+    utf16 = False
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, str):
+                    raise ValueError(f"object key {key!r} is not a string")
+                if not key.isascii() and any(ord(char) > 0xFFFF for char in key):
+                    utf16 = True
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif item is None or isinstance(item, (bool, str)):
+            continue
+        elif isinstance(item, int):
+            if not -_MAX_SAFE <= item <= _MAX_SAFE:
+                raise ValueError(f"integer {item} is outside +/-2**53")
+        else:
+            raise ValueError(f"{type(item).__name__} is not a JSON value of the protocol (integers only)")
+    return utf16
 
 
 def event_hash(canonical: bytes) -> str:

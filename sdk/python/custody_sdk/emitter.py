@@ -106,9 +106,10 @@ class Emitter:
             canonical = canonicalize(payload)
             digest = event_hash(canonical)
             jws = sign_compact(canonical, self.key, self.kid)
-            self.spool.append(SpooledEvent(seq + 1, payload["event_id"], digest, jws))
+            place = self.spool.write(SpooledEvent(seq + 1, payload["event_id"], digest, jws))
             self._head = (seq + 1, digest)
-            return SignedEvent(payload["event_id"], seq + 1, digest, jws)
+        self.spool.wait_durable(place)  # outside the chain's lock: threads emitting at once share one fdatasync
+        return SignedEvent(payload["event_id"], seq + 1, digest, jws)
 
     def _chain_head(self) -> tuple[int, str]:
         """The spool's last event, or, for an empty new spool, the server's head (asked once, with a head proof)."""

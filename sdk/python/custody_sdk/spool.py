@@ -55,6 +55,9 @@ class Spool:
         self.max_bytes, self.segment_bytes, self.when_full = max_bytes, segment_bytes, when_full
         self._lock = threading.Condition()
         self._unsent: deque[tuple[SpooledEvent, int, int]] = deque()  # event, its segment, the offset after it
+        self._written: deque[tuple[SpooledEvent, int, int]] = deque()  # written, not yet known to be on disk
+        self._durable: tuple[int, int] = (0, 0)  # (segment, offset) up to which the spool is on disk
+        self._syncing = False
         self.head: tuple[int, str] | None = None  # (seq, event hash) of the last event appended
         self._fd: int | None = None
         self._active = 0
@@ -97,6 +100,7 @@ class Spool:
         self._fd = os.open(self._path(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = os.fstat(self._fd).st_size
         self._held = sum(self._path(number).stat().st_size for number in self._segments())
+        self._durable = (self._active, self._size)
         _fsync_directory(self.directory)
 
     def _read_cursor(self) -> tuple[int, int]:
@@ -110,13 +114,19 @@ class Spool:
 
     def append(self, event: SpooledEvent) -> None:
         """Write ``event`` and return once it is on disk."""
+        self.wait_durable(self.write(event))
+
+    def write(self, event: SpooledEvent) -> tuple[int, int]:
+        """Write ``event`` (in the order of the calls) and return its place, for ``wait_durable``. Writers that
+        arrive while an fdatasync runs share the next one (group commit): threads emitting at once are not
+        serialized on the disk."""
         body = json.dumps([event.seq, event.event_id, event.event_hash, event.jws], separators=(",", ":")).encode()
         frame = _FRAME.pack(len(body), zlib.crc32(body)) + body
         with self._lock:
-            while self.bytes_held() + len(frame) > self.max_bytes:
+            while self._held + len(frame) > self.max_bytes:
                 if self.when_full == "raise":
                     raise SpoolFull(
-                        f"the spool {self.directory} holds {self.bytes_held():,} bytes Custody has not acknowledged"
+                        f"the spool {self.directory} holds {self._held:,} bytes Custody has not acknowledged"
                         f" (max_bytes {self.max_bytes:,})"
                     )
                 self._lock.wait(1.0)
@@ -124,15 +134,44 @@ class Spool:
                 self._rotate()
             assert self._fd is not None
             os.write(self._fd, frame)
-            os.fdatasync(self._fd)
             self._size += len(frame)
             self._held += len(frame)
-            self._unsent.append((event, self._active, self._size))
+            self._written.append((event, self._active, self._size))
             self.head = (event.seq, event.event_hash)
-            self._lock.notify_all()
+            return (self._active, self._size)
+
+    def wait_durable(self, place: tuple[int, int]) -> None:
+        """Return once everything written up to ``place`` is on disk (leading an fdatasync if none is running)."""
+        with self._lock:
+            while self._durable < place:
+                if self._syncing:
+                    self._lock.wait()
+                    continue
+                self._syncing = True
+                target = (self._active, self._size)
+                assert self._fd is not None
+                fd = os.dup(self._fd)
+                self._lock.release()
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                    self._lock.acquire()
+                    self._syncing = False
+                self._settle(target)
+                self._lock.notify_all()
+
+    def _settle(self, target: tuple[int, int]) -> None:
+        """Under the lock: what was written up to ``target`` is durable, and the sender may see it."""
+        self._durable = max(self._durable, target)
+        while self._written and (self._written[0][1], self._written[0][2]) <= target:
+            self._unsent.append(self._written.popleft())
 
     def _rotate(self) -> None:
+        """Under the lock: the active segment, synced, is closed; the next one starts."""
         assert self._fd is not None
+        os.fdatasync(self._fd)
+        self._settle((self._active, self._size))
         os.close(self._fd)
         self._active += 1
         self._fd = os.open(self._path(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
