@@ -144,7 +144,12 @@ def _parse_request(body: bytes) -> tuple[int, list[bytes], str]:
     if not separator or not lines[0].startswith("old "):
         raise WitnessRefusal(400, "request is not 'old N', proof lines, a blank line and a checkpoint")
     size_text = lines[0][4:]
-    if not size_text.isdigit() or not size_text.isascii() or (size_text != "0" and size_text.startswith("0")):
+    if (
+        not size_text.isdigit()
+        or not size_text.isascii()
+        or len(size_text) > 19
+        or (size_text != "0" and size_text.startswith("0"))
+    ):
         raise WitnessRefusal(400, f"old size {size_text[:20]!r} is not a decimal without leading zeroes")
     if len(lines) - 1 > 63:
         raise WitnessRefusal(400, "more than 63 consistency proof lines")

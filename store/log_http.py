@@ -14,7 +14,7 @@ __all__ = ["proof_or_invalid", "read_tile"]
 
 # <L>/<N>[.p/<W>] or entries/<N>[.p/<W>]: L 0-63, N in 3-digit elements (all but the last x-prefixed), W 1-255
 _TILE = re.compile(
-    r"(?P<level>entries|0|[1-9]|[1-5][0-9]|6[0-3])/(?P<index>(?:x[0-9]{3}/)*[0-9]{3})(?:\.p/(?P<width>[1-9][0-9]{0,2}))?"
+    r"(?P<level>entries|0|[1-9]|[1-5][0-9]|6[0-3])/(?P<index>(?:x[0-9]{3}/){0,6}[0-9]{3})(?:\.p/(?P<width>[1-9][0-9]{0,2}))?"
 )
 
 

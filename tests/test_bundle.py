@@ -186,3 +186,22 @@ def test_a_bundle_of_an_event_signed_over_non_canonical_bytes_verifies(tmp_path:
     )
     [event] = verify_bundle(target.read_bytes(), log_key(data)).events
     assert event.event_hash == hash_of(first)
+
+
+def test_hostile_bundles_and_notes_fail_with_a_message_not_a_crash(org: dict[str, Any], tmp_path: Path) -> None:
+    key = NoteKey.from_vkey(org["vkey"])
+    deep = "[" * 100_000 + "]" * 100_000
+    for hostile in (
+        b"\xff" * 10,
+        f"{deep}\n\n\u2014 x AAAAAAAA\n".encode(),
+        f"{org['vkey'].split('+')[0]}\n{'9' * 5000}\nAAAA\n\n\u2014 x AAAAAAAA\n".encode(),
+        b'{"bundle": "custody-evidence/v1"}\n\n\xe2\x80\x94 x AAAAAAAA\n',
+    ):
+        with pytest.raises(LogError):
+            verify_bundle(hostile, key)
+    _, target = write(org, tmp_path, "--event", org["ids"][0])
+    body, signature = target.read_bytes().decode().split("\n\n", 1)
+    parsed = orjson.loads(body)
+    parsed["events"][0]["jws"] = "e30." + "W" * 5 + ".AAAA"  # header {} and a payload that is not JSON
+    with pytest.raises(LogError, match="bundle event 0"):
+        verify_bundle((orjson.dumps(parsed).decode() + "\n\n" + signature).encode(), key)

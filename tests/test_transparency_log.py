@@ -440,3 +440,14 @@ def test_tiles_written_after_the_last_sync_are_rebuilt_after_a_crash(tmp_path: P
     assert len(recovered.tiles.hashes(0, 0, 256) or b"") == 8192
     with open_harness(data) as harness:
         assert harness.server.store.merkle.root(final.size) == final.root
+
+
+def test_hostile_tile_paths_and_proof_sizes_are_clean_errors(harness: Harness) -> None:
+    post_chain(harness, "gw-1", 3)
+    harness.server.store.merkle.publish()
+    for path in ("0/" + "x001/" * 10_000 + "000", "0/" + "9" * 5000, "entries/000.p/" + "9" * 5000):
+        answer = harness.client.get(f"/tile/{path}")
+        assert answer.status_code == 404
+        assert answer.json()["error"]["code"] == "not_found"
+    huge = harness.client.get("/v1/log/consistency", params={"from": 1, "to": 10**30})
+    assert huge.status_code == 400

@@ -135,3 +135,18 @@ def _wait(url: str) -> None:
         except httpx.TransportError:
             time.sleep(0.05)
     raise AssertionError(f"{url} did not answer")
+
+
+def test_hostile_add_checkpoint_requests_are_400_not_500(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    log = NoteKey.of("custody/test", Ed25519PrivateKey.generate())
+    witness = Witness("witness.test/w1", key, [log], tmp_path / "witness.json")
+    with TestClient(create_witness_app(witness)) as client:
+        for body in (
+            b"old " + b"9" * 5000 + b"\n\nx\n",
+            b"old 1\n" + b"AAAA\n" * 70 + b"\nx\n",
+            b"old 0\n\n" + b"custody/test\n" + b"9" * 5000 + b"\nAAAA\n\n\xe2\x80\x94 custody/test AAAAAAAA\n",
+            b"x" * 70_000,
+        ):
+            answer = client.post("/add-checkpoint", content=body)
+            assert answer.status_code in (400, 403), (answer.status_code, answer.text[:200])

@@ -389,7 +389,12 @@ def parse_checkpoint_text(text: str) -> tuple[str, int, bytes]:
     if len(lines) < 4 or lines[-1] != "" or not all(lines[:-1]):
         raise LogError("checkpoint text is not origin, size and root hash lines (and non-empty extension lines)")
     origin, size_line, root_line = lines[0], lines[1], lines[2]
-    if not size_line.isdigit() or not size_line.isascii() or (size_line != "0" and size_line.startswith("0")):
+    if (
+        not size_line.isdigit()
+        or not size_line.isascii()
+        or len(size_line) > 19  # within an int64, as every log's size is
+        or (size_line != "0" and size_line.startswith("0"))
+    ):
         raise LogError(f"checkpoint size {size_line[:30]!r} is not a decimal without leading zeroes")
     root = _unb64(root_line, "checkpoint root hash")
     if len(root) != 32:
@@ -456,7 +461,10 @@ class VerifiedBundle:
 def _b64url(part: str, what: str) -> bytes:
     if not part or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in part):
         raise LogError(f"{what} is not unpadded base64url")
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    try:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except binascii.Error as exc:
+        raise LogError(f"{what} is not unpadded base64url ({exc})") from exc
 
 
 def jcs(value: object) -> bytes:
@@ -466,6 +474,8 @@ def jcs(value: object) -> bytes:
         return _jcs(value).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise LogError(f"a string holds a lone surrogate at index {exc.start}") from exc
+    except RecursionError as exc:
+        raise LogError("a value nested too deep to be an event") from exc
 
 
 def _jcs(value: object) -> str:
@@ -488,7 +498,7 @@ def _jws_parts(jws: object, what: str) -> tuple[dict[str, object], bytes, bytes,
     header_b64, payload_b64, signature_b64 = jws.split(".")
     try:
         header = json.loads(_b64url(header_b64, f"{what}: header"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise LogError(f"{what}: header is not JSON") from exc
     if not isinstance(header, dict):
         raise LogError(f"{what}: header is not a JSON object")
@@ -529,10 +539,12 @@ def _logged_event(
     header, payload_bytes, signing_input, signature = _jws_parts(entry["jws"], what)
     try:
         payload = json.loads(payload_bytes)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise LogError(f"{what}: payload is not JSON") from exc
     if not isinstance(payload, dict):
         raise LogError(f"{what}: payload is not a JSON object")
+    if not isinstance(payload.get("seq"), int) or not isinstance(payload.get("emitter"), str):
+        raise LogError(f"{what}: payload has no integer seq and string emitter")
     digest = hashlib.sha256(jcs(payload)).hexdigest()  # the event_hash: of the canonical form, as ingest computes it
     hashes_ = [_unb64(str(item), f"{what}: proof hash") for item in proof]
     try:
@@ -569,7 +581,7 @@ def verify_bundle(
         body = json.loads(text)
     except LogError as exc:
         raise LogError(f"bundle: {exc}") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise LogError(f"bundle text is not JSON: {exc}") from exc
     if not isinstance(body, dict) or body.get("bundle") != BUNDLE_FORMAT:
         raise LogError(f"not a {BUNDLE_FORMAT} bundle")
