@@ -451,3 +451,16 @@ def test_hostile_tile_paths_and_proof_sizes_are_clean_errors(harness: Harness) -
         assert answer.json()["error"]["code"] == "not_found"
     huge = harness.client.get("/v1/log/consistency", params={"from": 1, "to": 10**30})
     assert huge.status_code == 400
+
+
+def test_the_log_check_in_a_process_of_its_own_finds_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a lake big enough for worker processes, the tree is rebuilt in a process beside the lake's checks."""
+    monkeypatch.setattr("query.verify.run._WORTH_PROCESSES", 0)
+    data = tmp_path / "data"
+    served(data)
+    rows = read_lake(data, "emitter, seq, log_index")
+    [index] = [row[2] for row in rows if row[0] == "gw-1" and row[1] == 7]
+    drop_rows(data, "gw-1", {7})
+    code, out = verify(data, "--workers", "2")
+    assert code == 1
+    assert f"log_missing: expected an event at log index {index}" in out

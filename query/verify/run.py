@@ -13,6 +13,7 @@ from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from query.lake import LakeReader
 from query.verify.checkpoint import record_run, verify_since_checkpoint
 from query.verify.integrity import verify_lake
 from query.verify.log import LogCheck, verify_log
@@ -22,6 +23,8 @@ from store.ground.tlog import NoteKey
 __all__ = ["Mode", "Verification", "run_verification"]
 
 Mode = Literal["full", "incremental", "hash-chain-only"]
+
+_WORTH_PROCESSES = 16 << 20  # bytes of lake files below which verification stays in this process
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ def run_verification(
     """Verify the lake in ``mode`` and against the log (``log_key`` and a ``trusted`` checkpoint when the data
     dir's own are not to be relied on); a full run is recorded for the dashboard."""
     server_key = None if log_key is None else Ed25519PublicKey.from_public_bytes(log_key.public)
+    if sum(path.stat().st_size for path in LakeReader(data_dir).files()) < _WORTH_PROCESSES:
+        workers = 1  # starting worker processes costs more than they save on a lake this small
     with ExitStack() as stack:
         background = None
         if workers > 1:  # the log's tree is rebuilt in a process of its own, beside the lake's checks
