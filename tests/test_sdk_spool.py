@@ -32,6 +32,7 @@ def test_the_public_surface_is_pinned() -> None:
     assert custody_sdk.__all__ == [
         "Delivery",
         "Emitter",
+        "LogMisbehaved",
         "SignedEvent",
         "Spool",
         "SpoolFull",
@@ -212,3 +213,46 @@ def test_its_canonical_bytes_are_the_servers_for_any_value(value: Any) -> None:
     except ValueError:
         got = None
     assert got == expected
+
+
+def test_the_sdk_ships_the_log_verifier_unchanged() -> None:
+    """custody_sdk/_tlog.py is store/ground/tlog.py (standard library and cryptography only), copied: one text."""
+    assert (SDK / "custody_sdk" / "_tlog.py").read_bytes() == (REPO / "store" / "ground" / "tlog.py").read_bytes()
+
+
+def test_with_the_log_key_it_checks_receipts_and_detects_a_forked_history(tmp_path: Path) -> None:
+    from custody_sdk import LogMisbehaved
+
+    from tests.test_transparency_log import log_key, post_chain
+
+    honest, fork = tmp_path / "honest", tmp_path / "fork"
+    with open_harness(honest) as log:
+        vkey = log_key(honest).vkey
+        key = generate_key()
+        log.client.put(
+            "/v1/emitters/gw-sdk",
+            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "gw-sdk-k1")]},
+            headers=ADMIN,
+        ).raise_for_status()
+        options: dict[str, Any] = {"client": log.client, "send": False, "log_key": vkey}
+        gateway = Emitter("http://t", "gw-sdk", "acme", key, "gw-sdk-k1", spool=tmp_path / "spool", **options)
+        for n in range(4):
+            gateway.emit(**invocation(trace_id=f"t-{n}"))
+        gateway.flush()
+        assert gateway.delivery.misbehaved is None
+        assert len(gateway.delivery.receipts) == 1
+        log.server.store.merkle.publish()
+        first = gateway.check_log()
+        gateway.emit(**invocation())
+        gateway.flush()
+        log.server.store.merkle.publish()
+        assert gateway.check_log().size > first.size
+        (fork / "state").mkdir(parents=True)
+        (fork / "state" / "server_key.pem").write_bytes((honest / "state" / "server_key.pem").read_bytes())
+    with open_harness(fork) as other:
+        post_chain(other, "gw-x", 20)
+        other.server.store.merkle.publish()
+        gateway._client = other.client  # pointed at another history under the same key
+        with pytest.raises(LogMisbehaved, match="does not extend checkpoint"):
+            gateway.check_log()
+        gateway.close()

@@ -13,6 +13,7 @@ of a spooled event cannot be fixed by the SDK (the chain diverged from the serve
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -24,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from custody_sdk._tlog import Checkpoint, LogError, NoteKey, open_checkpoint, verify_consistency
 from custody_sdk.canonical import ZERO_HASH, canonicalize, event_hash
 from custody_sdk.keys import PrivateKey, sign_compact
 from custody_sdk.spool import Spool, SpooledEvent
 
-__all__ = ["Delivery", "Emitter", "SignedEvent"]
+__all__ = ["Delivery", "Emitter", "LogMisbehaved", "SignedEvent"]
 
 HEAD_AUDIENCE = "custody:head"
 _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
@@ -43,6 +47,12 @@ class SignedEvent:
     jws: str
 
 
+class LogMisbehaved(Exception):
+    """The log signed something it cannot stand behind: a receipt that does not verify or leaves out an accepted
+    event, a checkpoint that does not verify, or one that does not extend the last one this emitter saw (a fork
+    or a rewritten history). Keep ``emitter.checkpoint``, ``emitter.delivery.receipts`` and this message."""
+
+
 @dataclass
 class Delivery:
     """What the sender has done: events acknowledged, the last error it is retrying after, and the rejection it
@@ -51,6 +61,7 @@ class Delivery:
     acknowledged: int = 0
     last_error: str | None = None
     blocked: str | None = None
+    misbehaved: str | None = None  # a receipt that did not check out (with a pinned log key); flush raises it
     receipts: list[str] = field(default_factory=list)
 
 
@@ -72,6 +83,7 @@ class Emitter:
         client: httpx.Client | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         send: bool = True,
+        log_key: str | None = None,
     ) -> None:
         self.emitter_id, self.tenant, self.key, self.kid = emitter_id, tenant, key, kid
         self.batch_size, self.max_backoff, self.clock = batch_size, max_backoff, clock
@@ -79,6 +91,8 @@ class Emitter:
         self._client = client or httpx.Client(base_url=base_url, timeout=timeout)
         self._owns_client = client is None
         self.delivery = Delivery()
+        self.log_key = None if log_key is None else NoteKey.from_vkey(log_key)
+        self.checkpoint: Checkpoint | None = None  # the newest checkpoint seen and checked (check_log)
         self._emitting = threading.Lock()  # seq and prev_hash are taken and spooled in one step
         self._stop = threading.Event()
         self._head = self.spool.head
@@ -171,12 +185,60 @@ class Emitter:
                 )
                 break
             done += 1
+        self._check_receipt(batch, body)
         self.spool.mark_sent(done)
         self.delivery.acknowledged += done
         self.delivery.last_error = None
         if body.get("receipt"):
             self.delivery.receipts.append(body["receipt"])
         return True
+
+    def _check_receipt(self, batch: list[SpooledEvent], body: dict[str, Any]) -> None:
+        """With a pinned log key: the receipt must verify and name every accepted event with its hash and index."""
+        if self.log_key is None:
+            return
+        accepted = {r["event_id"]: r.get("log_index") for r in body["results"] if r["status"] == "accepted"}
+        if not accepted:
+            return
+        receipt = body.get("receipt")
+        claims = _verified_claims(receipt, self.log_key) if isinstance(receipt, str) else None
+        if claims is None:
+            self.delivery.misbehaved = f"the ack's receipt does not verify with the log key {self.log_key.vkey}"
+            return
+        hashes = {event.event_id: event.event_hash for event in batch}
+        named = {e.get("event_id"): (e.get("log_index"), e.get("event_hash")) for e in claims.get("events", [])}
+        for event_id, index in accepted.items():
+            if named.get(event_id) != (index, hashes.get(event_id)):
+                self.delivery.misbehaved = f"the receipt does not name accepted event {event_id} at log index {index}"
+                return
+
+    def check_log(self) -> Checkpoint:
+        """Fetch the newest checkpoint, verify it with the log key and that it extends the last one seen (RFC 6962
+        consistency proof); raise LogMisbehaved if not. Returns it, kept as the last seen."""
+        if self.log_key is None:
+            raise ValueError("check_log needs the log's verifier key: Emitter(..., log_key=...)")
+        response = self._client.get("/checkpoint")
+        response.raise_for_status()
+        try:
+            checkpoint = open_checkpoint(response.text, self.log_key)
+        except LogError as exc:
+            raise LogMisbehaved(f"the log's checkpoint: {exc}") from exc
+        previous = self.checkpoint
+        if previous is not None and previous.size > 0:
+            if checkpoint.size < previous.size:
+                raise LogMisbehaved(f"the log went back from size {previous.size} to {checkpoint.size}")
+            params = {"from": previous.size, "to": checkpoint.size}
+            answer = self._client.get("/v1/log/consistency", params=params)
+            answer.raise_for_status()
+            proof = [base64.b64decode(item) for item in answer.json()["proof"]]
+            try:
+                verify_consistency(previous.size, checkpoint.size, proof, previous.root, checkpoint.root)
+            except LogError as exc:
+                raise LogMisbehaved(
+                    f"checkpoint {checkpoint.size} does not extend checkpoint {previous.size} this emitter saw: {exc}"
+                ) from exc
+        self.checkpoint = checkpoint
+        return checkpoint
 
     def flush(self, timeout: float = 60.0) -> None:
         """Wait until Custody has acknowledged everything spooled; TimeoutError (the events stay spooled)."""
@@ -189,6 +251,8 @@ class Emitter:
             raise TimeoutError(
                 f"{self.spool.pending} events not acknowledged after {timeout} s ({error}); they stay in the spool"
             )
+        if self.delivery.misbehaved:
+            raise LogMisbehaved(self.delivery.misbehaved)
         if self.delivery.blocked:
             raise RuntimeError(self.delivery.blocked)
 
@@ -205,3 +269,17 @@ class Emitter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _verified_claims(receipt: str, key: NoteKey) -> dict[str, Any] | None:
+    """The payload of a compact JWS signed (EdDSA) by the log's key, or None."""
+    parts = receipt.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        signature = base64.urlsafe_b64decode(parts[2] + "=" * (-len(parts[2]) % 4))
+        Ed25519PublicKey.from_public_bytes(key.public).verify(signature, f"{parts[0]}.{parts[1]}".encode())
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (InvalidSignature, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
