@@ -84,7 +84,9 @@ class Harness:
         return body
 
     def flush(self) -> None:
+        """Everything acknowledged into the lake, and into a checkpoint (the publisher would within 0.5 s)."""
         self.server.store.flush()
+        self.server.store.merkle.publish()
 
 
 @contextmanager
