@@ -50,13 +50,27 @@ from store.ground.tlog import (
     sign_note,
 )
 
-__all__ = ["LogReader", "MerkleLog", "TileStore", "log_origin", "newest_history_record", "read_history", "tile_path"]
+__all__ = [
+    "LogReader",
+    "MerkleLog",
+    "TileStore",
+    "log_key",
+    "log_origin",
+    "newest_history_record",
+    "read_history",
+    "tile_path",
+]
 
 log = logging.getLogger(__name__)
 
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT
 _ENTRY_PREFIX = struct.pack(">H", 32)
+
+
+def log_key(private: Ed25519PrivateKey) -> NoteKey:
+    """The log's signed-note key: its origin (``log_origin``) as the name, the server's Ed25519 public key."""
+    return NoteKey.of(log_origin(private), private)
 
 
 def log_origin(private: Ed25519PrivateKey) -> str:
@@ -152,9 +166,6 @@ class _Edge:
     entries: list[bytes] = field(default_factory=list)
     completed: list[tuple[int | str, int, bytes]] = field(default_factory=list)
 
-    def append(self, event_hash: bytes) -> None:
-        self.extend([event_hash])
-
     def extend(self, event_hashes: list[bytes]) -> None:
         """Append leaves: their hashes computed a level-0 tile's worth at a time."""
         sha256 = hashlib.sha256
@@ -234,7 +245,7 @@ class MerkleLog:
 
     def sign_with(self, private: Ed25519PrivateKey) -> None:
         self._signer = private
-        self.key = NoteKey.of(log_origin(private), private)
+        self.key = log_key(private)
         self.checkpoint = self._newest_checkpoint()
 
     @property
@@ -355,9 +366,6 @@ class MerkleLog:
     def root(self, size: int) -> bytes:
         """The root of the tree of ``size`` (at most the size whose tiles are written)."""
         return self.reader.root(size, limit=self._written)
-
-    def history(self) -> list[dict[str, object]]:
-        return read_history(self.layout.checkpoint_history)
 
     # -- recovery -----------------------------------------------------------------------------------------------
 

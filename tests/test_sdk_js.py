@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import shutil
-import signal
 import subprocess
 import tarfile
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import httpx
 import pytest
 
 from custody.cli import main
-from tests.conftest import ADMIN, ADMIN_TOKEN, REPO, ServerProcess, read_lake
+from tests.conftest import ADMIN_TOKEN, REPO, ServerProcess, read_lake
+from tests.test_sdk_spool import kill_rounds
 
 pytestmark = pytest.mark.slow
 
@@ -107,50 +104,17 @@ console.log("drained");
 def test_kill_9_of_the_node_emitter_and_the_server_loses_nothing_emit_resolved(
     tmp_path: Path, node_modules: Path
 ) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from custody_sdk import generate_key, public_jwk
+    def command(url: str, spool: Path, key_file: Path, returned: Path, count: int) -> list[str]:
+        return [
+            "node",
+            "--input-type=module",
+            "-e",
+            EMITTING,
+            url,
+            str(spool),
+            str(key_file),
+            str(returned),
+            str(count),
+        ]
 
-    server = ServerProcess(tmp_path / "data", tmp_path / "server.log").start()
-    key = generate_key()
-    key_file = tmp_path / "key.pem"
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    httpx.put(
-        f"{server.url}/v1/emitters/gw-js-kill",
-        json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "gw-js-kill-k1")]},
-        headers=ADMIN,
-    ).raise_for_status()
-    spool, returned = tmp_path / "spool", tmp_path / "returned.txt"
-    rng = random.Random(11)
-
-    def start(count: int) -> subprocess.Popen[str]:
-        command = ["node", "--input-type=module", "-e", EMITTING, server.url, str(spool), str(key_file), str(returned)]
-        return subprocess.Popen(
-            [*command, str(count)], cwd=JS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-
-    for _ in range(4):
-        emitting = start(100_000)
-        time.sleep(rng.uniform(0.8, 1.6))
-        victims = rng.choice(["emitter", "server", "both"])
-        if victims in ("server", "both"):
-            server.kill()
-        time.sleep(rng.uniform(0.0, 0.4))
-        emitting.send_signal(signal.SIGKILL)
-        emitting.wait(timeout=30)
-        assert emitting.stdout is not None
-        emitting.stdout.close()
-        if server.process is not None and server.process.poll() is not None:
-            server = ServerProcess(tmp_path / "data", tmp_path / "server.log").start()
-    drain = start(0)
-    output, _ = drain.communicate(timeout=180)
-    assert "drained" in output, output[-2000:]
-    assert server.stop() == 0
-    promised = returned.read_text().split()
-    rows = [row for row in read_lake(tmp_path / "data", "emitter, seq, event_id") if row[0] == "gw-js-kill"]
-    stored = [row[2] for row in rows]
-    assert len(promised) > 100
-    assert len(stored) == len(set(stored)), "an event is in the lake twice"
-    assert set(promised) <= set(stored), f"{len(set(promised) - set(stored))} events emit resolved for are missing"
-    assert [row[1] for row in rows] == list(range(1, len(rows) + 1)), "the chain has a gap"
+    kill_rounds(tmp_path, "gw-js-kill", command, cwd=JS, rounds=4, seed=11, at_least=100)

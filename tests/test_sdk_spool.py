@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +152,20 @@ print("drained", flush=True)
 """
 
 
-@pytest.mark.slow
-def test_kill_9_of_the_emitter_and_the_server_loses_nothing_emit_returned(tmp_path: Path) -> None:
+def kill_rounds(
+    tmp_path: Path,
+    emitter: str,
+    command: Callable[[str, Path, Path, Path, int], list[str]],
+    *,
+    cwd: Path,
+    rounds: int,
+    seed: int,
+    at_least: int,
+) -> None:
+    """An SDK's emitting process (``command(url, spool, key file, returned file, count)``, which appends each event
+    id to the returned file once ``emit`` returned, then flushes and prints "drained") and the server killed at
+    random points for ``rounds``, then a drain: every event ``emit`` returned for is in the lake exactly once, and
+    the emitter's chain has no gap."""
     server = ServerProcess(tmp_path / "data", tmp_path / "server.log").start()
     key = generate_key()
     key_file = tmp_path / "key.pem"
@@ -160,44 +173,49 @@ def test_kill_9_of_the_emitter_and_the_server_loses_nothing_emit_returned(tmp_pa
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     httpx.put(
-        f"{server.url}/v1/emitters/gw-kill",
-        json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "gw-kill-k1")]},
+        f"{server.url}/v1/emitters/{emitter}",
+        json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, f"{emitter}-k1")]},
         headers=ADMIN,
     ).raise_for_status()
     spool, returned = tmp_path / "spool", tmp_path / "returned.txt"
-    rng = random.Random(5)
+    rng = random.Random(seed)
 
-    def start_emitter(count: int) -> subprocess.Popen[str]:
-        command = [sys.executable, "-c", EMITTING, server.url, str(spool), str(key_file), str(returned), str(count)]
-        return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def start(count: int) -> subprocess.Popen[str]:
+        argv = command(server.url, spool, key_file, returned, count)
+        return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    for _ in range(6):
-        emitting = start_emitter(100_000)
-        time.sleep(rng.uniform(0.3, 1.2))
+    for _ in range(rounds):
+        emitting = start(100_000)
+        time.sleep(rng.uniform(0.5, 1.5))
         victims = rng.choice(["emitter", "server", "both"])
         if victims in ("server", "both"):
             server.kill()
         time.sleep(rng.uniform(0.0, 0.5))  # the emitter goes on spooling while Custody is down
-        if victims in ("emitter", "both"):
-            emitting.send_signal(signal.SIGKILL)
-        else:
-            emitting.terminate()
+        emitting.send_signal(signal.SIGKILL if victims in ("emitter", "both") else signal.SIGTERM)
         emitting.wait(timeout=30)
         assert emitting.stdout is not None
         emitting.stdout.close()
         if server.process is not None and server.process.poll() is not None:
             server = ServerProcess(tmp_path / "data", tmp_path / "server.log").start()
-    emitting = start_emitter(0)  # drain what the spool holds
-    output, _ = emitting.communicate(timeout=180)
+    draining = start(0)  # drain what the spool holds
+    output, _ = draining.communicate(timeout=180)
     assert "drained" in output, output[-2000:]
     assert server.stop() == 0
     promised = returned.read_text().split()
-    rows = [row for row in read_lake(tmp_path / "data", "emitter, seq, event_id") if row[0] == "gw-kill"]
+    rows = [row for row in read_lake(tmp_path / "data", "emitter, seq, event_id") if row[0] == emitter]
     stored = [row[2] for row in rows]
-    assert len(promised) > 200
+    assert len(promised) > at_least
     assert len(stored) == len(set(stored)), "an event is in the lake twice"
     assert set(promised) <= set(stored), f"{len(set(promised) - set(stored))} events emit returned for are missing"
     assert [row[1] for row in rows] == list(range(1, len(rows) + 1)), "the chain has a gap"
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_emitter_and_the_server_loses_nothing_emit_returned(tmp_path: Path) -> None:
+    def command(url: str, spool: Path, key_file: Path, returned: Path, count: int) -> list[str]:
+        return [sys.executable, "-c", EMITTING, url, str(spool), str(key_file), str(returned), str(count)]
+
+    kill_rounds(tmp_path, "gw-kill", command, cwd=tmp_path, rounds=6, seed=5, at_least=200)
 
 
 @settings(max_examples=300, deadline=None)

@@ -25,8 +25,8 @@ import pytest
 from ingest.sdk import Emitter, generate_key, public_jwk
 from store.ground.canonical import canonicalize, event_hash
 from store.ground.layout import DataDir
-from store.ground.tlog import NoteKey, open_checkpoint
-from store.merkle_log import LogReader, log_origin
+from store.ground.tlog import open_checkpoint
+from store.merkle_log import LogReader, log_key
 from tests.conftest import ADMIN, ServerProcess, invocation, read_lake
 from tests.signing import GrowingChain, chain
 
@@ -201,7 +201,7 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     assert sorted(indexes) == list(range(len(indexes))), "log indexes with a hole or twice"
     assert all(indexes[index] == event_id for index, event_id in logged.items()), "an acked log index changed"
     log = LogReader(DataDir(server.data_dir))
-    key = NoteKey.of(log_origin(DataDir(server.data_dir).server_key()), DataDir(server.data_dir).server_key())
+    key = log_key(DataDir(server.data_dir).server_key())
     assert len(checkpoints) > 10
     for note in checkpoints:
         checkpoint = open_checkpoint(note, key)

@@ -18,7 +18,7 @@ import pytest
 
 from store.ground.layout import DataDir
 from store.ground.tlog import NoteKey, open_checkpoint
-from store.merkle_log import LogReader, log_origin
+from store.merkle_log import LogReader, log_key
 from tests.conftest import ServerProcess
 from tests.signing import chain, hash_of
 from tests.test_server_process import register
@@ -60,7 +60,7 @@ def new_checkpoint(url: str, key: NoteKey, above: int) -> tuple[str, int]:
 def test_go_checks_our_checkpoint_proofs_and_tiles(tmp_path: Path, tlogcheck: Path) -> None:
     server = ServerProcess(tmp_path / "data", tmp_path / "server.log").start()
     private = DataDir(server.data_dir).server_key()
-    key = NoteKey.of(log_origin(private), private)
+    key = log_key(private)
     signer, kid = register(server.url, "gw-1")
     tokens, _ = chain("gw-1", 700, signer, kid)
     acked = []

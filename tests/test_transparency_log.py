@@ -25,21 +25,20 @@ from custody.cli import main
 from ingest.sdk import Emitter, LogMisbehaved
 from query.api import create_query_app
 from query.tokens import TokenStore
-from query.verify.log import LogCheck, _rebuild
+from query.verify.log import LogCheck, _rebuild, log_key_of
 from store.engine import Store
 from store.ground.errors import CorruptState
 from store.ground.jws import decode_payload, parse_compact, verify_signature
 from store.ground.layout import DataDir
 from store.ground.tlog import NoteKey, leaf_hash, open_checkpoint, verify_consistency, verify_inclusion
-from store.merkle_log import LogReader, MerkleLog, log_origin
+from store.merkle_log import LogReader, MerkleLog
 from tests.conftest import Harness, invocation, open_harness, read_lake
 from tests.signing import chain
 from tests.test_tlog_math import naive_root
 
 
 def log_key(data: Path) -> NoteKey:
-    private = DataDir(data).server_key()
-    return NoteKey.of(log_origin(private), private)
+    return log_key_of(data)
 
 
 def post_chain(harness: Harness, emitter: str, count: int) -> dict[str, Any]:

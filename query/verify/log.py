@@ -35,7 +35,7 @@ from query.verify.report import LOG_CHECKS, IntegrityProblem
 from store.ground.errors import CustodyError
 from store.ground.layout import DataDir
 from store.ground.tlog import Checkpoint, LogError, NoteKey, open_checkpoint, root_of
-from store.merkle_log import log_origin, read_history
+from store.merkle_log import log_key, read_history
 from store.quarantine import Quarantine
 from store.wal import read_records
 
@@ -66,8 +66,7 @@ class LogCheck:
 
 def log_key_of(data_dir: Path) -> NoteKey:
     """The log's key from the server key in the data dir (MissingServerKey when there is none)."""
-    private = DataDir(data_dir).server_key()
-    return NoteKey.of(log_origin(private), private)
+    return log_key(DataDir(data_dir).server_key())
 
 
 def verify_log(
