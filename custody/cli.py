@@ -164,6 +164,21 @@ def _parser() -> argparse.ArgumentParser:
     witness.add_argument("--port", type=int, default=8780, help="port to bind")
     witness.set_defaults(run=_witness)
 
+    gateway = commands.add_parser(
+        "gateway",
+        help="run the enforcing MCP gateway: default-deny policy per tool call, every call recorded in Custody",
+        description="Serve agents over MCP streamable HTTP in front of upstream MCP servers: authenticate each"
+        " agent's JWT, allow a tools/call only if the policy grants it, forward it, and record one signed event per"
+        " call through a durable spool. docs/gateway.md describes the two files.",
+    )
+    gateway.add_argument("--config", type=Path, required=True, help="the gateway's TOML configuration")
+    gateway.add_argument(
+        "--print-registration",
+        action="store_true",
+        help="create the emitter key the config names if missing, print the PUT /v1/emitters/{id} body, and exit",
+    )
+    gateway.set_defaults(run=_gateway)
+
     verify = commands.add_parser(
         "verify",
         help="check that the lake is what the emitters signed: hashes, signatures, columns, chains",
@@ -845,6 +860,21 @@ def _witness(args: argparse.Namespace) -> int:
         raise InvalidInput(str(exc)) from exc
     print(f"witness key: {witness.public.vkey}", flush=True)
     serve_query(create_witness_app(witness), host=args.host, port=args.port)
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from custody.gateway import ConfigError, load_config, serve_gateway, write_key
+
+    try:
+        if args.print_registration:
+            config = load_config(args.config)
+            jwk = write_key(config.custody.key_file, config.custody.kid)
+            _print_json({"tenant": config.custody.tenant, "kind": "gateway", "keys": [jwk]})
+            return 0
+        serve_gateway(args.config)
+    except ConfigError as exc:
+        raise InvalidInput(str(exc)) from exc
     return 0
 
 

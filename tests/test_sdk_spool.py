@@ -34,6 +34,7 @@ def test_the_public_surface_is_pinned() -> None:
         "Delivery",
         "Emitter",
         "LogMisbehaved",
+        "Reservation",
         "SignedEvent",
         "Spool",
         "SpoolFull",
@@ -101,6 +102,43 @@ def test_segments_go_once_acknowledged_and_the_bound_holds(tmp_path: Path) -> No
     spool.close()
     reopened = Spool(tmp_path / "spool", max_bytes=1000, segment_bytes=200)
     assert [e.seq for e in reopened.unsent(5)] == [appended, appended + 1]
+
+
+def test_a_reservation_holds_its_room_against_other_writers(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=400)
+    spool.reserve(300)
+    with pytest.raises(SpoolFull, match="300 reserved"):
+        spool.reserve(200)
+    spool.append(event(1))  # fits beside the reservation
+    seq = 2
+    with pytest.raises(SpoolFull):  # noqa: PT012 (append until the bound)
+        while seq < 20:
+            spool.append(event(seq))
+            seq += 1
+    assert seq > 2
+    spool.write(event(99), reserved=300)  # the reserved write never runs out of room
+    spool.release(0)
+    with pytest.raises(SpoolFull):
+        spool.reserve(300)
+
+
+def test_an_emitter_reservation_is_used_once_and_given_back(tmp_path: Path) -> None:
+    key = generate_key()
+    emitter = Emitter(
+        "http://127.0.0.1:9", "gw", "acme", key, "gw-k1", spool=tmp_path / "s", send=False, max_spool_bytes=150 << 10
+    )
+    emitter._head = (0, "0" * 64)  # a new chain, without asking the (absent) server
+    with emitter.reserve() as slot:
+        with pytest.raises(SpoolFull):
+            emitter.reserve()  # the one slot of room is taken
+        signed = slot.emit(type="task.approval", approval={"id": "a", "approved_by": "u", "scopes": [], "task": ""})
+        with pytest.raises(RuntimeError, match="used or released"):
+            slot.emit(type="task.approval")
+    assert signed.seq == 1
+    with emitter.reserve():
+        pass  # released on exit: room again
+    emitter.reserve().release()
+    emitter.close()
 
 
 def test_an_emitter_delivers_through_the_spool_and_resumes_its_chain(tmp_path: Path) -> None:

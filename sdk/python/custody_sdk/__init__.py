@@ -4,7 +4,7 @@ The public surface is ``__all__``, pinned by a test; everything else is private.
 """
 
 from custody_sdk.canonical import canonicalize, event_hash
-from custody_sdk.emitter import Delivery, Emitter, LogMisbehaved, SignedEvent
+from custody_sdk.emitter import Delivery, Emitter, LogMisbehaved, Reservation, SignedEvent
 from custody_sdk.keys import generate_key, public_jwk
 from custody_sdk.spool import Spool, SpooledEvent, SpoolFull
 
@@ -12,6 +12,7 @@ __all__ = [
     "Delivery",
     "Emitter",
     "LogMisbehaved",
+    "Reservation",
     "SignedEvent",
     "Spool",
     "SpoolFull",

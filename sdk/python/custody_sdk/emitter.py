@@ -33,9 +33,12 @@ from custody_sdk.canonical import ZERO_HASH, canonicalize, event_hash
 from custody_sdk.keys import PrivateKey, sign_compact
 from custody_sdk.spool import Spool, SpooledEvent
 
-__all__ = ["Delivery", "Emitter", "LogMisbehaved", "SignedEvent"]
+__all__ = ["Delivery", "Emitter", "LogMisbehaved", "Reservation", "SignedEvent"]
 
 HEAD_AUDIENCE = "custody:head"
+# Room reserved for one event: more than any event Custody accepts takes in the spool (a 64 KiB payload is
+# 88 KiB of base64url, plus the header, the signature and the frame).
+EVENT_ROOM = 96 << 10
 _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -105,6 +108,16 @@ class Emitter:
 
     def emit(self, **fields: Any) -> SignedEvent:
         """Sign the event after the chain's head and append it to the spool; return once it is on disk."""
+        return self._emit(fields, reserved=0)
+
+    def reserve(self) -> Reservation:
+        """Room in the spool for one event, taken now: SpoolFull (or a wait, with ``when_full="block"``) if there is
+        none. For "no audit, no action": reserve, act, then ``reservation.emit(...)`` the record of what happened,
+        which cannot fail for want of room. Use it as a context manager; room not used is given back."""
+        self.spool.reserve(EVENT_ROOM)
+        return Reservation(self)
+
+    def _emit(self, fields: dict[str, Any], *, reserved: int) -> SignedEvent:
         with self._emitting:
             seq, previous = self._chain_head()
             payload = {
@@ -120,7 +133,7 @@ class Emitter:
             canonical = canonicalize(payload)
             digest = event_hash(canonical)
             jws = sign_compact(canonical, self.key, self.kid)
-            place = self.spool.write(SpooledEvent(seq + 1, payload["event_id"], digest, jws))
+            place = self.spool.write(SpooledEvent(seq + 1, payload["event_id"], digest, jws), reserved=reserved)
             self._head = (seq + 1, digest)
         self.spool.wait_durable(place)  # outside the chain's lock: threads emitting at once share one fdatasync
         return SignedEvent(payload["event_id"], seq + 1, digest, jws)
@@ -269,6 +282,31 @@ class Emitter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Reservation:
+    """Room for one event in an emitter's spool (``Emitter.reserve``)."""
+
+    def __init__(self, emitter: Emitter) -> None:
+        self._emitter: Emitter | None = emitter
+
+    def emit(self, **fields: Any) -> SignedEvent:
+        """``Emitter.emit`` into the reserved room; once only."""
+        emitter, self._emitter = self._emitter, None
+        if emitter is None:
+            raise RuntimeError("this reservation was used or released already")
+        return emitter._emit(fields, reserved=EVENT_ROOM)
+
+    def release(self) -> None:
+        emitter, self._emitter = self._emitter, None
+        if emitter is not None:
+            emitter.spool.release(EVENT_ROOM)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _verified_claims(receipt: str, key: NoteKey) -> dict[str, Any] | None:

@@ -7,6 +7,10 @@ acknowledged batch). Opening a spool cuts a torn last record (a crash mid-append
 reloads the unacknowledged records in order and the chain head (the last record), so an emitter resumes at the
 right ``seq``. Segments wholly acknowledged are deleted. A spool never holds more than ``max_bytes`` of segments:
 ``append`` then raises ``SpoolFull`` (or, with ``when_full="block"``, waits for the sender to make room).
+
+``reserve`` sets room aside before the event exists: a gateway that must not act without an audit record
+("no audit, no action") reserves before it forwards a call and writes the event into the reservation afterwards,
+so a spool that fills up meanwhile cannot leave an action unrecorded.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class Spool:
         self._active = 0
         self._size = 0
         self._held = 0  # bytes of segment files on disk
+        self._reserved = 0  # bytes set aside by reserve() for events not written yet
         self._recover()
 
     # -- opening ------------------------------------------------------------------------------------------------
@@ -116,20 +121,42 @@ class Spool:
         """Write ``event`` and return once it is on disk."""
         self.wait_durable(self.write(event))
 
-    def write(self, event: SpooledEvent) -> tuple[int, int]:
+    def reserve(self, nbytes: int) -> None:
+        """Set ``nbytes`` aside for a later ``write(..., reserved=nbytes)``; SpoolFull (or wait) if there is no room.
+        Give unused room back with ``release``."""
+        with self._lock:
+            self._make_room(nbytes)
+            self._reserved += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._reserved -= nbytes
+            self._lock.notify_all()
+
+    def _make_room(self, nbytes: int) -> None:
+        """Under the lock: return once ``nbytes`` more fit in ``max_bytes``, or raise SpoolFull."""
+        while self._held + self._reserved + nbytes > self.max_bytes:
+            if self.when_full == "raise":
+                raise SpoolFull(
+                    f"the spool {self.directory} holds {self._held:,} bytes Custody has not acknowledged"
+                    f" and {self._reserved:,} reserved (max_bytes {self.max_bytes:,})"
+                )
+            self._lock.wait(1.0)
+
+    def write(self, event: SpooledEvent, *, reserved: int = 0) -> tuple[int, int]:
         """Write ``event`` (in the order of the calls) and return its place, for ``wait_durable``. Writers that
         arrive while an fdatasync runs share the next one (group commit): threads emitting at once are not
-        serialized on the disk."""
+        serialized on the disk. ``reserved``: room set aside by ``reserve`` for this event, used (or given back)
+        now; an event larger than its reservation still needs the difference."""
         body = json.dumps([event.seq, event.event_id, event.event_hash, event.jws], separators=(",", ":")).encode()
         frame = _FRAME.pack(len(body), zlib.crc32(body)) + body
         with self._lock:
-            while self._held + len(frame) > self.max_bytes:
-                if self.when_full == "raise":
-                    raise SpoolFull(
-                        f"the spool {self.directory} holds {self._held:,} bytes Custody has not acknowledged"
-                        f" (max_bytes {self.max_bytes:,})"
-                    )
-                self._lock.wait(1.0)
+            self._reserved -= reserved
+            try:
+                self._make_room(len(frame))
+            except SpoolFull:
+                self._reserved += reserved
+                raise
             if self._size + len(frame) > self.segment_bytes and self._size > 0:
                 self._rotate()
             assert self._fd is not None

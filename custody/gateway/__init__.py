@@ -1,0 +1,121 @@
+"""``custody gateway``: an enforcing MCP gateway that records every tool call in Custody (docs/gateway.md).
+
+It depends on the ``mcp`` SDK, custody-sdk, pyjwt and uvicorn, and on nothing of the Custody server (a contract
+in pyproject.toml), so it deploys next to an MCP server without the lake, DuckDB or the dashboard.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
+from custody_sdk import Emitter, public_jwk
+
+from custody.gateway.app import Gateway, build_app
+from custody.gateway.auth import JwtVerifier
+from custody.gateway.config import ConfigError, GatewayConfig, load_config, load_policy
+from custody.gateway.upstream import Upstream
+
+__all__ = ["ConfigError", "load_config", "load_key", "open_gateway", "serve_gateway", "write_key"]
+
+log = logging.getLogger("custody.gateway")
+
+
+def write_key(path: Path, kid: str) -> dict[str, str]:
+    """Create an Ed25519 emitter key at ``path`` (mode 0600; an existing file is kept) and return its public JWK,
+    the body's key to register with ``PUT /v1/emitters/{id}``."""
+    if path.exists():
+        return public_jwk(load_key(path), kid)
+    key = Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    with path.open("xb") as handle:
+        path.chmod(0o600)
+        handle.write(pem)
+    return public_jwk(key, kid)
+
+
+def load_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"custody.key_file {path}: not an unencrypted PKCS#8 PEM private key ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"custody.key_file {path}: an Ed25519 key is needed, not {type(key).__name__}")
+    return key
+
+
+def open_gateway(config: GatewayConfig) -> Gateway:
+    """The gateway for ``config``, its emitter's sender running; ``close_gateway`` stops it."""
+    policy = load_policy(config.policy_file)
+    try:
+        verifier = JwtVerifier(config.auth)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    custody = config.custody
+    emitter = Emitter(
+        custody.url,
+        custody.emitter,
+        custody.tenant,
+        load_key(custody.key_file),
+        custody.kid,
+        spool=custody.spool,
+        max_spool_bytes=custody.max_spool_bytes,
+        log_key=custody.log_key,
+    )
+    unknown = sorted(
+        {rule.server for rule in policy.tools.values() if rule.server} - {u.name for u in config.upstreams}
+    )
+    if unknown:
+        emitter.close()
+        raise ConfigError(f"{config.policy_file}: the policy names servers no upstream is called: {', '.join(unknown)}")
+    return Gateway(config, policy, verifier, emitter, [Upstream(upstream) for upstream in config.upstreams])
+
+
+def serve_gateway(config_path: Path) -> None:
+    """Run the gateway until SIGTERM or Ctrl-C; then stop taking calls, finish those in flight, and close the
+    spool (what Custody has not acknowledged stays in it for the next start)."""
+    config = load_config(config_path)
+    gateway = open_gateway(config)
+    try:
+        server = uvicorn.Server(
+            uvicorn.Config(
+                build_app(gateway),
+                host=config.listen.host,
+                port=config.listen.port,
+                log_level="info",
+                access_log=False,
+                proxy_headers=False,
+                timeout_keep_alive=5,
+                timeout_graceful_shutdown=30,
+                limit_concurrency=1000,
+            )
+        )
+        log.info(
+            "custody gateway on http://%s:%d%s for %s, policy %s, failure mode %s",
+            config.listen.host,
+            config.listen.port,
+            config.listen.path,
+            ", ".join(u.name for u in config.upstreams),
+            gateway.policy.label,
+            config.failure_mode,
+        )
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop_signal, _exit_cleanly)
+        server.run()
+    finally:
+        gateway.emitter.close()
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

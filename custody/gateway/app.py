@@ -1,0 +1,305 @@
+"""The gateway: an MCP server (streamable HTTP, the official ``mcp`` SDK) in front of upstream MCP servers.
+
+Per ``tools/call``: authenticate the bearer token (``JwtVerifier``), decide default-deny (``policy.decide``),
+forward only an allowed call, and record one signed event through the custody-sdk spool, allow or deny, with the
+delegation chain, the credential, the tool, the resource, the decision and the outcome. With ``failure_mode =
+"closed"`` an allowed call is forwarded only once the spool has given room for its event (``Emitter.reserve``):
+no audit, no action. ``tools/list`` shows a caller only the tools it may call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import mcp_types as types
+from custody_sdk import Emitter, Reservation, SpoolFull
+from mcp import MCPError
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from custody.gateway.auth import MAX_NAME, InvalidToken, JwtVerifier, Principal
+from custody.gateway.config import GatewayConfig, Policy
+from custody.gateway.policy import Decision, decide, visible
+from custody.gateway.upstream import Upstream, UpstreamError
+
+__all__ = ["META_EVENT_ID", "META_PARENT", "META_TRACE", "Gateway", "build_app"]
+
+log = logging.getLogger("custody.gateway")
+
+# Request _meta keys an agent may send, and the one every result carries (docs/gateway.md).
+META_TRACE = "custody/trace_id"
+META_PARENT = "custody/parent_event_id"
+META_EVENT_ID = "custody/event_id"
+META_DECISION = "custody/decision"
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_ERROR_TEXT = 2000  # of an upstream error kept in the event's attrs (the rest is counted, not dropped silently)
+
+
+@dataclass
+class Counters:
+    allowed: int = 0
+    denied: int = 0
+    refused: int = 0  # allowed by policy, refused because the spool could not take the event (closed mode)
+    unaudited: int = 0  # calls whose event could not be spooled (open mode, or a deny)
+    upstream_errors: int = 0
+    overhead_us: list[int] = field(default_factory=list)  # the gateway's own time per call, last 10,000
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        policy: Policy,
+        verifier: JwtVerifier,
+        emitter: Emitter,
+        upstreams: list[Upstream],
+    ) -> None:
+        self.config, self.policy, self.verifier, self.emitter = config, policy, verifier, emitter
+        self.upstreams = {upstream.name: upstream for upstream in upstreams}
+        self.tenant = config.custody.tenant
+        self.counters = Counters()
+
+    # -- the MCP handlers ---------------------------------------------------------------------------------------
+
+    async def list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        principal = await self._principal(ctx)
+        offered: dict[str, list[tuple[str, types.Tool]]] = {}
+        for upstream in self.upstreams.values():
+            with contextlib.suppress(Exception):  # a broken upstream lists nothing; its supervisor reconnects
+                await upstream.refresh()
+            for tool in upstream.tools.values():
+                offered.setdefault(tool.name, []).append((upstream.name, tool))
+        tools = []
+        for name, offers in sorted(offered.items()):
+            callable_offers = [tool for server, tool in offers if visible(self.policy, principal, name, server)]
+            if len(callable_offers) == 1:  # offered twice with no server named: a call would be denied
+                tools.append(callable_offers[0])
+        return types.ListToolsResult(tools=tools)
+
+    async def call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        started = time.perf_counter()
+        principal = await self._principal(ctx)
+        tool = _checked_name(params.name, "the tool name")
+        arguments = params.arguments or {}
+        links = _links(ctx.meta)
+        offered_by = [name for name, upstream in self.upstreams.items() if tool in upstream.tools]
+        decision = decide(self.policy, principal, tool, arguments, offered_by, self.tenant)
+        event_id = str(uuid.uuid4())
+        fields = self._event(event_id, principal, tool, decision, links)
+        if decision.result == "deny":
+            self.counters.denied += 1
+            await self._record_unreserved(fields)
+            return _result(f"denied by policy {self.policy.name}: {decision.reason}", event_id, "deny", error=True)
+
+        reservation = await self._reserve()
+        if reservation is None and self.config.failure_mode == "closed":
+            self.counters.refused += 1
+            return _result(
+                "refused: the audit spool cannot take this call's event (failure_mode closed: no audit, no action)",
+                event_id,
+                "refused",
+                error=True,
+            )
+        assert decision.server is not None
+        upstream = self.upstreams[decision.server]
+        meta = {META_EVENT_ID: event_id, **({META_TRACE: links["trace_id"]} if "trace_id" in links else {})}
+        upstream_started = time.perf_counter()
+        try:
+            result = await upstream.call(tool, arguments, meta)
+            fields["outcome"] = "error" if result.is_error else "success"
+        except UpstreamError as exc:
+            self.counters.upstream_errors += 1
+            fields["outcome"] = "error"
+            fields["attrs"] = {"error": _clipped(str(exc))}
+            result = types.CallToolResult(content=[types.TextContent(type="text", text=str(exc))], is_error=True)
+        upstream_seconds = time.perf_counter() - upstream_started
+        self.counters.allowed += 1
+        if reservation is not None:
+            await anyio.to_thread.run_sync(lambda: reservation.emit(**fields))
+        else:
+            await self._record_unreserved(fields)
+        overhead = time.perf_counter() - started - upstream_seconds
+        self._note_overhead(overhead)
+        result.meta = {**(result.meta or {}), META_EVENT_ID: event_id, META_DECISION: "allow"}
+        return result
+
+    # -- parts --------------------------------------------------------------------------------------------------
+
+    async def _principal(self, ctx: ServerRequestContext[Any, Any]) -> Principal:
+        request = ctx.request
+        user = getattr(request, "user", None) if request is not None else None
+        if not isinstance(user, AuthenticatedUser):  # the bearer middleware lets nothing else through
+            raise MCPError(types.INVALID_REQUEST, "no authenticated caller")
+        try:
+            _, principal = await self.verifier.authenticate(user.access_token.token)
+        except InvalidToken as exc:  # expired since the middleware checked it
+            raise MCPError(types.INVALID_REQUEST, f"the bearer token is no longer valid: {exc}") from exc
+        return principal
+
+    def _event(
+        self, event_id: str, principal: Principal, tool: str, decision: Decision, links: dict[str, str]
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "event_id": event_id,
+            "type": "tool.invocation",
+            "delegation": principal.delegation,
+            "credential": principal.credential,
+            "tool": {"name": tool, "server": decision.server or "(no upstream)"},
+            "decision": decision.event_field(self.policy),
+            **links,
+        }
+        if decision.resource is not None:
+            fields["resource"] = decision.resource
+        return fields
+
+    async def _reserve(self) -> Reservation | None:
+        try:
+            return await anyio.to_thread.run_sync(self.emitter.reserve)
+        except (SpoolFull, OSError) as exc:
+            log.error("the audit spool cannot take events: %s", exc)
+            return None
+
+    async def _record_unreserved(self, fields: dict[str, Any]) -> None:
+        """A deny (the call is refused whatever happens here) or an open-mode call without a reservation."""
+        try:
+            await anyio.to_thread.run_sync(lambda: self.emitter.emit(**fields))
+        except (SpoolFull, OSError) as exc:
+            self.counters.unaudited += 1
+            log.error("event %s was not recorded: %s", fields["event_id"], exc)
+
+    def _note_overhead(self, seconds: float) -> None:
+        samples = self.counters.overhead_us
+        samples.append(int(seconds * 1e6))
+        if len(samples) > 10_000:
+            del samples[:5_000]
+
+    def health(self) -> dict[str, Any]:
+        delivery = self.emitter.delivery
+        return {
+            "upstreams": {
+                name: {"connected": upstream.error is None, "error": upstream.error, "tools": len(upstream.tools)}
+                for name, upstream in self.upstreams.items()
+            },
+            "spool": {
+                "pending": self.emitter.spool.pending,
+                "bytes": self.emitter.spool.bytes_held(),
+                "acknowledged": delivery.acknowledged,
+                "last_error": delivery.last_error,
+                "blocked": delivery.blocked,
+                "misbehaved": delivery.misbehaved,
+            },
+            "failure_mode": self.config.failure_mode,
+            "policy": self.policy.label,
+            "calls": {
+                "allowed": self.counters.allowed,
+                "denied": self.counters.denied,
+                "refused": self.counters.refused,
+                "unaudited": self.counters.unaudited,
+                "upstream_errors": self.counters.upstream_errors,
+            },
+        }
+
+
+def build_app(gateway: Gateway) -> Starlette:
+    config = gateway.config
+    server: Server[Any] = Server(
+        "custody-gateway",
+        version="1",
+        instructions="Tool calls pass through Custody's gateway: checked against policy and recorded.",
+        on_list_tools=gateway.list_tools,
+        on_call_tool=gateway.call_tool,
+    )
+    public_url = config.listen.public_url or f"http://{config.listen.host}:{config.listen.port}{config.listen.path}"
+
+    async def health(_: Request) -> JSONResponse:
+        report = gateway.health()
+        ok = all(upstream["connected"] for upstream in report["upstreams"].values()) and not report["spool"]["blocked"]
+        return JSONResponse(report, status_code=200 if ok else 503)
+
+    app = server.streamable_http_app(
+        streamable_http_path=config.listen.path,
+        json_response=True,
+        host=config.listen.host,
+        auth=AuthSettings(
+            issuer_url=config.auth.issuer if config.auth.issuer.startswith("http") else "https://issuer.invalid",
+            resource_server_url=public_url,
+            validate_token_resource=False,  # the verifier checks the audience itself
+        ),
+        token_verifier=gateway.verifier,
+        custom_starlette_routes=[Route("/healthz", health, methods=["GET"])],
+    )
+    serve_sessions = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as group:
+            for upstream in gateway.upstreams.values():
+                group.start_soon(upstream.run)
+            for upstream in gateway.upstreams.values():
+                if not await upstream.ready(15.0):
+                    log.error("upstream %s is not connected yet: %s", upstream.name, upstream.error)
+            async with serve_sessions(app):
+                yield
+            group.cancel_scope.cancel()
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def _links(meta: Any) -> dict[str, str]:
+    """``trace_id`` and ``parent_event_id`` for the event, from the request's ``_meta``: checked, so that no agent
+    can make the gateway spool an event Custody would refuse (and so stop its delivery)."""
+    links: dict[str, str] = {}
+    if not meta:
+        return links
+    trace = meta.get(META_TRACE)
+    if trace is None and isinstance(meta.get("traceparent"), str):
+        match = _TRACEPARENT.match(meta["traceparent"])
+        trace = match.group(1) if match else None
+    if trace is not None:
+        links["trace_id"] = _checked_name(trace, f"_meta {META_TRACE}")
+    parent = meta.get(META_PARENT)
+    if parent is not None:
+        if not isinstance(parent, str) or not _UUID.match(parent):
+            raise MCPError(types.INVALID_PARAMS, f"_meta {META_PARENT} must be an event id (a lowercase UUID)")
+        links["parent_event_id"] = parent
+    return links
+
+
+def _checked_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise MCPError(types.INVALID_PARAMS, f"{what} must be a string of 1 to {MAX_NAME} characters")
+    return value
+
+
+def _clipped(text: str) -> str:
+    if len(text) <= _ERROR_TEXT:
+        return text
+    return f"{text[:_ERROR_TEXT]}... ({len(text) - _ERROR_TEXT:,} more characters)"
+
+
+def _result(text: str, event_id: str, decision: str, *, error: bool) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=text)],
+        is_error=error,
+        _meta={META_EVENT_ID: event_id, META_DECISION: decision},
+    )
