@@ -105,17 +105,18 @@ def test_segments_go_once_acknowledged_and_the_bound_holds(tmp_path: Path) -> No
 
 
 def test_a_reservation_holds_its_room_against_other_writers(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", max_bytes=400)
+    spool = Spool(tmp_path / "spool", max_bytes=1000)
     spool.reserve(300)
     with pytest.raises(SpoolFull, match="300 reserved"):
-        spool.reserve(200)
+        spool.reserve(800)
     spool.append(event(1))  # fits beside the reservation
     seq = 2
     with pytest.raises(SpoolFull):  # noqa: PT012 (append until the bound)
         while seq < 20:
             spool.append(event(seq))
             seq += 1
-    assert seq > 2
+    assert seq > 3  # several fitted beside the reservation
+    assert spool.bytes_held() <= 700
     spool.write(event(99), reserved=300)  # the reserved write never runs out of room
     spool.release(0)
     with pytest.raises(SpoolFull):
