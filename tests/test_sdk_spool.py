@@ -92,7 +92,8 @@ def test_segments_go_once_acknowledged_and_the_bound_holds(tmp_path: Path) -> No
         appended = seq
     assert refused is not None
     assert "has not acknowledged" in refused
-    assert spool.bytes_held() <= 1000
+    assert spool.bytes_owed() <= 1000
+    assert spool.bytes_held() <= 1000 + 200  # and at most one segment of acknowledged events
     assert appended >= 9
     held = {record.seq for record in spool.unsent(100)}
     assert held == set(range(1, appended + 1))  # nothing beyond the bound was taken
@@ -102,6 +103,20 @@ def test_segments_go_once_acknowledged_and_the_bound_holds(tmp_path: Path) -> No
     spool.close()
     reopened = Spool(tmp_path / "spool", max_bytes=1000, segment_bytes=200)
     assert [e.seq for e in reopened.unsent(5)] == [appended, appended + 1]
+
+
+def test_the_bound_is_on_what_custody_has_not_acknowledged(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1000)  # one segment: acknowledged events stay on disk in it
+    seq = 1
+    with pytest.raises(SpoolFull):  # noqa: PT012 (append until the bound)
+        while True:
+            spool.append(event(seq))
+            seq += 1
+    spool.mark_sent(spool.pending)
+    assert spool.bytes_owed() == 0
+    spool.append(event(seq))  # room again, though the segment still holds the acknowledged events
+    spool.close()
+    assert Spool(tmp_path / "spool", max_bytes=1000).bytes_owed() == spool.bytes_owed() > 0
 
 
 def test_a_reservation_holds_its_room_against_other_writers(tmp_path: Path) -> None:
@@ -116,7 +131,7 @@ def test_a_reservation_holds_its_room_against_other_writers(tmp_path: Path) -> N
             spool.append(event(seq))
             seq += 1
     assert seq > 3  # several fitted beside the reservation
-    assert spool.bytes_held() <= 700
+    assert spool.bytes_owed() <= 700
     spool.write(event(99), reserved=300)  # the reserved write never runs out of room
     spool.release(0)
     with pytest.raises(SpoolFull):

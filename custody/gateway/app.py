@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
 import mcp_types as types
 from custody_sdk import Emitter, Reservation, SpoolFull
 from mcp import MCPError
@@ -115,7 +116,7 @@ class Gateway:
             self.counters.refused += 1
             return _result(
                 "refused: the audit spool cannot take this call's event (failure_mode closed: no audit, no action)",
-                event_id,
+                None,
                 "refused",
                 error=True,
             )
@@ -172,9 +173,15 @@ class Gateway:
         return fields
 
     async def _reserve(self) -> Reservation | None:
+        """Room for the call's event, and the chain head it will follow (known once Custody was reachable)."""
+
+        def reserve() -> Reservation:
+            self.emitter.chain_head()
+            return self.emitter.reserve()
+
         try:
-            return await anyio.to_thread.run_sync(self.emitter.reserve)
-        except (SpoolFull, OSError) as exc:
+            return await anyio.to_thread.run_sync(reserve)
+        except (SpoolFull, OSError, httpx.HTTPError) as exc:
             log.error("the audit spool cannot take events: %s", exc)
             return None
 
@@ -182,9 +189,24 @@ class Gateway:
         """A deny (the call is refused whatever happens here) or an open-mode call without a reservation."""
         try:
             await anyio.to_thread.run_sync(lambda: self.emitter.emit(**fields))
-        except (SpoolFull, OSError) as exc:
+        except (SpoolFull, OSError, httpx.HTTPError) as exc:
             self.counters.unaudited += 1
             log.error("event %s was not recorded: %s", fields["event_id"], exc)
+
+    async def learn_chain_head(self) -> None:
+        """At start: where the emitter's chain continues (the spool's last event, or Custody's head for a new spool),
+        retried until known, so that Custody being away later does not stop the first event."""
+        delay = 0.2
+        while True:
+            try:
+                seq, _ = await anyio.to_thread.run_sync(self.emitter.chain_head)
+            except (httpx.HTTPError, OSError) as exc:
+                log.warning("cannot learn where the event chain continues yet: %s; retrying in %.1f s", exc, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            log.info("events continue the chain of %s after seq %d", self.emitter.emitter_id, seq)
+            return
 
     def _note_overhead(self, seconds: float) -> None:
         samples = self.counters.overhead_us
@@ -202,6 +224,7 @@ class Gateway:
             "spool": {
                 "pending": self.emitter.spool.pending,
                 "bytes": self.emitter.spool.bytes_held(),
+                "bytes_unacknowledged": self.emitter.spool.bytes_owed(),
                 "acknowledged": delivery.acknowledged,
                 "last_error": delivery.last_error,
                 "blocked": delivery.blocked,
@@ -252,6 +275,7 @@ def build_app(gateway: Gateway) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as group:
+            group.start_soon(gateway.learn_chain_head)
             for upstream in gateway.upstreams.values():
                 group.start_soon(upstream.run)
             for upstream in gateway.upstreams.values():
@@ -297,9 +321,7 @@ def _clipped(text: str) -> str:
     return f"{text[:_ERROR_TEXT]}... ({len(text) - _ERROR_TEXT:,} more characters)"
 
 
-def _result(text: str, event_id: str, decision: str, *, error: bool) -> types.CallToolResult:
-    return types.CallToolResult(
-        content=[types.TextContent(type="text", text=text)],
-        is_error=error,
-        _meta={META_EVENT_ID: event_id, META_DECISION: decision},
-    )
+def _result(text: str, event_id: str | None, decision: str, *, error: bool) -> types.CallToolResult:
+    """A result the gateway gives itself; ``event_id`` only when an event records the call."""
+    meta = {META_DECISION: decision, **({META_EVENT_ID: event_id} if event_id else {})}
+    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=error, _meta=meta)

@@ -1,7 +1,8 @@
 // The durable spool: every signed event is on disk (fdatasync) before emit resolves, until Custody acknowledges
 // it. The same layout as the Python SDK's: numbered segment files of frames <u32 LE length><u32 LE crc32(body)>
 // <body>, body = JSON [seq, event_id, event_hash, jws], and cursor.json naming the first unacknowledged record.
-// Opening cuts a torn last record and reloads the unacknowledged records and the chain head.
+// Opening cuts a torn last record and reloads the unacknowledged records and the chain head. maxBytes bounds the
+// events Custody has not acknowledged; on disk a spool takes at most that plus one segment of acknowledged events.
 import fs from "node:fs";
 import path from "node:path";
 import { crc32 } from "node:zlib";
@@ -11,14 +12,15 @@ const SUFFIX = ".seg";
 export class SpoolFull extends Error {}
 
 export class Spool {
-  constructor(directory, { maxBytes = 1 << 30, segmentBytes = 16 << 20 } = {}) {
+  constructor(directory, { maxBytes = 1 << 30, segmentBytes } = {}) {
     this.directory = directory;
     this.maxBytes = maxBytes;
-    this.segmentBytes = segmentBytes;
+    this.segmentBytes = segmentBytes ?? Math.min(16 << 20, Math.max(64 << 10, Math.floor(maxBytes / 8)));
     fs.mkdirSync(directory, { recursive: true, mode: 0o700 });
-    this.unsent = []; // {event, segment, offset}
+    this.unsent = []; // {event, segment, offset, size}
     this.head = null; // [seq, eventHash]
-    this.held = 0;
+    this.held = 0; // bytes of segment files on disk
+    this.owed = 0; // bytes of the events Custody has not acknowledged: what maxBytes bounds
     this.#recover();
   }
 
@@ -55,7 +57,8 @@ export class Spool {
         offset += 8 + length;
         this.head = [seq, eventHash];
         if (number > cursor[0] || (number === cursor[0] && offset > cursor[1])) {
-          this.unsent.push({ event: { seq, eventId, eventHash, jws }, segment: number, offset });
+          this.unsent.push({ event: { seq, eventId, eventHash, jws }, segment: number, offset, size: 8 + length });
+          this.owed += 8 + length;
         }
       }
       if (offset < data.length) {
@@ -78,8 +81,8 @@ export class Spool {
     frame.writeUInt32LE(body.length, 0);
     frame.writeUInt32LE(crc32(body), 4);
     body.copy(frame, 8);
-    if (this.held + frame.length > this.maxBytes) {
-      throw new SpoolFull(`the spool ${this.directory} holds ${this.held} bytes Custody has not acknowledged`);
+    if (this.owed + frame.length > this.maxBytes) {
+      throw new SpoolFull(`the spool ${this.directory} holds ${this.owed} bytes Custody has not acknowledged`);
     }
     if (this.size + frame.length > this.segmentBytes && this.size > 0) {
       fs.fdatasyncSync(this.fd);
@@ -92,13 +95,16 @@ export class Spool {
     fs.fdatasyncSync(this.fd);
     this.size += frame.length;
     this.held += frame.length;
-    this.unsent.push({ event, segment: this.active, offset: this.size });
+    this.owed += frame.length;
+    this.unsent.push({ event, segment: this.active, offset: this.size, size: frame.length });
     this.head = [event.seq, event.eventHash];
   }
 
   markSent(count) {
     if (count <= 0) return;
-    const last = this.unsent.splice(0, count).at(-1);
+    const acknowledged = this.unsent.splice(0, count);
+    for (const record of acknowledged) this.owed -= record.size;
+    const last = acknowledged.at(-1);
     const temporary = path.join(this.directory, "cursor.tmp");
     const fd = fs.openSync(temporary, "w", 0o600);
     fs.writeSync(fd, JSON.stringify({ segment: last.segment, offset: last.offset }));

@@ -56,6 +56,10 @@ test("a torn append is cut and the spool resumes its head and its unsent events"
   assert.throws(() => {
     for (let seq = 1; seq < 10; seq += 1) small.append({ seq, eventId: "x", eventHash: "ab".repeat(32), jws: "h.p.s" });
   }, SpoolFull);
+  // The bound is on what Custody has not acknowledged: once it acknowledges, there is room again.
+  small.markSent(small.unsent.length);
+  assert.equal(small.owed, 0);
+  small.append({ seq: 99, eventId: "x", eventHash: "ab".repeat(32), jws: "h.p.s" });
 });
 
 const url = process.env.CUSTODY_URL;

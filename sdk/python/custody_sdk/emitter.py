@@ -138,8 +138,14 @@ class Emitter:
         self.spool.wait_durable(place)  # outside the chain's lock: threads emitting at once share one fdatasync
         return SignedEvent(payload["event_id"], seq + 1, digest, jws)
 
+    def chain_head(self) -> tuple[int, str]:
+        """(seq, event hash) the next event chains after: the spool's last event, or, for a new empty spool, the
+        server's head, asked once with a head proof (an ``httpx.HTTPError`` if Custody cannot be asked). A gateway
+        calls it at start, so that Custody being away later does not stop its first event."""
+        with self._emitting:
+            return self._chain_head()
+
     def _chain_head(self) -> tuple[int, str]:
-        """The spool's last event, or, for an empty new spool, the server's head (asked once, with a head proof)."""
         if self._head is None:
             self._head = self._server_head()
         return self._head

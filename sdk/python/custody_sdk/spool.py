@@ -5,8 +5,10 @@ body = JSON ``[seq, event_id, event_hash, jws]``), appended with ``O_APPEND`` an
 ``cursor.json`` naming the first record not yet acknowledged (written atomically and fsync'd after each
 acknowledged batch). Opening a spool cuts a torn last record (a crash mid-append: ``emit`` never returned for it),
 reloads the unacknowledged records in order and the chain head (the last record), so an emitter resumes at the
-right ``seq``. Segments wholly acknowledged are deleted. A spool never holds more than ``max_bytes`` of segments:
-``append`` then raises ``SpoolFull`` (or, with ``when_full="block"``, waits for the sender to make room).
+right ``seq``. Segments wholly acknowledged are deleted. A spool never holds more than ``max_bytes`` of events
+Custody has not acknowledged: ``append`` then raises ``SpoolFull`` (or, with ``when_full="block"``, waits for the
+sender to make room). On disk it takes at most that plus one segment (``segment_bytes``, by default an eighth of
+``max_bytes`` and at most 16 MiB) of events already acknowledged.
 
 ``reserve`` sets room aside before the event exists: a gateway that must not act without an audit record
 ("no audit, no action") reserves before it forwards a call and writes the event into the reservation afterwards,
@@ -49,17 +51,19 @@ class Spool:
         directory: Path | str,
         *,
         max_bytes: int = 1 << 30,
-        segment_bytes: int = 16 << 20,
+        segment_bytes: int | None = None,
         when_full: str = "raise",
     ) -> None:
         if when_full not in ("raise", "block"):
             raise ValueError(f"when_full must be 'raise' or 'block', not {when_full!r}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.max_bytes, self.segment_bytes, self.when_full = max_bytes, segment_bytes, when_full
+        self.max_bytes, self.when_full = max_bytes, when_full
+        self.segment_bytes = segment_bytes or min(16 << 20, max(64 << 10, max_bytes // 8))
         self._lock = threading.Condition()
-        self._unsent: deque[tuple[SpooledEvent, int, int]] = deque()  # event, its segment, the offset after it
-        self._written: deque[tuple[SpooledEvent, int, int]] = deque()  # written, not yet known to be on disk
+        # (event, its segment, the offset after it, its frame's size)
+        self._unsent: deque[tuple[SpooledEvent, int, int, int]] = deque()
+        self._written: deque[tuple[SpooledEvent, int, int, int]] = deque()  # written, not yet known to be on disk
         self._durable: tuple[int, int] = (0, 0)  # (segment, offset) up to which the spool is on disk
         self._syncing = False
         self.head: tuple[int, str] | None = None  # (seq, event hash) of the last event appended
@@ -67,6 +71,7 @@ class Spool:
         self._active = 0
         self._size = 0
         self._held = 0  # bytes of segment files on disk
+        self._owed = 0  # bytes of the events Custody has not acknowledged: what max_bytes bounds
         self._reserved = 0  # bytes set aside by reserve() for events not written yet
         self._recover()
 
@@ -94,7 +99,8 @@ class Spool:
                 event = SpooledEvent(seq, event_id, digest, jws)
                 self.head = (seq, digest)
                 if (number, offset) > cursor:
-                    self._unsent.append((event, number, offset))
+                    self._unsent.append((event, number, offset, _FRAME.size + length))
+                    self._owed += _FRAME.size + length
             if offset < len(data):
                 if number != segments[-1]:
                     raise ValueError(f"spool segment {self._path(number)} is damaged before its end")
@@ -135,10 +141,10 @@ class Spool:
 
     def _make_room(self, nbytes: int) -> None:
         """Under the lock: return once ``nbytes`` more fit in ``max_bytes``, or raise SpoolFull."""
-        while self._held + self._reserved + nbytes > self.max_bytes:
+        while self._owed + self._reserved + nbytes > self.max_bytes:
             if self.when_full == "raise":
                 raise SpoolFull(
-                    f"the spool {self.directory} holds {self._held:,} bytes Custody has not acknowledged"
+                    f"the spool {self.directory} holds {self._owed:,} bytes Custody has not acknowledged"
                     f" and {self._reserved:,} reserved (max_bytes {self.max_bytes:,})"
                 )
             self._lock.wait(1.0)
@@ -163,7 +169,8 @@ class Spool:
             os.write(self._fd, frame)
             self._size += len(frame)
             self._held += len(frame)
-            self._written.append((event, self._active, self._size))
+            self._owed += len(frame)
+            self._written.append((event, self._active, self._size, len(frame)))
             self.head = (event.seq, event.event_hash)
             return (self._active, self._size)
 
@@ -209,7 +216,7 @@ class Spool:
 
     def unsent(self, limit: int) -> list[SpooledEvent]:
         with self._lock:
-            return [event for event, _, _ in list(self._unsent)[:limit]]
+            return [event for event, _, _, _ in list(self._unsent)[:limit]]
 
     def wait_for_events(self, timeout: float) -> bool:
         with self._lock:
@@ -223,7 +230,8 @@ class Spool:
             return
         with self._lock:
             for _ in range(count):
-                _, segment, offset = self._unsent.popleft()
+                _, segment, offset, size = self._unsent.popleft()
+                self._owed -= size
             cursor = {"segment": segment, "offset": offset}
             temporary = self.directory / "cursor.tmp"
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -247,6 +255,10 @@ class Spool:
     def bytes_held(self) -> int:
         """Bytes of spool segments on disk (acknowledged events stay until their whole segment is)."""
         return self._held
+
+    def bytes_owed(self) -> int:
+        """Bytes of the events Custody has not acknowledged (at most ``max_bytes``)."""
+        return self._owed
 
     def wait_until_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

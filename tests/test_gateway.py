@@ -1,0 +1,266 @@
+"""``custody gateway`` end to end, every part real: a ``custody serve``, the gateway process, the demo's MCP servers
+(helpdesk over stdio, billing over streamable HTTP), and the official ``mcp`` client carrying a JWT for a user ->
+orchestrator -> sub-agent chain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import _STARTED, REPO, ServerProcess, free_port, read_lake
+from tests.gateway_kit import (
+    GATEWAY_ID,
+    GatewayProcess,
+    Issuer,
+    calls_received,
+    mcp_client,
+    register_gateway,
+    write_gateway,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def start_billing_over_http(call_log: Path, log_path: Path, port: int) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "sample_data.mcp.servers", "billing", "--http", str(port)]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={"CUSTODY_MCP_CALL_LOG": str(call_log)}
+        )
+    _STARTED.append(process)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=1)
+            return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError(f"billing did not start: {log_path.read_text()[-2000:]}")
+
+
+def mixed_upstreams(call_log: Path, billing_url: str) -> str:
+    helpdesk = json.dumps([sys.executable, "-m", "sample_data.mcp.servers", "helpdesk"])
+    return (
+        f'[[upstreams]]\nname = "helpdesk"\ncommand = {helpdesk}\ncwd = {json.dumps(str(REPO))}\n'
+        f"env = {{ CUSTODY_MCP_CALL_LOG = {json.dumps(str(call_log))} }}\n\n"
+        f'[[upstreams]]\nname = "billing"\nurl = "{billing_url}"\n'
+    )
+
+
+async def call(url: str, token: str, tool: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None) -> Any:
+    async with mcp_client(url, token) as client:
+        return await client.call_tool(tool, arguments, meta=meta)
+
+
+def test_calls_through_the_gateway_are_enforced_recorded_and_survive_custody_being_away(tmp_path: Path) -> None:
+    custody = ServerProcess(tmp_path / "data", tmp_path / "custody.log").start()
+    issuer = Issuer(tmp_path)
+    call_log = tmp_path / "calls.jsonl"
+    port = free_port()
+    start_billing_over_http(call_log, tmp_path / "billing.log", port)
+    billing_url = f"http://127.0.0.1:{port}/mcp"
+    config = write_gateway(tmp_path, custody.url, issuer, upstreams=mixed_upstreams(call_log, billing_url))
+    register_gateway(config, custody.url)
+    gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
+    token = issuer.token("alice", ["orchestrator", "researcher"], ["tickets:read", "billing:read"], jti="tok-alice-1")
+
+    # No token, or a token from another issuer: the MCP endpoint answers 401 with where to get one (RFC 9728).
+    for headers in ({}, {"Authorization": "Bearer " + Issuer(tmp_path / "..").token("mallory", [], ["x"])}):
+        answer = httpx.post(
+            f"{gateway.url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, headers=headers
+        )
+        assert answer.status_code == 401
+        assert "resource_metadata" in answer.headers["www-authenticate"]
+
+    expected: dict[str, tuple[str, str, str | None]] = {}  # event id -> (tool, decision, resource id)
+
+    async def session() -> None:
+        async with mcp_client(gateway.url, token) as client:
+            listed = sorted(tool.name for tool in (await client.list_tools()).tools)
+            assert listed == ["read_invoice", "read_ticket"]  # only what these scopes may call
+            first = await client.call_tool("read_ticket", {"ticket_id": "T-1001"}, meta={"custody/trace_id": "trace-7"})
+            assert not first.is_error
+            assert "VPN drops" in first.content[0].text
+            parent = first.meta["custody/event_id"]
+            expected[parent] = ("read_ticket", "allow", "T-1001")
+            linked = {"custody/trace_id": "trace-7", "custody/parent_event_id": parent}
+            invoice = await client.call_tool("read_invoice", {"invoice_id": "INV-77"}, meta=linked)
+            assert invoice.content[0].text == "INV-77: 1290 EUR"
+            expected[invoice.meta["custody/event_id"]] = ("read_invoice", "allow", "INV-77")
+            refund = await client.call_tool("refund_invoice", {"invoice_id": "INV-77", "amount": 1290}, meta=linked)
+            assert refund.is_error
+            assert "scope 'billing:refund' is not granted" in refund.content[0].text
+            expected[refund.meta["custody/event_id"]] = ("refund_invoice", "deny", "INV-77")
+            export = await client.call_tool("export_all_tickets", {}, meta=linked)
+            assert export.is_error
+            assert "not in policy acme-tools: default deny" in export.content[0].text
+            expected[export.meta["custody/event_id"]] = ("export_all_tickets", "deny", None)
+
+    asyncio.run(session())
+    received = [(c["server"], c["tool"]) for c in calls_received(call_log)]
+    assert received == [("helpdesk", "read_ticket"), ("billing", "read_invoice")]  # no denied call got through
+
+    # Custody goes away: calls go on (the spool holds their events), across a restart of the gateway itself.
+    custody.stop()
+
+    async def while_away(count: int) -> None:
+        for number in range(count):
+            result = await call(gateway.url, token, "read_ticket", {"ticket_id": f"T-{2000 + number}"})
+            assert not result.is_error
+            expected[result.meta["custody/event_id"]] = ("read_ticket", "allow", f"T-{2000 + number}")
+        denied = await call(gateway.url, token, "comment_ticket", {"ticket_id": "T-1", "text": "hi"})
+        assert denied.is_error
+        expected[denied.meta["custody/event_id"]] = ("comment_ticket", "deny", "T-1")
+
+    asyncio.run(while_away(5))
+    assert gateway.health()["spool"]["pending"] == 6
+    assert gateway.stop() == 0
+    gateway.start()
+    asyncio.run(while_away(3))
+    assert gateway.health()["spool"]["pending"] == 10
+
+    custody.start()
+    health = gateway.wait_drained()
+    assert health["spool"]["blocked"] is None
+    custody.stop()
+
+    rows = [
+        row
+        for row in read_lake(custody.data_dir, "event_id, emitter, seq, tool_name, decision_result, resource_id")
+        if row[1] == GATEWAY_ID
+    ]
+    assert Counter(row[0] for row in rows) == Counter(expected.keys())  # every call, each exactly once
+    assert [row[2] for row in rows] == list(range(1, len(expected) + 1))  # one chain, no gap
+    for event_id, _, _, tool, decision, resource in rows:
+        assert (tool, decision, resource) == expected[event_id]
+
+    for event_id, (tool, _, resource) in expected.items():
+        shown = subprocess.run(
+            [sys.executable, "-m", "custody.cli", "path", "--data-dir", str(custody.data_dir), event_id],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        ).stdout
+        chain = "user alice -> agent orchestrator -> agent researcher -> tool " + tool
+        assert chain in shown, shown
+        if resource is not None:
+            assert f"resource {'invoice' if 'invoice' in tool else 'ticket'} {resource} (acme)" in shown
+    verified = subprocess.run(
+        [sys.executable, "-m", "custody.cli", "verify", "--data-dir", str(custody.data_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.parametrize("failure_mode", ["closed", "open"])
+def test_a_full_spool_refuses_calls_when_closed_and_lets_them_through_when_open(
+    tmp_path: Path, failure_mode: str
+) -> None:
+    custody = ServerProcess(tmp_path / "data", tmp_path / "custody.log").start()
+    issuer = Issuer(tmp_path)
+    call_log = tmp_path / "calls.jsonl"
+    config = write_gateway(
+        tmp_path, custody.url, issuer, failure_mode=failure_mode, max_spool_bytes=1 << 18, call_log=call_log
+    )
+    register_gateway(config, custody.url)
+    gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
+    token = issuer.token("alice", ["bot"], ["tickets:read"])
+    custody.stop()
+
+    async def until_refused() -> tuple[int, Any]:
+        async with mcp_client(gateway.url, token) as client:
+            for number in range(1, 401):
+                result = await client.call_tool("read_ticket", {"ticket_id": f"T-{number}"})
+                if result.is_error:
+                    return number, result
+        return 400, None
+
+    calls, refusal = asyncio.run(until_refused())
+    reached = len(calls_received(call_log))
+    health = gateway.health()
+    if failure_mode == "closed":
+        assert refusal is not None, "the spool never filled"
+        assert "no audit, no action" in refusal.content[0].text
+        assert "custody/event_id" not in refusal.meta  # nothing was recorded, and nothing claims it was
+        assert reached == calls - 1  # the refused call never reached the upstream
+        assert health["calls"]["refused"] == 1
+        assert health["spool"]["pending"] == calls - 1
+    else:
+        assert refusal is None  # open: every call went through
+        assert reached == calls
+        assert health["calls"]["unaudited"] > 0
+        assert health["spool"]["pending"] + health["calls"]["unaudited"] == calls
+    assert health["spool"]["bytes_unacknowledged"] <= 1 << 18
+
+    custody.start()  # room again once Custody takes the spool
+    gateway.wait_drained()
+    allowed = asyncio.run(call(gateway.url, token, "read_ticket", {"ticket_id": "T-after"}))
+    assert not allowed.is_error
+    gateway.wait_drained()
+
+
+def test_an_upstream_that_dies_is_an_error_outcome_and_is_reconnected(tmp_path: Path) -> None:
+    custody = ServerProcess(tmp_path / "data", tmp_path / "custody.log").start()
+    issuer = Issuer(tmp_path)
+    call_log = tmp_path / "calls.jsonl"
+    port = free_port()
+    billing = start_billing_over_http(call_log, tmp_path / "billing.log", port)
+    config = write_gateway(
+        tmp_path, custody.url, issuer, upstreams=mixed_upstreams(call_log, f"http://127.0.0.1:{port}/mcp")
+    )
+    register_gateway(config, custody.url)
+    gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
+    token = issuer.token("alice", ["bot"], ["billing:read", "tickets:read"])
+    outcomes: dict[str, str] = {}
+
+    def read(tool: str, arguments: dict[str, Any]) -> Any:
+        result = asyncio.run(call(gateway.url, token, tool, arguments))
+        outcomes[result.meta["custody/event_id"]] = "error" if result.is_error else "success"
+        return result
+
+    billing.kill()
+    billing.wait()
+    failed = read("read_invoice", {"invoice_id": "INV-77"})
+    assert failed.is_error
+    assert "upstream billing" in failed.content[0].text
+    start_billing_over_http(call_log, tmp_path / "billing.log", port)  # back on its address
+    deadline = time.monotonic() + 60
+    while read("read_invoice", {"invoice_id": "INV-77"}).is_error:
+        assert time.monotonic() < deadline, gateway.log_path.read_text()[-3000:]
+        time.sleep(0.2)
+
+    # A stdio upstream whose process dies is started again.
+    assert gateway.process is not None
+    [helpdesk] = subprocess.run(
+        ["pgrep", "-P", str(gateway.process.pid)], capture_output=True, text=True
+    ).stdout.split()
+    subprocess.run(["kill", "-9", helpdesk], check=True)
+    deadline = time.monotonic() + 60
+    while read("read_ticket", {"ticket_id": "T-1001"}).is_error:
+        assert time.monotonic() < deadline, gateway.log_path.read_text()[-3000:]
+        time.sleep(0.2)
+    [again] = subprocess.run(["pgrep", "-P", str(gateway.process.pid)], capture_output=True, text=True).stdout.split()
+    assert again != helpdesk
+
+    gateway.wait_drained()
+    custody.stop()
+    rows = [
+        r
+        for r in read_lake(custody.data_dir, "emitter, event_id, outcome, decision_result, attrs")
+        if r[0] == GATEWAY_ID
+    ]
+    assert {row[1]: row[2] for row in rows} == outcomes  # each call's outcome as the agent saw it
+    assert all(row[3] == "allow" for row in rows)
+    assert "upstream billing" in str(rows[0][4])
