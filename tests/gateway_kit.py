@@ -26,30 +26,7 @@ AUDIENCE = "custody-gateway"
 GATEWAY_ID = "gw-acme"
 TENANT = "acme"
 
-POLICY = """\
-version = 1
-name = "acme-tools"
-
-[tools.read_ticket]
-scope = "tickets:read"
-server = "helpdesk"
-resource = { type = "ticket", argument = "ticket_id" }
-
-[tools.comment_ticket]
-scope = "tickets:write"
-server = "helpdesk"
-resource = { type = "ticket", argument = "ticket_id" }
-
-[tools.read_invoice]
-scope = "billing:read"
-server = "billing"
-resource = { type = "invoice", argument = "invoice_id" }
-
-[tools.refund_invoice]
-scope = "billing:refund"
-server = "billing"
-resource = { type = "invoice", argument = "invoice_id" }
-"""  # export_all_tickets is offered by helpdesk and named by no rule: denied to everyone
+POLICY = (REPO / "sample_data" / "mcp" / "policy.toml").read_text()  # the demo's
 
 
 class Issuer:
@@ -109,7 +86,7 @@ def write_gateway(
             f"command = {json.dumps([sys.executable, '-m', 'sample_data.mcp.servers', name])}\n"
             f"cwd = {json.dumps(str(REPO))}\n"
             + (f"env = {{ CUSTODY_MCP_CALL_LOG = {json.dumps(str(call_log))} }}\n" if call_log else "")
-            for name in ("helpdesk", "billing")
+            for name in ("helpdesk-mcp", "billing-mcp")
         )
     config = f"""\
 policy_file = "policy.toml"

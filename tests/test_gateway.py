@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 
 def start_billing_over_http(call_log: Path, log_path: Path, port: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "sample_data.mcp.servers", "billing", "--http", str(port)]
+    command = [sys.executable, "-m", "sample_data.mcp.servers", "billing-mcp", "--http", str(port)]
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={"CUSTODY_MCP_CALL_LOG": str(call_log)}
@@ -48,11 +48,11 @@ def start_billing_over_http(call_log: Path, log_path: Path, port: int) -> subpro
 
 
 def mixed_upstreams(call_log: Path, billing_url: str) -> str:
-    helpdesk = json.dumps([sys.executable, "-m", "sample_data.mcp.servers", "helpdesk"])
+    helpdesk = json.dumps([sys.executable, "-m", "sample_data.mcp.servers", "helpdesk-mcp"])
     return (
-        f'[[upstreams]]\nname = "helpdesk"\ncommand = {helpdesk}\ncwd = {json.dumps(str(REPO))}\n'
+        f'[[upstreams]]\nname = "helpdesk-mcp"\ncommand = {helpdesk}\ncwd = {json.dumps(str(REPO))}\n'
         f"env = {{ CUSTODY_MCP_CALL_LOG = {json.dumps(str(call_log))} }}\n\n"
-        f'[[upstreams]]\nname = "billing"\nurl = "{billing_url}"\n'
+        f'[[upstreams]]\nname = "billing-mcp"\nurl = "{billing_url}"\n'
     )
 
 
@@ -71,7 +71,7 @@ def test_calls_through_the_gateway_are_enforced_recorded_and_survive_custody_bei
     config = write_gateway(tmp_path, custody.url, issuer, upstreams=mixed_upstreams(call_log, billing_url))
     register_gateway(config, custody.url)
     gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
-    token = issuer.token("alice", ["orchestrator", "researcher"], ["tickets:read", "billing:read"], jti="tok-alice-1")
+    token = issuer.token("alice", ["orchestrator", "researcher"], ["tickets:read", "invoices:read"], jti="tok-alice-1")
 
     # No token, or a token from another issuer: the MCP endpoint answers 401 with where to get one (RFC 9728).
     for headers in ({}, {"Authorization": "Bearer " + Issuer(tmp_path / "..").token("mallory", [], ["x"])}):
@@ -96,18 +96,18 @@ def test_calls_through_the_gateway_are_enforced_recorded_and_survive_custody_bei
             invoice = await client.call_tool("read_invoice", {"invoice_id": "INV-77"}, meta=linked)
             assert invoice.content[0].text == "INV-77: 1290 EUR"
             expected[invoice.meta["custody/event_id"]] = ("read_invoice", "allow", "INV-77")
-            refund = await client.call_tool("refund_invoice", {"invoice_id": "INV-77", "amount": 1290}, meta=linked)
+            refund = await client.call_tool("issue_refund", {"invoice_id": "INV-77", "amount": 1290}, meta=linked)
             assert refund.is_error
-            assert "scope 'billing:refund' is not granted" in refund.content[0].text
-            expected[refund.meta["custody/event_id"]] = ("refund_invoice", "deny", "INV-77")
+            assert "scope 'refunds:write' is not granted" in refund.content[0].text
+            expected[refund.meta["custody/event_id"]] = ("issue_refund", "deny", "INV-77")
             export = await client.call_tool("export_all_tickets", {}, meta=linked)
             assert export.is_error
-            assert "not in policy acme-tools: default deny" in export.content[0].text
+            assert "not in policy acme-mcp: default deny" in export.content[0].text
             expected[export.meta["custody/event_id"]] = ("export_all_tickets", "deny", None)
 
     asyncio.run(session())
     received = [(c["server"], c["tool"]) for c in calls_received(call_log)]
-    assert received == [("helpdesk", "read_ticket"), ("billing", "read_invoice")]  # no denied call got through
+    assert received == [("helpdesk-mcp", "read_ticket"), ("billing-mcp", "read_invoice")]  # no denied call got through
 
     # Custody goes away: calls go on (the spool holds their events), across a restart of the gateway itself.
     custody.stop()
@@ -117,9 +117,9 @@ def test_calls_through_the_gateway_are_enforced_recorded_and_survive_custody_bei
             result = await call(gateway.url, token, "read_ticket", {"ticket_id": f"T-{2000 + number}"})
             assert not result.is_error
             expected[result.meta["custody/event_id"]] = ("read_ticket", "allow", f"T-{2000 + number}")
-        denied = await call(gateway.url, token, "comment_ticket", {"ticket_id": "T-1", "text": "hi"})
+        denied = await call(gateway.url, token, "add_comment", {"ticket_id": "T-1", "text": "hi"})
         assert denied.is_error
-        expected[denied.meta["custody/event_id"]] = ("comment_ticket", "deny", "T-1")
+        expected[denied.meta["custody/event_id"]] = ("add_comment", "deny", "T-1")
 
     asyncio.run(while_away(5))
     assert gateway.health()["spool"]["pending"] == 6
@@ -154,7 +154,8 @@ def test_calls_through_the_gateway_are_enforced_recorded_and_survive_custody_bei
         chain = "user alice -> agent orchestrator -> agent researcher -> tool " + tool
         assert chain in shown, shown
         if resource is not None:
-            assert f"resource {'invoice' if 'invoice' in tool else 'ticket'} {resource} (acme)" in shown
+            kind = "invoice" if tool in ("read_invoice", "issue_refund") else "ticket"
+            assert f"resource {kind} {resource} (acme)" in shown
     verified = subprocess.run(
         [sys.executable, "-m", "custody.cli", "verify", "--data-dir", str(custody.data_dir)],
         capture_output=True,
@@ -222,7 +223,7 @@ def test_an_upstream_that_dies_is_an_error_outcome_and_is_reconnected(tmp_path: 
     )
     register_gateway(config, custody.url)
     gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
-    token = issuer.token("alice", ["bot"], ["billing:read", "tickets:read"])
+    token = issuer.token("alice", ["bot"], ["invoices:read", "tickets:read"])
     outcomes: dict[str, str] = {}
 
     def read(tool: str, arguments: dict[str, Any]) -> Any:
@@ -234,7 +235,7 @@ def test_an_upstream_that_dies_is_an_error_outcome_and_is_reconnected(tmp_path: 
     billing.wait()
     failed = read("read_invoice", {"invoice_id": "INV-77"})
     assert failed.is_error
-    assert "upstream billing" in failed.content[0].text
+    assert "upstream billing-mcp" in failed.content[0].text
     start_billing_over_http(call_log, tmp_path / "billing.log", port)  # back on its address
     deadline = time.monotonic() + 60
     while read("read_invoice", {"invoice_id": "INV-77"}).is_error:
@@ -263,4 +264,4 @@ def test_an_upstream_that_dies_is_an_error_outcome_and_is_reconnected(tmp_path: 
     ]
     assert {row[1]: row[2] for row in rows} == outcomes  # each call's outcome as the agent saw it
     assert all(row[3] == "allow" for row in rows)
-    assert "upstream billing" in str(rows[0][4])
+    assert "upstream billing-mcp" in str(rows[0][4])

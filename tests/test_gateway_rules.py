@@ -32,11 +32,11 @@ def verifier(issuer: Issuer) -> JwtVerifier:
 
 
 def test_a_token_gives_the_user_the_agent_chain_and_the_scopes(issuer: Issuer, verifier: JwtVerifier) -> None:
-    token = issuer.token("alice", ["orchestrator", "researcher"], ["tickets:read", "billing:read"], jti="tok-42")
+    token = issuer.token("alice", ["orchestrator", "researcher"], ["tickets:read", "invoices:read"], jti="tok-42")
     principal, expires_at = verifier.principal(token)
     assert principal.user == "alice"
     assert principal.agents == ("researcher", "orchestrator")  # the one calling first
-    assert principal.scopes == {"tickets:read", "billing:read"}
+    assert principal.scopes == {"tickets:read", "invoices:read"}
     assert principal.delegation == {
         "sub": "alice",
         "iss": ISSUER,
@@ -47,7 +47,7 @@ def test_a_token_gives_the_user_the_agent_chain_and_the_scopes(issuer: Issuer, v
         "id": "tok-42",
         "kind": "agent_token",
         "client_id": "acme-agent-platform",
-        "scopes": ["billing:read", "tickets:read"],
+        "scopes": ["invoices:read", "tickets:read"],
         "expires_at": expires_at,
     }
 
@@ -174,32 +174,32 @@ def test_the_policy_denies_by_default_and_names_the_reason(
     (tmp_path / "policy.toml").write_text(POLICY)
     policy = load_policy(tmp_path / "policy.toml")
     principal, _ = verifier.principal(issuer.token("alice", ["bot"], ["tickets:read"]))
-    offered = {"read_ticket": ["helpdesk"], "refund_invoice": ["billing"], "export_all_tickets": ["helpdesk"]}
+    offered = {"read_ticket": ["helpdesk-mcp"], "issue_refund": ["billing-mcp"], "export_all_tickets": ["helpdesk-mcp"]}
 
     def check(tool: str, arguments: dict[str, Any]) -> tuple[str, str | None, str]:
         decision = decide(policy, principal, tool, arguments, offered.get(tool, []), "acme")
         return decision.result, decision.required_scope, decision.reason
 
     assert check("read_ticket", {"ticket_id": "T-1"}) == ("allow", "tickets:read", "scope 'tickets:read' granted")
-    assert check("refund_invoice", {"invoice_id": "I-1", "amount": 5})[:2] == ("deny", "billing:refund")
+    assert check("issue_refund", {"invoice_id": "I-1", "amount": 5})[:2] == ("deny", "refunds:write")
     assert check("export_all_tickets", {}) == (
         "deny",
         None,
-        "tool 'export_all_tickets' is not in policy acme-tools: default deny",
+        "tool 'export_all_tickets' is not in policy acme-mcp: default deny",
     )
     assert check("read_ticket", {})[2] == "argument 'ticket_id' must name the ticket (a string); got nothing"
     assert check("read_ticket", {"ticket_id": True})[0] == "deny"
     assert check("read_ticket", {"ticket_id": "x" * 513})[0] == "deny"
     assert check("read_ticket", {"ticket_id": 1234})[0] == "allow"
-    assert check("comment_ticket", {"ticket_id": "T-1"})[2] == "upstream 'helpdesk' offers no tool 'comment_ticket'"
-    decision = decide(policy, principal, "read_ticket", {"ticket_id": "T-1"}, ["helpdesk"], "acme")
+    assert check("add_comment", {"ticket_id": "T-1"})[2] == "upstream 'helpdesk-mcp' offers no tool 'add_comment'"
+    decision = decide(policy, principal, "read_ticket", {"ticket_id": "T-1"}, ["helpdesk-mcp"], "acme")
     assert decision.resource == {"type": "ticket", "id": "T-1", "tenant": "acme"}
     assert decision.event_field(policy)["policy"] == policy.label
-    assert policy.label.startswith("acme-tools@sha256:")
-    assert visible(policy, principal, "read_ticket", "helpdesk")
-    assert not visible(policy, principal, "read_ticket", "billing")  # the rule names its server
-    assert not visible(policy, principal, "refund_invoice", "billing")
-    assert not visible(policy, principal, "export_all_tickets", "helpdesk")
+    assert policy.label.startswith("acme-mcp@sha256:")
+    assert visible(policy, principal, "read_ticket", "helpdesk-mcp")
+    assert not visible(policy, principal, "read_ticket", "billing-mcp")  # the rule names its server
+    assert not visible(policy, principal, "issue_refund", "billing-mcp")
+    assert not visible(policy, principal, "export_all_tickets", "helpdesk-mcp")
 
 
 def test_a_tool_two_upstreams_offer_is_denied_unless_the_policy_names_one(
@@ -208,10 +208,10 @@ def test_a_tool_two_upstreams_offer_is_denied_unless_the_policy_names_one(
     (tmp_path / "policy.toml").write_text('version = 1\nname = "p"\n[tools.search]\nscope = "s"\n')
     policy = load_policy(tmp_path / "policy.toml")
     principal, _ = verifier.principal(issuer.token("alice", ["bot"], ["s"]))
-    decision = decide(policy, principal, "search", {}, ["helpdesk", "billing"], "acme")
+    decision = decide(policy, principal, "search", {}, ["helpdesk-mcp", "billing-mcp"], "acme")
     assert (decision.result, decision.reason) == (
         "deny",
-        "tool 'search' is offered by helpdesk, billing: the policy must name its server",
+        "tool 'search' is offered by helpdesk-mcp, billing-mcp: the policy must name its server",
     )
 
 
