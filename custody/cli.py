@@ -334,13 +334,15 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole service on the demo organisation: ingest API, read API and dashboard, until Ctrl-C",
         description="Start the ingest API, the read API and the dashboard on DATA_DIR, generate the demo"
-        " organisation (3 tenants, 30 days, planted incidents) and post it through the SDK; print the URLs, sign-in"
-        " tokens and a tour. A data dir that already holds it is reused.",
+        " organisation (3 tenants, 30 days, planted incidents) and post it through the SDK; start the MCP gateway in"
+        " front of the demo's MCP servers and drive a live agent session through it; print the URLs, sign-in tokens"
+        " and a tour. A data dir that already holds the organisation is reused.",
     )
     demo.add_argument("--data-dir", type=Path, default=Path("demo-data"), help="data dir (default ./demo-data)")
     demo.add_argument("--port", type=int, default=8700, help="ingest API port (default 8700)")
     demo.add_argument("--query-port", type=int, default=8701, help="read API port (default 8701)")
     demo.add_argument("--dashboard-port", type=int, default=8501, help="dashboard port (default 8501)")
+    demo.add_argument("--gateway-port", type=int, default=8702, help="MCP gateway port (default 8702)")
     demo.add_argument("--seed", type=int, default=7, help="seed of the organisation's activity (default 7)")
     demo.add_argument("--days", type=int, default=30, help="days of activity (default 30)")
     demo.add_argument(
@@ -929,6 +931,7 @@ def _demo(args: argparse.Namespace) -> int:
         port=args.port,
         query_port=args.query_port,
         dashboard_port=args.dashboard_port,
+        gateway_port=args.gateway_port,
         seed=args.seed,
         days=args.days,
         tasks_per_day=args.tasks_per_day,

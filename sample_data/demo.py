@@ -1,5 +1,6 @@
 """``custody demo``: the ingest server, the read API and the dashboard on one data dir, with the demo organisation
-posted through the real HTTP API by the SDK (signed, chained), until Ctrl-C.
+posted through the real HTTP API by the SDK (signed, chained), and the MCP gateway in front of the demo's MCP servers
+with a live agent session through it (sample_data.mcp.live), until Ctrl-C.
 
 Emitter keys are derived from the seed, so the same seed signs the same events into the same hashes. A data dir
 that already holds the organisation is reused as it is (``--reset`` starts empty); the run says which.
@@ -7,6 +8,7 @@ that already holds the organisation is reused as it is (``--reset`` starts empty
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -32,6 +34,7 @@ from tqdm import tqdm
 from ingest.sdk import Emitter, public_jwk
 from query.tokens import TokenStore
 from sample_data.generate import Generated, generate
+from sample_data.mcp.live import DEMO_GATEWAY, LiveSession, run_live_session, write_demo_gateway
 from sample_data.org import GATEWAYS, IDPS
 from store.ground.errors import CustodyError, NotFound
 
@@ -44,6 +47,7 @@ class DemoSettings:
     port: int = 8700
     query_port: int = 8701
     dashboard_port: int = 8501
+    gateway_port: int = 8702
     seed: int = 7
     days: int = 30
     tasks_per_day: int = 1850
@@ -151,6 +155,7 @@ def run_demo(settings: DemoSettings) -> int:
             answer_key = orjson.loads(key_path.read_bytes()) if key_path.exists() else None
         else:
             answer_key = _generate_and_post(settings, ingest_url, admin_token, key_path)
+        live = _live_session(settings, data_dir, ingest_url, admin_token, children, cli)
         tokens = data_dir / "tokens.json"
         analyst = _fresh_token(tokens, "demo-analyst", "analyst")
         auditor = _fresh_token(tokens, "demo-auditor", "auditor")
@@ -161,7 +166,7 @@ def run_demo(settings: DemoSettings) -> int:
         dashboard_url = f"http://127.0.0.1:{settings.dashboard_port}"
         wait_healthy(f"http://127.0.0.1:{settings.query_port}/healthz", children[-2])
         wait_healthy(f"{dashboard_url}/_stcore/health", children[-1])
-        _print_tour(settings, admin_token, analyst, auditor, answer_key, data_dir)
+        _print_tour(settings, admin_token, analyst, auditor, answer_key, data_dir, live)
         if settings.stay:
             print("\nServing until Ctrl-C.", flush=True)
             while all(child.poll() is None for child in children):
@@ -174,10 +179,42 @@ def run_demo(settings: DemoSettings) -> int:
     return 0
 
 
+def _live_session(
+    settings: DemoSettings,
+    data_dir: Path,
+    ingest_url: str,
+    admin_token: str,
+    children: list[subprocess.Popen[bytes]],
+    cli: list[str],
+) -> LiveSession:
+    """Start ``custody gateway`` in front of the demo's MCP servers, drive the live session through it, and wait
+    until Custody has acknowledged every event of it."""
+    config, registration = write_demo_gateway(data_dir / "gateway", settings.seed, ingest_url, settings.gateway_port)
+    admin = {"Authorization": f"Bearer {admin_token}"}
+    response = httpx.put(f"{ingest_url}/v1/emitters/{DEMO_GATEWAY}", json=registration, headers=admin, timeout=30)
+    if response.status_code != 200:
+        raise CustodyError(f"registering {DEMO_GATEWAY}: HTTP {response.status_code}: {response.text}")
+    children.append(subprocess.Popen([*cli, "gateway", "--config", str(config)]))
+    gateway_url = f"http://127.0.0.1:{settings.gateway_port}"
+    wait_healthy(f"{gateway_url}/healthz", children[-1])
+    live = asyncio.run(run_live_session(gateway_url, settings.seed))
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{gateway_url}/healthz", timeout=10).json()["spool"]["pending"]:
+        if time.monotonic() > deadline:
+            raise CustodyError("the gateway's events were not acknowledged within 60 s")
+        time.sleep(0.2)
+    print(
+        f"live session through the MCP gateway ({gateway_url}/mcp): {len(live.allowed)} calls allowed,"
+        f" {len(live.denied)} denied"
+    )
+    return live
+
+
 def _posted(url: str, admin_token: str) -> int:
     response = httpx.get(f"{url}/v1/emitters", headers={"Authorization": f"Bearer {admin_token}"}, timeout=30)
     response.raise_for_status()
-    return sum(int(e["head"]["seq"]) for e in response.json() if e["emitter"] != "custody.server")
+    generated = [e for e in response.json() if e["emitter"] not in ("custody.server", DEMO_GATEWAY)]
+    return sum(int(e["head"]["seq"]) for e in generated)
 
 
 def _generate_and_post(settings: DemoSettings, url: str, admin_token: str, key_path: Path) -> dict[str, Any]:
@@ -208,6 +245,7 @@ def _print_tour(
     auditor: str,
     answer_key: dict[str, Any] | None,
     data_dir: Path,
+    live: LiveSession,
 ) -> None:
     dashboard = f"http://127.0.0.1:{settings.dashboard_port}"
     print(f"\nDashboard:   {dashboard}")
@@ -215,7 +253,12 @@ def _print_tour(
     print(f"  sign in as auditor: {auditor}")
     print(f"Ingest API:  http://127.0.0.1:{settings.port}  (admin token {admin_token}; OpenAPI at /docs)")
     print(f"Read API:    http://127.0.0.1:{settings.query_port}  (Bearer the analyst token; OpenAPI at /docs)")
+    print(f"MCP gateway: http://127.0.0.1:{settings.gateway_port}/mcp  (config and policy: {data_dir / 'gateway'})")
     print(f"Data dir:    {data_dir}  (answer key of the planted incidents: answer-key.json)")
+    print("\nThe newest incident, live through the MCP gateway: triage-subagent read ticket T-1002, whose note is a")
+    print(f"prompt injection, and tried to act on it; the gateway denied {len(live.denied)} calls before they reached")
+    print(f"billing-mcp. The denied refund and the chain behind it: {dashboard}/path?event={live.first_denied_refund}")
+    print(f"  the burst of denials as a finding: {dashboard}/findings?window=all")
     if answer_key is None:
         return
     injection = next(i for i in answer_key["incidents"] if i["name"] == "prompt_injection")

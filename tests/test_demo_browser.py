@@ -40,11 +40,12 @@ pytestmark = pytest.mark.slow
 
 def start_demo(data: Path, *size: str) -> tuple[subprocess.Popen[bytes], Path, dict[str, int], str]:
     """``./demo`` on ``data`` in a session of its own, once it serves: the process, its log, its ports, its output."""
-    ports = {"port": free_port(), "query": free_port(), "dashboard": free_port()}
+    ports = {"port": free_port(), "query": free_port(), "dashboard": free_port(), "gateway": free_port()}
     log_path = data.parent / "demo.log"
     command = [
         str(ROOT / "demo"), "--data-dir", str(data), *size,
         "--port", str(ports["port"]), "--query-port", str(ports["query"]), "--dashboard-port", str(ports["dashboard"]),
+        "--gateway-port", str(ports["gateway"]),
     ]  # fmt: skip
     env = {**os.environ, "CUSTODY_ADMIN_TOKEN": ADMIN_TOKEN}
     with log_path.open("wb") as log:
@@ -145,6 +146,28 @@ def test_a_browser_follows_the_planted_refund_to_its_path_and_blast_radius(brows
     page.close()
 
 
+def test_the_newest_incident_came_through_the_mcp_gateway(browser: Any, demo: dict[str, Any]) -> None:
+    """A real MCP client, the real gateway, a real enforcement decision: the tour's first link shows it."""
+    output = demo["output"]
+    assert re.search(r"live session through the MCP gateway \(\S+\): 2 calls allowed, 6 denied", output)
+    assert httpx.get(f"http://127.0.0.1:{demo['ports']['gateway']}/healthz").status_code == 200
+    denied = re.search(r"The denied refund and the chain behind it: \S+/path\?event=([0-9a-f-]{36})", output)
+    assert denied is not None, output
+    page = signed_in(browser, demo, f"path?event={denied[1]}")
+    page.get_by_text("Ancestors").first.wait_for()
+    page.locator("svg text").first.wait_for()
+    graph = " ".join(page.locator("svg text").all_text_contents())
+    for entity in ("user: dana@acme.example", "agent: support-agent", "agent: triage-subagent"):
+        assert entity in graph
+    assert "tool: issue_refund (billing-mcp)" in graph
+    assert "ticket T-1002 (acme)" in graph  # the read that carried the injection, its parent
+    body = page.inner_text("body")
+    assert "deny" in body
+    assert "gw-acme-mcp" in body
+    page.screenshot(path=ARTIFACTS / "live-gateway-incident.png", full_page=True)
+    page.close()
+
+
 def test_the_overview_window_choice_lands_in_the_url(browser: Any, demo: dict[str, Any]) -> None:
     page = signed_in(browser, demo, "")
     page.get_by_text("Denied calls", exact=True).wait_for()
@@ -175,6 +198,7 @@ def test_a_second_run_reuses_the_data_dir_and_says_so(tmp_path: Path) -> None:
     command = [
         str(ROOT / "demo"), "--data-dir", str(tmp_path / "data"), "--days", "3", "--tasks-per-day", "20", "--exit",
         "--port", str(free_port()), "--query-port", str(free_port()), "--dashboard-port", str(free_port()),
+        "--gateway-port", str(free_port()),
     ]  # fmt: skip
     env = {**os.environ, "CUSTODY_ADMIN_TOKEN": ADMIN_TOKEN}
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
