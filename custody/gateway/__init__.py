@@ -72,6 +72,7 @@ def open_gateway(config: GatewayConfig) -> Gateway:
         spool=custody.spool,
         max_spool_bytes=custody.max_spool_bytes,
         log_key=custody.log_key,
+        linger=0.05,  # under load, one request to Custody per ~10 calls rather than per call
     )
     unknown = sorted(
         {rule.server for rule in policy.tools.values() if rule.server} - {u.name for u in config.upstreams}

@@ -58,7 +58,7 @@ class Counters:
     refused: int = 0  # allowed by policy, refused because the spool could not take the event (closed mode)
     unaudited: int = 0  # calls whose event could not be spooled (open mode, or a deny)
     upstream_errors: int = 0
-    overhead_us: list[int] = field(default_factory=list)  # the gateway's own time per call, last 10,000
+    overhead_us: list[int] = field(default_factory=list)  # the gateway's own time per allowed call, recent ones
 
 
 class Gateway:
@@ -83,8 +83,6 @@ class Gateway:
         principal = await self._principal(ctx)
         offered: dict[str, list[tuple[str, types.Tool]]] = {}
         for upstream in self.upstreams.values():
-            with contextlib.suppress(Exception):  # a broken upstream lists nothing; its supervisor reconnects
-                await upstream.refresh()
             for tool in upstream.tools.values():
                 offered.setdefault(tool.name, []).append((upstream.name, tool))
         tools = []
@@ -143,6 +141,17 @@ class Gateway:
         result.meta = {**(result.meta or {}), META_EVENT_ID: event_id, META_DECISION: "allow"}
         return result
 
+    def input_schema(self, tool: str) -> dict[str, Any] | None:
+        """The schema of the tool a call names, for the MCP server's ``Mcp-Param`` header check: from the upstream
+        the policy sends it to (or the one upstream offering it)."""
+        rule = self.policy.rule(tool)
+        offers = [
+            upstream.tools[tool]
+            for upstream in self.upstreams.values()
+            if tool in upstream.tools and (rule is None or rule.server in (None, upstream.name))
+        ]
+        return offers[0].input_schema if len(offers) == 1 else None
+
     # -- parts --------------------------------------------------------------------------------------------------
 
     async def _principal(self, ctx: ServerRequestContext[Any, Any]) -> Principal:
@@ -180,6 +189,8 @@ class Gateway:
             return self.emitter.reserve()
 
         try:
+            if self.emitter.resumed:  # a lock and a sum: no I/O, no thread needed
+                return self.emitter.reserve()
             return await anyio.to_thread.run_sync(reserve)
         except (SpoolFull, OSError, httpx.HTTPError) as exc:
             log.error("the audit spool cannot take events: %s", exc)
@@ -232,6 +243,7 @@ class Gateway:
             },
             "failure_mode": self.config.failure_mode,
             "policy": self.policy.label,
+            "overhead_us": _percentiles(self.counters.overhead_us),
             "calls": {
                 "allowed": self.counters.allowed,
                 "denied": self.counters.denied,
@@ -250,6 +262,7 @@ def build_app(gateway: Gateway) -> Starlette:
         instructions="Tool calls pass through Custody's gateway: checked against policy and recorded.",
         on_list_tools=gateway.list_tools,
         on_call_tool=gateway.call_tool,
+        get_tool_input_schema=gateway.input_schema,
     )
     public_url = config.listen.public_url or f"http://{config.listen.host}:{config.listen.port}{config.listen.path}"
 
@@ -313,6 +326,15 @@ def _checked_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
         raise MCPError(types.INVALID_PARAMS, f"{what} must be a string of 1 to {MAX_NAME} characters")
     return value
+
+
+def _percentiles(samples: list[int]) -> dict[str, int]:
+    """p50 / p99 / max of the gateway's own time per allowed call (the upstream's excluded), recent calls."""
+    if not samples:
+        return {"calls": 0}
+    ordered = sorted(samples)
+    p50, p99 = (ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.50, 0.99))
+    return {"calls": len(ordered), "p50": p50, "p99": p99, "max": ordered[-1]}
 
 
 def _clipped(text: str) -> str:

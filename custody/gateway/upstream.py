@@ -1,11 +1,12 @@
 """One upstream MCP server (stdio or streamable HTTP), held connected by a supervisor task: when the connection
 breaks (the process exited, the server went away), calls in flight fail as upstream errors and the supervisor
-reconnects with backoff. The tool list is read at connect and on every ``tools/list`` the gateway answers."""
+reconnects with backoff. The tool list is read at connect and every ``refresh_every`` seconds after; agents' listings
+and calls are answered from it (an upstream round trip per agent listing would double the cost of every call, as
+the MCP server checks each call's ``Mcp-Param`` headers against the tool's schema)."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,7 +31,7 @@ class UpstreamError(Exception):
 
 
 class Upstream:
-    def __init__(self, config: UpstreamConfig, *, connect_wait: float = 10.0) -> None:
+    def __init__(self, config: UpstreamConfig, *, connect_wait: float = 10.0, refresh_every: float = 30.0) -> None:
         self.config = config
         self.name = config.name
         self.tools: dict[str, types.Tool] = {}
@@ -39,6 +40,7 @@ class Upstream:
         self._ready = anyio.Event()
         self._lost = anyio.Event()
         self._connect_wait = connect_wait
+        self._refresh_every = refresh_every
 
     async def run(self) -> None:
         """Keep the upstream connected until cancelled."""
@@ -52,7 +54,11 @@ class Upstream:
                     self._ready.set()
                     backoff = 0.2
                     log.info("upstream %s connected: %d tools", self.name, len(self.tools))
-                    await self._lost.wait()
+                    while not self._lost.is_set():
+                        with anyio.move_on_after(self._refresh_every):
+                            await self._lost.wait()
+                        if not self._lost.is_set():
+                            await self.refresh()
             except Exception as exc:  # any failure to connect or of the connection: reconnect
                 self.error = _describe(exc)
                 log.warning("upstream %s: %s; reconnecting in %.1f s", self.name, self.error, backoff)
@@ -110,9 +116,8 @@ class Upstream:
             raise UpstreamError(f"upstream {self.name} is not connected: {self.error}")
         client = self._client
         assert client is not None
-        try:
-            with anyio.fail_after(self.config.timeout_seconds if math.isfinite(self.config.timeout_seconds) else None):
-                return await client.call_tool(name, arguments, meta=meta)  # type: ignore[arg-type]
+        try:  # the client's read_timeout_seconds bounds the wait
+            return await client.call_tool(name, arguments, meta=meta)  # type: ignore[arg-type]
         except TimeoutError as exc:
             raise UpstreamError(f"upstream {self.name} did not answer within {self.config.timeout_seconds} s") from exc
         except _BROKEN as exc:

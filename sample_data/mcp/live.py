@@ -38,9 +38,12 @@ def _seeded_key(seed: int, name: str) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"custody-demo/{seed}/{name}".encode()).digest())
 
 
-def write_demo_gateway(directory: Path, seed: int, custody_url: str, port: int) -> tuple[Path, dict[str, Any]]:
+def write_demo_gateway(
+    directory: Path, seed: int, custody_url: str, port: int, *, upstream_urls: dict[str, str] | None = None
+) -> tuple[Path, dict[str, Any]]:
     """The demo gateway's files in ``directory`` (keys derived from the seed); returns the config's path and the
-    body of its emitter's registration."""
+    body of its emitter's registration. The upstreams are started over stdio, or reached at ``upstream_urls``
+    (name -> streamable HTTP URL)."""
     directory.mkdir(parents=True, exist_ok=True)
     key = _seeded_key(seed, DEMO_GATEWAY)
     key_file = directory / "gateway-key.pem"
@@ -52,7 +55,11 @@ def write_demo_gateway(directory: Path, seed: int, custody_url: str, port: int) 
     (directory / "policy.toml").write_text(POLICY.read_text())
     upstreams = "".join(
         f'\n[[upstreams]]\nname = "{name}"\n'
-        f"command = {json.dumps([sys.executable, '-m', 'sample_data.mcp.servers', name])}\n"
+        + (
+            f'url = "{upstream_urls[name]}"\n'
+            if upstream_urls
+            else f"command = {json.dumps([sys.executable, '-m', 'sample_data.mcp.servers', name])}\n"
+        )
         for name in ("helpdesk-mcp", "billing-mcp")
     )
     config = directory / "gateway.toml"

@@ -87,9 +87,12 @@ class Emitter:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         send: bool = True,
         log_key: str | None = None,
+        linger: float = 0.0,
     ) -> None:
+        """``linger``: seconds the sender waits for more events before it posts a batch smaller than
+        ``batch_size`` (delivery, not ``emit``, waits: an event is durable in the spool when ``emit`` returns)."""
         self.emitter_id, self.tenant, self.key, self.kid = emitter_id, tenant, key, kid
-        self.batch_size, self.max_backoff, self.clock = batch_size, max_backoff, clock
+        self.batch_size, self.max_backoff, self.clock, self.linger = batch_size, max_backoff, clock, linger
         self.spool = Spool(spool, max_bytes=max_spool_bytes, when_full=when_full)
         self._client = client or httpx.Client(base_url=base_url, timeout=timeout)
         self._owns_client = client is None
@@ -145,6 +148,11 @@ class Emitter:
         with self._emitting:
             return self._chain_head()
 
+    @property
+    def resumed(self) -> bool:
+        """Whether the chain head is known (``chain_head`` will not ask Custody)."""
+        return self._head is not None
+
     def _chain_head(self) -> tuple[int, str]:
         if self._head is None:
             self._head = self._server_head()
@@ -172,6 +180,8 @@ class Emitter:
                 if self.delivery.blocked:
                     self._stop.wait(self.max_backoff)
                 continue
+            if self.linger and self.spool.pending < self.batch_size:
+                self._stop.wait(self.linger)  # let a batch gather: one request for many events
             if self._send_once():
                 backoff = 0.1
             else:
