@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mcp import MCPError
 
-from custody.gateway.app import _links
+from custody.gateway.app import _clipped, _links
 from custody.gateway.auth import InvalidToken, JwtVerifier
 from custody.gateway.config import AuthConfig, ConfigError, load_config, load_policy
 from custody.gateway.policy import decide, visible
@@ -191,6 +191,8 @@ def test_the_policy_denies_by_default_and_names_the_reason(
     assert check("read_ticket", {"ticket_id": True})[0] == "deny"
     assert check("read_ticket", {"ticket_id": "x" * 513})[0] == "deny"
     assert check("read_ticket", {"ticket_id": 1234})[0] == "allow"
+    assert check("read_ticket", {"ticket_id": 10**600})[2] == "argument 'ticket_id' is a number of more than 512 digits"
+    assert check("read_ticket", {"ticket_id": "T-\ud800"})[0] == "deny"
     assert check("add_comment", {"ticket_id": "T-1"})[2] == "upstream 'helpdesk-mcp' offers no tool 'add_comment'"
     decision = decide(policy, principal, "read_ticket", {"ticket_id": "T-1"}, ["helpdesk-mcp"], "acme")
     assert decision.resource == {"type": "ticket", "id": "T-1", "tenant": "acme"}
@@ -262,3 +264,11 @@ def test_request_metadata_an_agent_sends_is_checked_before_it_reaches_an_event()
     ):
         with pytest.raises(MCPError):
             _links(bad)
+
+
+def test_an_upstream_error_text_is_made_fit_for_an_event() -> None:
+    assert _clipped("plain") == "plain"
+    assert "\ud800" not in _clipped("bad \ud800 surrogate")
+    long = _clipped("x" * 5000)
+    assert long.endswith("... (3,000 more characters)")
+    assert len(long) < 4096  # an attrs value is text of at most 4,096 characters

@@ -21,11 +21,13 @@ class LoseFirstResponses(httpx.BaseTransport):
         self.delivered = 0
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.inner.handle_request(request)
+        answer = self.inner.handle_request(request)
+        # Starlette's test transport may answer with another HTTP library's response class (httpx2, which mcp
+        # brings in): rebuild it as httpx's.
+        response = httpx.Response(answer.status_code, headers=list(answer.headers.items()), content=answer.read())
         self.delivered += 1
         if self.count > 0 and request.url.path == "/v1/events":
             self.count -= 1
-            response.read()
             raise httpx.ReadTimeout("response lost", request=request)
         return response
 

@@ -133,7 +133,11 @@ class Gateway:
         upstream_seconds = time.perf_counter() - upstream_started
         self.counters.allowed += 1
         if reservation is not None:
-            await anyio.to_thread.run_sync(lambda: reservation.emit(**fields))
+            try:
+                await anyio.to_thread.run_sync(lambda: reservation.emit(**fields))
+            except OSError as exc:  # the disk failed under the spool: the call ran, its record did not land
+                self.counters.unaudited += 1
+                log.critical("event %s of a call that ran was not recorded: %s", event_id, exc)
         else:
             await self._record_unreserved(fields)
         overhead = time.perf_counter() - started - upstream_seconds
@@ -338,6 +342,9 @@ def _percentiles(samples: list[int]) -> dict[str, int]:
 
 
 def _clipped(text: str) -> str:
+    """An upstream's error text for the event: lone surrogates (which no event may hold, and which would stop the
+    spool's delivery at a rejected event) replaced, and a long text cut with the count of what was left out."""
+    text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     if len(text) <= _ERROR_TEXT:
         return text
     return f"{text[:_ERROR_TEXT]}... ({len(text) - _ERROR_TEXT:,} more characters)"

@@ -63,6 +63,10 @@ def decide(
                 server,
                 None,
             )
+        if isinstance(value, int) and value.bit_length() > 1800:  # more than 512 digits (and str() would refuse)
+            return _deny(
+                rule, f"argument {rule.resource.argument!r} is a number of more than {MAX_NAME} digits", server, None
+            )
         text = str(value)
         if not 0 < len(text) <= MAX_NAME or any(0xD800 <= ord(char) <= 0xDFFF for char in text):
             return _deny(
