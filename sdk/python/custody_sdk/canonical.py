@@ -32,6 +32,9 @@ def _needs_utf16_order(value: Any) -> bool:
     pending = [value]
     while pending:
         item = pending.pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:  # most values: one type test each
+            continue
         if isinstance(item, dict):
             for key in item:
                 if not isinstance(key, str):

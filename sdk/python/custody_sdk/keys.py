@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from typing import Any
 
@@ -46,10 +47,20 @@ def public_jwk(key: PrivateKey, kid: str) -> dict[str, str]:
     }
 
 
+@functools.lru_cache(maxsize=64)
+def _header(alg: str, kid: str) -> str:
+    """An event's protected header, encoded: the same for every event an emitter signs."""
+    return _b64(json.dumps({"alg": alg, "kid": kid}, separators=(",", ":")).encode())
+
+
 def sign_compact(payload: bytes, key: PrivateKey, kid: str, extra: dict[str, Any] | None = None) -> str:
     """``payload`` signed as a compact JWS with ``kid`` (and ``extra`` header fields) in the protected header."""
     alg = "EdDSA" if isinstance(key, Ed25519PrivateKey) else "ES256"
-    header = _b64(json.dumps({"alg": alg, "kid": kid, **(extra or {})}, separators=(",", ":")).encode())
+    header = (
+        _header(alg, kid)
+        if extra is None
+        else _b64(json.dumps({"alg": alg, "kid": kid, **extra}, separators=(",", ":")).encode())
+    )
     signing_input = f"{header}.{_b64(payload)}".encode()
     if isinstance(key, Ed25519PrivateKey):
         signature = key.sign(signing_input)
