@@ -77,6 +77,7 @@ def write_gateway(
     upstreams: str | None = None,
     port: int | None = None,
     call_log: Path | None = None,
+    log_key: str | None = None,
 ) -> Path:
     """The gateway's config and policy files in ``directory``; returns the config's path."""
     (directory / "policy.toml").write_text(POLICY)
@@ -104,6 +105,7 @@ key_file = "gateway-key.pem"
 kid = "{GATEWAY_ID}-k1"
 spool = "spool"
 max_spool_bytes = {max_spool_bytes}
+{f'log_key = "{log_key}"' if log_key else ""}
 
 [auth]
 issuer = "{issuer.issuer}"

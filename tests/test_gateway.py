@@ -68,7 +68,16 @@ def test_calls_through_the_gateway_are_enforced_recorded_and_survive_custody_bei
     port = free_port()
     start_billing_over_http(call_log, tmp_path / "billing.log", port)
     billing_url = f"http://127.0.0.1:{port}/mcp"
-    config = write_gateway(tmp_path, custody.url, issuer, upstreams=mixed_upstreams(call_log, billing_url))
+    log_key = subprocess.run(
+        [sys.executable, "-m", "custody.cli", "log", "key", "--data-dir", str(custody.data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout.strip()
+    config = write_gateway(
+        tmp_path, custody.url, issuer, upstreams=mixed_upstreams(call_log, billing_url), log_key=log_key
+    )
     register_gateway(config, custody.url)
     gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
     token = issuer.token("alice", ["orchestrator", "researcher"], ["tickets:read", "invoices:read"], jti="tok-alice-1")
@@ -110,6 +119,7 @@ def test_calls_through_the_gateway_are_enforced_recorded_and_survive_custody_bei
     assert received == [("helpdesk-mcp", "read_ticket"), ("billing-mcp", "read_invoice")]  # no denied call got through
 
     # Custody goes away: calls go on (the spool holds their events), across a restart of the gateway itself.
+    gateway.wait_drained()
     custody.stop()
 
     async def while_away(count: int) -> None:
@@ -131,6 +141,12 @@ def test_calls_through_the_gateway_are_enforced_recorded_and_survive_custody_bei
     custody.start()
     health = gateway.wait_drained()
     assert health["spool"]["blocked"] is None
+    deadline = time.monotonic() + 30
+    while health["spool"]["checkpoint_seen"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)  # the restarted gateway fetches the checkpoint again once Custody is back
+        health = gateway.health()
+    assert health["spool"]["checkpoint_seen"] >= 1
+    assert health["spool"]["misbehaved"] is None  # every receipt and checkpoint checked out against the log's key
     custody.stop()
 
     rows = [

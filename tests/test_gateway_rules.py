@@ -3,8 +3,11 @@ two files, and the request metadata an agent controls."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import http.server
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -272,3 +275,30 @@ def test_an_upstream_error_text_is_made_fit_for_an_event() -> None:
     long = _clipped("x" * 5000)
     assert long.endswith("... (3,000 more characters)")
     assert len(long) < 4096  # an attrs value is text of at most 4,096 characters
+
+
+def test_keys_can_come_from_the_issuers_jwks_url(issuer: Issuer) -> None:
+    jwks = issuer.jwks_file.read_bytes()
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(jwks)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+        verifier = JwtVerifier(AuthConfig(issuer=ISSUER, audience=AUDIENCE, jwks_url=url))
+        access, principal = asyncio.run(verifier.authenticate(issuer.token("alice", ["bot"], ["s"])))
+        assert (access.subject, principal.agents) == ("alice", ("bot",))
+        other = jwt.encode(_claims(), Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": "nope"})
+        assert asyncio.run(verifier.verify_token(other)) is None
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import httpx
 import mcp_types as types
-from custody_sdk import Emitter, Reservation, SpoolFull
+from custody_sdk import Emitter, LogMisbehaved, Reservation, SpoolFull
 from mcp import MCPError
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.settings import AuthSettings
@@ -208,6 +208,25 @@ class Gateway:
             self.counters.unaudited += 1
             log.error("event %s was not recorded: %s", fields["event_id"], exc)
 
+    async def watch_log(self, every: float = 60.0) -> None:
+        """With the log's key configured: every ``every`` seconds, check that Custody's newest checkpoint verifies
+        and extends the last one seen (``Emitter.check_log``); a log that forked or rewrote its history is logged
+        as critical and shown in /healthz (``spool.misbehaved``), and calls go on (their events stay signed)."""
+        if self.emitter.log_key is None:
+            return
+        while True:
+            pause = every
+            try:
+                checkpoint = await anyio.to_thread.run_sync(self.emitter.check_log)
+                log.debug("the log's checkpoint at size %d checks out", checkpoint.size)
+            except LogMisbehaved as exc:
+                self.emitter.delivery.misbehaved = str(exc)
+                log.critical("Custody's transparency log misbehaved: %s", exc)
+            except (httpx.HTTPError, OSError) as exc:
+                log.warning("cannot fetch the log's checkpoint: %s", exc)
+                pause = min(every, 5.0)  # Custody away: try again soon
+            await anyio.sleep(pause)
+
     async def learn_chain_head(self) -> None:
         """At start: where the emitter's chain continues (the spool's last event, or Custody's head for a new spool),
         retried until known, so that Custody being away later does not stop the first event."""
@@ -244,6 +263,7 @@ class Gateway:
                 "last_error": delivery.last_error,
                 "blocked": delivery.blocked,
                 "misbehaved": delivery.misbehaved,
+                "checkpoint_seen": None if self.emitter.checkpoint is None else self.emitter.checkpoint.size,
             },
             "failure_mode": self.config.failure_mode,
             "policy": self.policy.label,
@@ -293,6 +313,7 @@ def build_app(gateway: Gateway) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as group:
             group.start_soon(gateway.learn_chain_head)
+            group.start_soon(gateway.watch_log)
             for upstream in gateway.upstreams.values():
                 group.start_soon(upstream.run)
             for upstream in gateway.upstreams.values():
