@@ -302,3 +302,22 @@ def test_keys_can_come_from_the_issuers_jwks_url(issuer: Issuer) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_health_details_are_for_the_machine_alone(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from custody.gateway import open_gateway
+    from custody.gateway.app import build_app
+    from sample_data.mcp.live import write_demo_gateway
+
+    config, _ = write_demo_gateway(tmp_path, 7, "http://127.0.0.1:9", 1)
+    gateway = open_gateway(load_config(config))
+    try:
+        remote = TestClient(build_app(gateway), client=("203.0.113.9", 40000)).get("/healthz")
+        assert remote.json() == {"ok": False}  # no upstream connected: 503, and nothing more
+        assert remote.status_code == 503
+        local = TestClient(build_app(gateway), client=("127.0.0.1", 40000)).get("/healthz").json()
+        assert set(local) >= {"upstreams", "spool", "calls", "policy"}
+    finally:
+        gateway.emitter.close()
