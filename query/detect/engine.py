@@ -1,0 +1,153 @@
+"""Incremental detection: the finding queries of ``query.findings``, run as events reach the lake on a small working
+set instead of the whole lake, so the cost of a batch does not grow with the lake.
+
+The working set of a batch is the batch's rows plus the few rows of history each kind needs, kept as state:
+
+- ``action_after_revocation``: every revocation; on a new revocation, the revoked credential's earlier uses
+  (read once from the lake);
+- ``denied_burst``: the denied calls of the last two burst windows (by the emitters' clocks);
+- ``shared_credential``: one row per (credential, client, agent) seen;
+- ``borrowed_session``: one row per agent name seen in a delegation chain or as a delegate;
+- ``cross_tenant_link``: one row per (tenant, credential) and (tenant, approval); the parents and approvals a
+  batch names, read from the lake;
+- ``cross_tenant``, ``deep_delegation``, ``scope_escalation``, ``unregistered_tool``: nothing, each event decides.
+
+Running the same SQL on that set gives, for each finding, the evidence the batch adds; the union over batches is
+what the on-demand query gives over the whole lake (a test replays the demo organisation both ways). Two limits,
+both documented in docs/detection.md: a denied call that arrives more than two burst windows after calls of its
+burst (a late backfill) is seen by the on-demand query only; ``over_privileged`` (scopes unused for 30 days) is a
+question about time passing, not about an arriving event, and stays on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from query.findings import KINDS, Finding, FindingSettings, findings
+from query.lake import LakeReader
+
+__all__ = ["INCREMENTAL_KINDS", "Detector"]
+
+INCREMENTAL_KINDS = tuple(kind for kind in KINDS if kind != "over_privileged")
+
+
+@dataclass
+class _State:
+    revocations: list[pa.Table] = field(default_factory=list)
+    denied: pa.Table | None = None
+    keys: set[tuple[Any, ...]] = field(default_factory=set)  # what the representatives stand for
+    representatives: list[dict[str, Any]] = field(default_factory=list)
+    table: pa.Table | None = None  # the representatives as a table, rebuilt when they grow
+
+
+class Detector:
+    """Feed it the lake's new rows in log order (``observe``); it returns the findings those rows complete or
+    extend, each with only the evidence in this batch's working set (merge them into ``FindingStore``)."""
+
+    def __init__(self, lake: LakeReader, settings: FindingSettings | None = None) -> None:
+        self.lake = lake
+        self.settings = settings or FindingSettings()
+        self.state = _State()
+
+    def observe(self, batch: pa.Table) -> list[Finding]:
+        rows = batch.filter(pc.not_equal(batch["tenant"], "_system")) if batch.num_rows else batch
+        if rows.num_rows == 0:
+            return []
+        kept, looked_up = self._history(rows)
+        context = [rows, *kept, *looked_up]
+        working = _distinct(pa.concat_tables([table.select(rows.column_names) for table in context]))
+        found = findings(LakeReader(self.lake.data_dir, rows=working), kinds=INCREMENTAL_KINDS, settings=self.settings)
+        self._remember(rows)
+        fresh = set(rows["event_id"].to_pylist())
+        for table in looked_up:
+            fresh.update(table["event_id"].to_pylist())
+        # A finding counts for this batch only when the batch (or the history it made relevant, such as the uses
+        # of a credential revoked now) brought some of its evidence: the kept rows alone were reported already.
+        return [finding for finding in found if fresh.intersection(finding.evidence)]
+
+    # -- the history a batch needs ------------------------------------------------------------------------------
+
+    def _history(self, rows: pa.Table) -> tuple[list[pa.Table], list[pa.Table]]:
+        """(the rows kept as state, the rows this batch made relevant, read from the lake)."""
+        state, kept, history = self.state, [], []
+        kept.extend(state.revocations)
+        if state.denied is not None:
+            kept.append(state.denied)
+        if state.table is not None:
+            kept.append(state.table)
+        revoked = rows.filter(pc.equal(rows["type"], "credential.revoked"))
+        if revoked.num_rows:
+            history.append(self._lake_rows("credential_id", revoked["credential_id"].to_pylist()))
+        parents = [value for value in pc.unique(rows["parent_event_id"]).to_pylist() if value is not None]
+        if parents:
+            history.append(self._lake_rows("event_id", parents))
+        approvals = [value for value in pc.unique(rows["approval_id"]).to_pylist() if value is not None]
+        if approvals:
+            history.append(self._lake_rows("approval_id", approvals, where="type = 'task.approval'"))
+        return kept, history
+
+    def _lake_rows(self, column: str, values: Sequence[Any], where: str = "TRUE") -> pa.Table:
+        """Rows of the lake whose ``column`` is one of ``values`` (a point lookup: rare events ask for it)."""
+        assert column in {"credential_id", "event_id", "approval_id"}
+        with self.lake.connect() as connection:
+            connection.execute("CREATE TEMP TABLE wanted AS SELECT unnest(?) AS value", [list(values)])
+            table: pa.Table = connection.sql(
+                f"SELECT * FROM all_events WHERE {column} IN (SELECT value FROM wanted) AND {where}"
+            ).to_arrow_table()
+        return table
+
+    def _remember(self, rows: pa.Table) -> None:
+        state = self.state
+        revoked = rows.filter(pc.equal(rows["type"], "credential.revoked"))
+        if revoked.num_rows:
+            state.revocations.append(revoked)
+        denied = rows.filter(
+            pc.and_(pc.equal(rows["type"], "tool.invocation"), pc.equal(rows["decision_result"], "deny"))
+        )
+        if denied.num_rows or state.denied is not None:
+            kept = denied if state.denied is None else pa.concat_tables([state.denied, denied])
+            window = timedelta(minutes=self.settings.burst_window_minutes)
+            newest = pc.max(kept["occurred_at"]).as_py()
+            if newest is not None:
+                kept = kept.filter(
+                    pc.greater_equal(kept["occurred_at"], pa.scalar(newest - 2 * window, kept["occurred_at"].type))
+                )
+            state.denied = kept
+        for row in rows.to_pylist():
+            keys: list[tuple[Any, ...]] = []
+            if row["credential_id"] is not None and row["type"] == "tool.invocation":
+                keys.append(
+                    ("credential", row["tenant"], row["credential_id"], row["credential_client_id"], row["agent"])
+                )
+            for name in (row["delegation_chain"] or [])[1:]:
+                keys.append(("agent", row["tenant"], name))
+            if row["delegate_agent"] is not None:
+                keys.append(("agent", row["tenant"], row["delegate_agent"]))
+            if row["credential_id"] is not None and row["type"] != "credential.revoked":
+                keys.append(("holder", row["tenant"], row["credential_id"]))
+            if row["type"] == "task.approval" and row["approval_id"] is not None:
+                keys.append(("approval", row["tenant"], row["approval_id"]))
+            fresh = [key for key in keys if key not in state.keys]
+            if fresh:
+                state.keys.update(fresh)
+                state.representatives.append(row)
+        if len(state.representatives) != (0 if state.table is None else state.table.num_rows):
+            state.table = pa.Table.from_pylist(state.representatives, schema=rows.schema)
+
+
+def _distinct(table: pa.Table) -> pa.Table:
+    """Each event once (a row may be both in the batch and in the state)."""
+    ids = table["event_id"].to_pylist()
+    seen: set[str] = set()
+    keep = []
+    for position, event_id in enumerate(ids):
+        if event_id not in seen:
+            seen.add(event_id)
+            keep.append(position)
+    return table.take(keep) if len(keep) < len(ids) else table
