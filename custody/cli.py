@@ -148,6 +148,17 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="cosignatures a checkpoint should get; fewer is logged as an error",
     )
+    serve.add_argument(
+        "--alerts",
+        type=Path,
+        metavar="FILE",
+        help="alert channels (webhook, syslog) for the findings detection opens: a TOML file (docs/detection.md)",
+    )
+    serve.add_argument(
+        "--no-detect",
+        action="store_true",
+        help="turn continuous detection off (findings are then computed only when asked for)",
+    )
     serve.set_defaults(run=_serve)
 
     witness = commands.add_parser(
@@ -836,6 +847,8 @@ def _serve(args: argparse.Namespace) -> int:
         verify_workers=args.verify_workers,
         witnesses=args.witness,
         witness_quorum=args.witness_quorum,
+        detect=not args.no_detect,
+        alerts=args.alerts,
     )
     return 0
 

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvicorn
@@ -34,12 +34,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ingest.app import create_app
-from ingest.server import IngestServer
+from ingest.server import Companion, IngestServer
 from ingest.service import Limits
 from ingest.witness import WitnessEndpoint
 from store.ground.envelope import envelope
 
-__all__ = ["DeadlineProtocol", "HttpLimits", "RequestLimit", "serve_ingest", "serve_query", "uvicorn_config"]
+if TYPE_CHECKING:
+    from query.detect.alerts import AlertChannels
+    from query.detect.loop import DetectionLoop
+
+__all__ = [
+    "DeadlineProtocol",
+    "Detection",
+    "HttpLimits",
+    "RequestLimit",
+    "serve_ingest",
+    "serve_query",
+    "uvicorn_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +77,23 @@ def serve_ingest(
     verify_workers: int = 0,
     witnesses: Sequence[WitnessEndpoint] = (),
     witness_quorum: int = 0,
+    detect: bool = True,
+    alerts: Path | None = None,
 ) -> None:
     """Run the ingest API. Recovery happens in the app's lifespan, before the port takes traffic; SIGTERM and
-    Ctrl-C stop accepting, finish requests in flight, and flush the WAL into the lake."""
+    Ctrl-C stop accepting, finish requests in flight, and flush the WAL into the lake. With ``detect``, continuous
+    detection runs beside it (query.detect.loop), alerting through the channels of ``alerts``."""
+    companions: list[Companion] = []
+    if detect:
+        from query.detect.alerts import load_channels
+
+        try:
+            channels = load_channels(alerts) if alerts is not None else None
+        except ValueError as exc:
+            from store.ground.errors import CustodyError
+
+            raise CustodyError(f"--alerts: {exc}") from exc
+        companions.append(Detection(data_dir, channels))
     try:
         server = IngestServer(
             data_dir,
@@ -77,6 +103,7 @@ def serve_ingest(
             verify_workers=verify_workers,
             witnesses=witnesses,
             witness_quorum=witness_quorum,
+            companions=companions,
         )
     except ValueError as exc:
         from store.ground.errors import CustodyError
@@ -100,6 +127,25 @@ def serve_ingest(
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_cleanly)
     uvicorn.Server(config).run()
+
+
+class Detection:
+    """Continuous detection as a companion of the ingest server: its loop starts once the server is open and
+    records each finding's changes in the server's signed stream."""
+
+    def __init__(self, data_dir: Path, channels: AlertChannels | None) -> None:
+        self.data_dir, self.channels = data_dir, channels
+        self.loop: DetectionLoop | None = None
+
+    def start(self, server: IngestServer) -> None:
+        from query.detect.loop import DetectionLoop
+
+        self.loop = DetectionLoop(self.data_dir, channels=self.channels, record=server.registry.record_findings)
+        self.loop.start()
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()
 
 
 def serve_query(app: ASGIApp, *, host: str, port: int, http: HttpLimits | None = None) -> None:

@@ -165,11 +165,16 @@ class Registry:
     def list_emitters(self) -> list[dict[str, Any]]:
         return [self.view(emitter_id) for emitter_id in sorted(self.store.state.emitters())]
 
-    def _record(self, event_type: str, changes: list[dict[str, Any]]) -> None:
-        with self.service.emitter_lock(SERVER_EMITTER):
-            self._record_locked([event_type] * len(changes), changes)
+    def record_findings(self, changes: list[dict[str, Any]]) -> int:
+        """Changes of findings (opened, acknowledged, resolved, ...) as ``admin.finding`` events of the server's
+        stream; returns the log index of the first."""
+        return self._record("admin.finding", changes)
 
-    def _record_locked(self, types: Iterable[str], changes: list[dict[str, Any]]) -> None:
+    def _record(self, event_type: str, changes: list[dict[str, Any]]) -> int:
+        with self.service.emitter_lock(SERVER_EMITTER):
+            return self._record_locked([event_type] * len(changes), changes)
+
+    def _record_locked(self, types: Iterable[str], changes: list[dict[str, Any]]) -> int:
         head = self.service.head(SERVER_EMITTER)
         now = datetime.now(UTC)
         occurred_at = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}Z"
@@ -201,9 +206,10 @@ class Registry:
                 )
             )
             head = Head(head.seq + 1, digest)
-        self.store.append(records)
+        first = self.store.append(records)
         self.service.set_head(SERVER_EMITTER, head)
         self._reload()
+        return first
 
     def _reload(self) -> None:
         emitters = self.store.state.emitters()

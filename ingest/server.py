@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from ingest.admin import Registry
 from ingest.auth import AdminToken
@@ -26,6 +27,15 @@ __all__ = ["IngestServer"]
 log = logging.getLogger(__name__)
 
 
+class Companion(Protocol):
+    """Work that lives as long as the server and needs it open: started at the end of ``open``, stopped at the
+    start of ``close`` (``custody serve`` runs continuous detection as one)."""
+
+    def start(self, server: IngestServer) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class IngestServer:
     def __init__(
         self,
@@ -38,8 +48,10 @@ class IngestServer:
         writer_process: bool = True,
         witnesses: Sequence[WitnessEndpoint] = (),
         witness_quorum: int = 0,
+        companions: Sequence[Companion] = (),
     ) -> None:
         self.data_dir = data_dir
+        self.companions = list(companions)
         self.admin = AdminToken(admin_token)
         self.limits = limits or Limits()
         self.store = Store(data_dir, flush_interval=flush_interval, writer_process=writer_process)
@@ -81,6 +93,8 @@ class IngestServer:
         # which otherwise walk it on every full collection, in the middle of acknowledgements.
         gc.collect()
         gc.freeze()
+        for companion in self.companions:
+            companion.start(self)
         self.ready = True
 
     async def ingest(self, tokens: list[object]) -> BatchOutcome:
@@ -102,6 +116,8 @@ class IngestServer:
 
     def close(self) -> None:
         self.ready = False
+        for companion in self.companions:
+            companion.stop()
         if self.verifiers is not None:
             self.verifiers.close()
         self._commits.shutdown(wait=True)  # commits in flight finish before the store closes under them

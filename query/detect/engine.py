@@ -71,6 +71,37 @@ class Detector:
         # of a credential revoked now) brought some of its evidence: the kept rows alone were reported already.
         return [finding for finding in found if fresh.intersection(finding.evidence)]
 
+    def warm(self, upto: int) -> None:
+        """Rebuild the state from the lake's events up to log index ``upto`` (after a restart): the revocations,
+        the last two burst windows of denied calls, and the first event of each representative key, in log order."""
+        if upto < 0:
+            return
+        window = timedelta(minutes=self.settings.burst_window_minutes)
+        with self.lake.connect() as connection:
+            connection.execute(f"CREATE TEMP VIEW seen AS SELECT * FROM events WHERE log_index <= {int(upto)}")
+            row = connection.execute(
+                "SELECT max(occurred_at) FROM seen WHERE type = 'tool.invocation' AND decision_result = 'deny'"
+            ).fetchone()
+            newest = None if row is None else row[0]
+            since = "TRUE" if newest is None else f"occurred_at >= TIMESTAMPTZ '{(newest - 2 * window).isoformat()}'"
+            table: pa.Table = connection.sql(
+                f"""SELECT * FROM seen WHERE type = 'credential.revoked'
+                UNION BY NAME SELECT * FROM seen WHERE type = 'tool.invocation' AND decision_result = 'deny' AND {since}
+                UNION BY NAME (SELECT DISTINCT ON (tenant, credential_id, credential_client_id, agent) * FROM seen
+                    WHERE type = 'tool.invocation' AND credential_id IS NOT NULL ORDER BY log_index)
+                UNION BY NAME (SELECT DISTINCT ON (tenant, credential_id) * FROM seen
+                    WHERE credential_id IS NOT NULL AND type <> 'credential.revoked' ORDER BY log_index)
+                UNION BY NAME (SELECT DISTINCT ON (tenant, approval_id) * FROM seen
+                    WHERE type = 'task.approval' AND approval_id IS NOT NULL ORDER BY log_index)
+                UNION BY NAME (SELECT DISTINCT ON (tenant, delegate_agent) * FROM seen
+                    WHERE delegate_agent IS NOT NULL ORDER BY log_index)
+                UNION BY NAME (SELECT * FROM (SELECT DISTINCT ON (tenant, name) * EXCLUDE (name) FROM
+                    (SELECT *, unnest(delegation_chain[2:]) AS name FROM seen) ORDER BY log_index))
+                ORDER BY log_index"""
+            ).to_arrow_table()
+        if table.num_rows:
+            self._remember(_distinct(table))
+
     # -- the history a batch needs ------------------------------------------------------------------------------
 
     def _history(self, rows: pa.Table) -> tuple[list[pa.Table], list[pa.Table]]:
