@@ -14,9 +14,12 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from query.blast import Subject, forward_taint, identity_blast_radius
+from query.detect.loop import findings_store_path
+from query.detect.records import FindingRecord, FindingStore, TransitionError
 from query.findings import KINDS, findings
 from query.index.reach_copies import ReachCopies
 from query.index.tree_index import TreeIndex
@@ -47,6 +50,44 @@ def _principal(request: Request, authorization: Annotated[str | None, Header()] 
 
 
 Caller = Annotated[Principal, Depends(_principal)]
+
+
+class FindingChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["acknowledge", "resolve", "reopen", "suppress", "assign", "comment"]
+    comment: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+    assignee: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    until: AwareDatetime | None = None
+
+    @field_validator("comment", "assignee")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None and any(0xD800 <= ord(char) <= 0xDFFF for char in value):
+            raise ValueError("a lone surrogate is not text")
+        return value
+
+
+_stores: dict[Path, FindingStore] = {}
+_stores_lock = threading.Lock()
+
+
+def _finding_store(data_dir: Path) -> FindingStore:
+    """The findings records of ``data_dir`` (one connection per process); NotFound when detection never ran."""
+    path = findings_store_path(data_dir)
+    with _stores_lock:
+        if path not in _stores:
+            if not path.exists():
+                raise NotFound("no findings records: continuous detection has not run on this data dir")
+            _stores[path] = FindingStore(path)
+        return _stores[path]
+
+
+def _record_or_404(records: FindingStore, finding_id: int, tenant: str | None) -> FindingRecord:
+    try:
+        return records.get(finding_id, tenant=tenant)
+    except TransitionError as exc:
+        raise NotFound(str(exc)) from exc
 
 
 def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
@@ -207,6 +248,60 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
             raise InvalidInput(f"unknown finding kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
         found = await run_in_threadpool(findings, reader, tenant=caller.scope(tenant), kinds=tuple(kind or KINDS))
         return JSONResponse([finding.as_json() for finding in found])
+
+    @app.get("/v1/findings/queue", responses=_READS)
+    async def findings_queue(
+        caller: Caller,
+        tenant: str | None = None,
+        status: Annotated[list[Literal["open", "acknowledged", "resolved", "suppressed"]] | None, Query()] = None,
+        kind: Annotated[list[str] | None, Query()] = None,
+        min_severity: Literal["critical", "high", "medium", "low"] = "low",
+        assignee: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+    ) -> JSONResponse:
+        """The triage queue: the findings continuous detection recorded, most severe first (open and acknowledged
+        ones unless ``status`` says otherwise)."""
+        records = _finding_store(data_dir)
+        queue = records.queue(
+            tenant=caller.scope(tenant),
+            statuses=tuple(status or ("open", "acknowledged")),
+            kinds=tuple(kind or ()),
+            min_severity=min_severity,
+            assignee=assignee,
+            limit=limit,
+        )
+        return JSONResponse([record.as_json() for record in queue])
+
+    @app.get("/v1/findings/queue/{finding_id}", responses=_READS)
+    async def finding_record(caller: Caller, finding_id: int) -> JSONResponse:
+        """One recorded finding with its evidence event ids and its history (who changed what, when)."""
+        records = _finding_store(data_dir)
+        record = _record_or_404(records, finding_id, caller.tenant)
+        return JSONResponse(
+            {**record.as_json(), "evidence": records.evidence(finding_id), "history": records.history(finding_id)}
+        )
+
+    @app.post("/v1/findings/queue/{finding_id}", responses=_READS)
+    async def change_finding(caller: Caller, finding_id: int, change: FindingChange) -> JSONResponse:
+        """Acknowledge, resolve, reopen, suppress (with a reason and an expiry), assign or comment: analysts and
+        admins; the change is recorded with the token's name and becomes an event of the server's stream."""
+        if caller.role not in ("admin", "analyst"):
+            raise Forbidden(f"changing findings is for analyst and admin tokens; {caller.name!r} is {caller.role}")
+        records = _finding_store(data_dir)
+        _record_or_404(records, finding_id, caller.tenant)
+        try:
+            record = records.transition(
+                finding_id,
+                change.action,
+                f"{caller.role}:{caller.name}",
+                tenant=caller.tenant,
+                comment=change.comment,
+                assignee=change.assignee,
+                until=change.until,
+            )
+        except TransitionError as exc:
+            raise InvalidInput(str(exc)) from exc
+        return JSONResponse(record.as_json())
 
     @app.post("/v1/verify", responses=_READS)
     async def verify(caller: Caller) -> JSONResponse:

@@ -324,3 +324,37 @@ def test_access_review_is_for_auditors(app) -> None:
     at = app("recert", "analyst")
     assert "Access reviews are for auditor and admin tokens." in [e.value for e in at.info]
     assert not at.dataframe
+
+
+def test_the_findings_page_is_a_triage_queue(app, lake: dict[str, Any]) -> None:
+    from query.detect.loop import findings_store_path
+    from query.detect.records import FindingStore
+    from query.findings import findings as compute
+
+    path = findings_store_path(lake["data"])
+    records = FindingStore(path)
+    try:
+        records.merge(compute(LakeReader(lake["data"]), kinds=("borrowed_session", "action_after_revocation")))
+        acme = records.queue(tenant="acme")
+        assert acme
+        first = acme[0]
+        at = app("findings", who="acme", finding=str(first.id))
+        queue = table(at, "id", "severity", "status", "title", "tenant")
+        assert set(queue["tenant"]) == {"acme"}  # a tenant-bound analyst sees only its tenant's findings
+        assert at.selectbox(key="finding").value == first.id  # the alert's deep link chose it
+        next(s for s in at.selectbox if s.label == "Change").set_value("acknowledge")
+        next(t for t in at.text_input if t.label.startswith("Comment")).input("taking it")
+        next(b for b in at.button if b.label == "Apply").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert records.get(first.id, tenant="acme").status == "acknowledged"
+        history = table(at, "at", "actor", "action", "status", "comment")
+        assert list(history["actor"])[-1] == "analyst:amy"
+        assert "taking it" in set(history["comment"])
+        globex = app("findings", who="globex", finding=str(first.id))
+        assert f"No finding ` {first.id} ` here." in [w.value for w in globex.warning]  # a link across the wall
+        auditor = app("findings", who="auditor")
+        assert "Auditors read the queue; analysts and admins change it." in texts(auditor)
+    finally:
+        records.close()
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from dashboard import data
 from dashboard.context import SLOW_SECONDS, require_session, time_window
 from dashboard.evidence import bundle_button
 from dashboard.text import md
+from dashboard.triage import triage_queue
 from query.search import EventFilter
 from store.schema import parse_timestamp
 
@@ -22,6 +23,8 @@ SEVERITIES = ["critical", "high", "medium", "low"]
 current = require_session()
 root = str(current.data_dir)
 st.title("Findings")
+triage_queue(current)
+st.subheader("Findings in a window, computed now")
 since, until = time_window()
 with st.spinner("Looking for findings..."):
     computed, found = data.findings_in(root, current.tenant, since, until)
@@ -68,7 +71,7 @@ st.dataframe(table, hide_index=True, key="findings_table")
 
 st.subheader("Evidence")
 index = st.selectbox(
-    "Finding", range(len(shown)), format_func=lambda i: f"[{shown[i].severity}] {shown[i].title}", key="finding"
+    "Finding", range(len(shown)), format_func=lambda i: f"[{shown[i].severity}] {shown[i].title}", key="window_finding"
 )
 finding = shown[index]
 st.markdown(f"**{md(finding.title)}** ({md(', '.join(finding.owasp))}); {finding.evidence_total} evidence events")

@@ -272,7 +272,11 @@ def syslog_message(body: dict[str, Any]) -> bytes:
     )
     text = json.dumps(body, sort_keys=True, ensure_ascii=False)
     header = f"<{priority}>1 {stamp} {host} custody {os.getpid()} finding [custody@32473 {params}] "
-    return header.encode("utf-8") + b"\xef\xbb\xbf" + text.encode("utf-8")
+    return (
+        header.encode("utf-8")
+        + b"\xef\xbb\xbf"
+        + text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode("utf-8")
+    )
 
 
 def _sd_value(value: object) -> str:

@@ -79,10 +79,9 @@ class Detector:
         window = timedelta(minutes=self.settings.burst_window_minutes)
         with self.lake.connect() as connection:
             connection.execute(f"CREATE TEMP VIEW seen AS SELECT * FROM events WHERE log_index <= {int(upto)}")
-            row = connection.execute(
+            [(newest,)] = connection.execute(
                 "SELECT max(occurred_at) FROM seen WHERE type = 'tool.invocation' AND decision_result = 'deny'"
-            ).fetchone()
-            newest = None if row is None else row[0]
+            ).fetchall()
             since = "TRUE" if newest is None else f"occurred_at >= TIMESTAMPTZ '{(newest - 2 * window).isoformat()}'"
             table: pa.Table = connection.sql(
                 f"""SELECT * FROM seen WHERE type = 'credential.revoked'

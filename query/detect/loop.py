@@ -103,8 +103,7 @@ class DetectionLoop:
         is rebuilt from the lake up to the cursor."""
         cursor = self.store.cursor()
         with self.lake.connect() as connection:
-            row = connection.execute("SELECT max(log_index) FROM all_events").fetchone()
-        newest = None if row is None else row[0]
+            [(newest,)] = connection.execute("SELECT max(log_index) FROM all_events").fetchall()
         if newest is not None and cursor < newest and cursor < 0 and newest > BATCH:
             log.info("findings store is new on a lake of %d events: running the whole-lake query once", newest + 1)
             found = findings(self.lake, kinds=INCREMENTAL_KINDS, settings=self.detector.settings)
