@@ -155,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
         help="alert channels (webhook, syslog) for the findings detection opens: a TOML file (docs/detection.md)",
     )
     serve.add_argument(
+        "--rules",
+        type=Path,
+        metavar="FILE",
+        help="the finding rules' parameters per tenant for continuous detection (TOML; `custody rules` checks it)",
+    )
+    serve.add_argument(
         "--no-detect",
         action="store_true",
         help="turn continuous detection off (findings are then computed only when asked for)",
@@ -518,7 +524,21 @@ def _forensics_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "--max-delegation-depth", type=int, default=3, help="deep_delegation: chains of more agents than this"
     )
     found.add_argument("--unused-days", type=int, default=30, help="over_privileged: scopes unused for this many days")
+    found.add_argument(
+        "--rules", type=Path, metavar="FILE", help="the rules' parameters per tenant (TOML; overrides the two above)"
+    )
     found.set_defaults(run=_findings, reads_data_dir=True)
+
+    rules = commands.add_parser(
+        "rules",
+        help="the finding rules with their severity, parameters and state, as a rules file sets them",
+        description="List every finding kind with its severity, its parameters (thresholds, windows) and whether"
+        " it is on: the built-in defaults, or as --rules FILE sets them for --tenant. Checks the file.",
+    )
+    rules.add_argument("--rules", type=Path, metavar="FILE", help="a rules file (docs/detection.md)")
+    rules.add_argument("--tenant", help="as they apply to this tenant")
+    rules.add_argument("--json", action="store_true", help="print JSON")
+    rules.set_defaults(run=_rules)
 
 
 def _timestamp(text: str) -> datetime:
@@ -644,11 +664,40 @@ def _taint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rule_book(path: Path) -> Any:
+    from query.rules import load_rules
+
+    try:
+        return load_rules(path)
+    except ValueError as exc:
+        raise InvalidInput(f"--rules: {exc}") from exc
+
+
+def _rules(args: argparse.Namespace) -> int:
+    from query.findings import RuleBook
+    from query.rules import rules_table
+
+    book = _rule_book(args.rules) if args.rules is not None else RuleBook()
+    table = rules_table(book, args.tenant)
+    if args.json:
+        _print_json(table)
+        return 0
+    for rule in table:
+        parameters = ", ".join(f"{name}={value}" for name, value in rule["parameters"].items())
+        state = "on " if rule["enabled"] else "off"
+        print(f"{state} {rule['severity']:8} {rule['kind']:24} {parameters}")
+    return 0
+
+
 def _findings(args: argparse.Namespace) -> int:
-    from query.findings import FindingSettings, findings
+    from query.findings import FindingSettings, RuleBook, findings
     from query.lake import LakeReader
 
-    settings = FindingSettings(max_delegation_depth=args.max_delegation_depth, unused_scope_days=args.unused_days)
+    settings: FindingSettings | RuleBook = FindingSettings(
+        max_delegation_depth=args.max_delegation_depth, unused_scope_days=args.unused_days
+    )
+    if args.rules is not None:
+        settings = _rule_book(args.rules)
     found = findings(LakeReader(args.data_dir), tenant=args.tenant, settings=settings)
     if args.json:
         _print_json([finding.as_json() for finding in found])
@@ -865,6 +914,7 @@ def _serve(args: argparse.Namespace) -> int:
         witness_quorum=args.witness_quorum,
         detect=not args.no_detect,
         alerts=args.alerts,
+        rules=None if args.rules is None else _rule_book(args.rules),
     )
     return 0
 

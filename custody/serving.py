@@ -42,6 +42,7 @@ from store.ground.envelope import envelope
 if TYPE_CHECKING:
     from query.detect.alerts import AlertChannels
     from query.detect.loop import DetectionLoop
+    from query.findings import RuleBook
 
 __all__ = [
     "DeadlineProtocol",
@@ -79,6 +80,7 @@ def serve_ingest(
     witness_quorum: int = 0,
     detect: bool = True,
     alerts: Path | None = None,
+    rules: RuleBook | None = None,
 ) -> None:
     """Run the ingest API. Recovery happens in the app's lifespan, before the port takes traffic; SIGTERM and
     Ctrl-C stop accepting, finish requests in flight, and flush the WAL into the lake. With ``detect``, continuous
@@ -93,7 +95,7 @@ def serve_ingest(
             from store.ground.errors import CustodyError
 
             raise CustodyError(f"--alerts: {exc}") from exc
-        companions.append(Detection(data_dir, channels))
+        companions.append(Detection(data_dir, channels, rules))
     try:
         server = IngestServer(
             data_dir,
@@ -133,14 +135,16 @@ class Detection:
     """Continuous detection as a companion of the ingest server: its loop starts once the server is open and
     records each finding's changes in the server's signed stream."""
 
-    def __init__(self, data_dir: Path, channels: AlertChannels | None) -> None:
-        self.data_dir, self.channels = data_dir, channels
+    def __init__(self, data_dir: Path, channels: AlertChannels | None, rules: RuleBook | None = None) -> None:
+        self.data_dir, self.channels, self.rules = data_dir, channels, rules
         self.loop: DetectionLoop | None = None
 
     def start(self, server: IngestServer) -> None:
         from query.detect.loop import DetectionLoop
 
-        self.loop = DetectionLoop(self.data_dir, channels=self.channels, record=server.registry.record_findings)
+        self.loop = DetectionLoop(
+            self.data_dir, channels=self.channels, settings=self.rules, record=server.registry.record_findings
+        )
         self.loop.start()
 
     def stop(self) -> None:

@@ -15,18 +15,34 @@ from typing import Any
 from query.lake import LakeReader
 from query.search import rfc3339_us
 
-__all__ = ["Finding", "FindingSettings", "findings"]
+__all__ = ["KINDS", "RULES", "Finding", "FindingSettings", "RuleBook", "findings"]
 
 MAX_EVIDENCE = 1000
 
 
 @dataclass(frozen=True)
 class FindingSettings:
+    """The parameters of the rules (query.rules reads them per tenant from a file): thresholds and windows, a
+    severity per kind where it differs from the built-in one, and the kinds turned off."""
+
     max_delegation_depth: int = 3
     unused_scope_days: int = 30
     burst_denied: int = 5
     burst_window_minutes: int = 10
     revocation_grace_seconds: int = 60
+    severities: tuple[tuple[str, str], ...] = ()  # (kind, severity) overrides
+    disabled: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class RuleBook:
+    """Settings for every tenant, and for the tenants that tuned them."""
+
+    defaults: FindingSettings = field(default_factory=FindingSettings)
+    tenants: tuple[tuple[str, FindingSettings], ...] = ()
+
+    def for_tenant(self, tenant: str) -> FindingSettings:
+        return dict(self.tenants).get(tenant, self.defaults)
 
 
 @dataclass
@@ -220,6 +236,8 @@ _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
 }
 
 KINDS = tuple(_QUERIES)
+# The built-in rules as data: kind -> (default severity, title, OWASP references), for `custody rules`.
+RULES = {kind: (severity, title, owasp) for kind, (severity, title, owasp, _) in _QUERIES.items()}
 
 
 def findings(
@@ -227,15 +245,31 @@ def findings(
     *,
     tenant: str | None = None,
     kinds: tuple[str, ...] = KINDS,
-    settings: FindingSettings | None = None,
+    settings: FindingSettings | RuleBook | None = None,
     now: datetime | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> list[Finding]:
     """Findings over the events of ``tenant`` (all, if None) between ``since`` and ``until`` (open if None).
     Revocations and scope use are looked up in the whole history: a use in the window of a credential revoked
-    earlier counts, and a scope granted in the window is unused only if nothing used it in ``unused_scope_days``."""
+    earlier counts, and a scope granted in the window is unused only if nothing used it in ``unused_scope_days``.
+    With a ``RuleBook``, each tenant gets its own settings."""
+    if isinstance(settings, RuleBook):
+        if tenant is not None:
+            return findings(reader, tenant=tenant, kinds=kinds, settings=settings.for_tenant(tenant), now=now,
+                            since=since, until=until)  # fmt: skip
+        tuned = dict(settings.tenants)
+        every = [
+            finding
+            for finding in findings(reader, kinds=kinds, settings=settings.defaults, now=now, since=since, until=until)
+            if finding.tenant not in tuned
+        ]
+        for name, own in tuned.items():
+            every += findings(reader, tenant=name, kinds=kinds, settings=own, now=now, since=since, until=until)
+        return _ordered(every)
     settings = settings or FindingSettings()
+    kinds = tuple(kind for kind in kinds if kind not in settings.disabled)
+    severity_of = dict(settings.severities)
     params = {
         "tenant": tenant,
         "max_depth": settings.max_delegation_depth,
@@ -279,7 +313,7 @@ def findings(
                 results.append(
                     Finding(
                         kind=kind,
-                        severity=severity,
+                        severity=severity_of.get(kind, severity),
                         tenant=str(tenant_of),
                         subject=str(subject),
                         title=label,
@@ -291,6 +325,10 @@ def findings(
                         details={"detail": _plain(detail)},
                     )
                 )
+    return _ordered(results)
+
+
+def _ordered(results: list[Finding]) -> list[Finding]:
     order = {"critical": 0, "high": 1, "medium": 2, "low": 3}
     return sorted(results, key=lambda f: (order[f.severity], f.kind, f.tenant, f.subject))
 

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from query.findings import KINDS, Finding, FindingSettings, findings
+from query.findings import KINDS, Finding, FindingSettings, RuleBook, findings
 from query.lake import LakeReader
 
 __all__ = ["INCREMENTAL_KINDS", "Detector"]
@@ -50,10 +50,17 @@ class Detector:
     """Feed it the lake's new rows in log order (``observe``); it returns the findings those rows complete or
     extend, each with only the evidence in this batch's working set (merge them into ``FindingStore``)."""
 
-    def __init__(self, lake: LakeReader, settings: FindingSettings | None = None) -> None:
+    def __init__(self, lake: LakeReader, settings: FindingSettings | RuleBook | None = None) -> None:
         self.lake = lake
         self.settings = settings or FindingSettings()
         self.state = _State()
+        every = (
+            [self.settings]
+            if isinstance(self.settings, FindingSettings)
+            else [self.settings.defaults, *(own for _, own in self.settings.tenants)]
+        )
+        # Denied calls are kept for two of the longest burst window any tenant set.
+        self.burst_window = timedelta(minutes=max(s.burst_window_minutes for s in every))
 
     def observe(self, batch: pa.Table) -> list[Finding]:
         rows = batch.filter(pc.not_equal(batch["tenant"], "_system")) if batch.num_rows else batch
@@ -76,7 +83,7 @@ class Detector:
         the last two burst windows of denied calls, and the first event of each representative key, in log order."""
         if upto < 0:
             return
-        window = timedelta(minutes=self.settings.burst_window_minutes)
+        window = self.burst_window
         with self.lake.connect() as connection:
             connection.execute(f"CREATE TEMP VIEW seen AS SELECT * FROM events WHERE log_index <= {int(upto)}")
             [(newest,)] = connection.execute(
@@ -142,7 +149,7 @@ class Detector:
         )
         if denied.num_rows or state.denied is not None:
             kept = denied if state.denied is None else pa.concat_tables([state.denied, denied])
-            window = timedelta(minutes=self.settings.burst_window_minutes)
+            window = self.burst_window
             newest = pc.max(kept["occurred_at"]).as_py()
             if newest is not None:
                 kept = kept.filter(

@@ -22,7 +22,7 @@ import pyarrow as pa
 from query.detect.alerts import AlertChannels, Dispatcher
 from query.detect.engine import INCREMENTAL_KINDS, Detector
 from query.detect.records import FindingStore, Merged
-from query.findings import FindingSettings, findings
+from query.findings import FindingSettings, RuleBook, findings
 from query.lake import LakeReader
 from store.ground.layout import DataDir
 
@@ -53,7 +53,7 @@ class DetectionLoop:
         data_dir: Path,
         *,
         channels: AlertChannels | None = None,
-        settings: FindingSettings | None = None,
+        settings: FindingSettings | RuleBook | None = None,
         record: Callable[[list[dict[str, Any]]], int] | None = None,
         interval: float = 1.0,
     ) -> None:
