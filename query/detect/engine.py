@@ -42,8 +42,7 @@ class _State:
     revocations: list[pa.Table] = field(default_factory=list)
     denied: pa.Table | None = None
     keys: set[tuple[Any, ...]] = field(default_factory=set)  # what the representatives stand for
-    representatives: list[dict[str, Any]] = field(default_factory=list)
-    table: pa.Table | None = None  # the representatives as a table, rebuilt when they grow
+    table: pa.Table | None = None  # one row per key: the first event that named it
 
 
 class Detector:
@@ -148,7 +147,7 @@ class Detector:
             pc.and_(pc.equal(rows["type"], "tool.invocation"), pc.equal(rows["decision_result"], "deny"))
         )
         if denied.num_rows or state.denied is not None:
-            kept = denied if state.denied is None else pa.concat_tables([state.denied, denied])
+            kept = denied if state.denied is None else _append(state.denied, denied)
             window = self.burst_window
             newest = pc.max(kept["occurred_at"]).as_py()
             if newest is not None:
@@ -156,26 +155,42 @@ class Detector:
                     pc.greater_equal(kept["occurred_at"], pa.scalar(newest - 2 * window, kept["occurred_at"].type))
                 )
             state.denied = kept
-        for row in rows.to_pylist():
+        # Only the columns that make the keys leave Arrow; a representative row stays an Arrow row.
+        columns = {
+            name: rows[name].to_pylist()
+            for name in ("type", "tenant", "credential_id", "credential_client_id", "agent", "delegation_chain",
+                         "delegate_agent", "approval_id")
+        }  # fmt: skip
+        chosen = []
+        for position in range(rows.num_rows):
+            kind, tenant, credential = (
+                columns["type"][position],
+                columns["tenant"][position],
+                columns["credential_id"][position],
+            )
             keys: list[tuple[Any, ...]] = []
-            if row["credential_id"] is not None and row["type"] == "tool.invocation":
-                keys.append(
-                    ("credential", row["tenant"], row["credential_id"], row["credential_client_id"], row["agent"])
-                )
-            for name in (row["delegation_chain"] or [])[1:]:
-                keys.append(("agent", row["tenant"], name))
-            if row["delegate_agent"] is not None:
-                keys.append(("agent", row["tenant"], row["delegate_agent"]))
-            if row["credential_id"] is not None and row["type"] != "credential.revoked":
-                keys.append(("holder", row["tenant"], row["credential_id"]))
-            if row["type"] == "task.approval" and row["approval_id"] is not None:
-                keys.append(("approval", row["tenant"], row["approval_id"]))
+            if credential is not None and kind == "tool.invocation":
+                keys.append(("credential", tenant, credential, columns["credential_client_id"][position],
+                             columns["agent"][position]))  # fmt: skip
+            keys.extend(("agent", tenant, name) for name in (columns["delegation_chain"][position] or [])[1:])
+            if columns["delegate_agent"][position] is not None:
+                keys.append(("agent", tenant, columns["delegate_agent"][position]))
+            if credential is not None and kind != "credential.revoked":
+                keys.append(("holder", tenant, credential))
+            if kind == "task.approval" and columns["approval_id"][position] is not None:
+                keys.append(("approval", tenant, columns["approval_id"][position]))
             fresh = [key for key in keys if key not in state.keys]
             if fresh:
                 state.keys.update(fresh)
-                state.representatives.append(row)
-        if len(state.representatives) != (0 if state.table is None else state.table.num_rows):
-            state.table = pa.Table.from_pylist(state.representatives, schema=rows.schema)
+                chosen.append(position)
+        if chosen:
+            added = rows.take(chosen)
+            state.table = added if state.table is None else _append(state.table, added).combine_chunks()
+
+
+def _append(kept: pa.Table, new: pa.Table) -> pa.Table:
+    """``new`` after ``kept``, in ``new``'s columns and types (the state may come from another query's shape)."""
+    return pa.concat_tables([kept.select(new.column_names).cast(new.schema), new])
 
 
 def _distinct(table: pa.Table) -> pa.Table:
