@@ -131,6 +131,7 @@ def latency(root: Path, rate: float, probes: int) -> list[float]:
         deadline = time.time() + 60
         while len(receiver.arrivals) < len(acked) and time.time() < deadline:
             time.sleep(0.1)
+        load.join(timeout=120)  # the load was sized to outlast the probes: let it finish before the server stops
         missing = set(acked) - set(receiver.arrivals)
         if missing:
             print(f"  {len(missing)} probes never alerted: {sorted(missing)[:3]}")

@@ -376,6 +376,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--query-port", type=int, default=8701, help="read API port (default 8701)")
     demo.add_argument("--dashboard-port", type=int, default=8501, help="dashboard port (default 8501)")
     demo.add_argument("--gateway-port", type=int, default=8702, help="MCP gateway port (default 8702)")
+    demo.add_argument(
+        "--alerts", type=Path, metavar="FILE", help="alert channels for the ingest server (docs/detection.md)"
+    )
     demo.add_argument("--seed", type=int, default=7, help="seed of the organisation's activity (default 7)")
     demo.add_argument("--days", type=int, default=30, help="days of activity (default 30)")
     demo.add_argument(
@@ -1054,6 +1057,7 @@ def _demo(args: argparse.Namespace) -> int:
         query_port=args.query_port,
         dashboard_port=args.dashboard_port,
         gateway_port=args.gateway_port,
+        alerts=args.alerts,
         seed=args.seed,
         days=args.days,
         tasks_per_day=args.tasks_per_day,

@@ -72,7 +72,8 @@ def triage_queue(current: Session) -> None:
         return
     record = records.get(int(chosen), tenant=current.tenant)
     st.markdown(
-        f"**{md(record.title)}** ({md(record.tenant)}; {md(', '.join(record.owasp))}): {record.evidence_count}"
+        f"**{md(record.severity)}: {md(record.title)}** ({md(record.tenant)}; {md(', '.join(record.owasp))}):"
+        f" {record.evidence_count}"
         f" evidence events, first {md(record.first_seen)}, last {md(record.last_seen)}; status **{md(record.status)}**"
         + (f", assigned to {md(record.assignee)}" if record.assignee else "")
         + (

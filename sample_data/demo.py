@@ -29,12 +29,23 @@ from typing import Any
 import httpx
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from custody_sdk import Emitter as SpoolingEmitter
 from tqdm import tqdm
 
 from ingest.sdk import Emitter, public_jwk
+from query.detect.loop import findings_store_path
+from query.detect.records import FindingStore
 from query.tokens import TokenStore
 from sample_data.generate import Generated, generate
-from sample_data.mcp.live import DEMO_GATEWAY, LiveSession, run_live_session, write_demo_gateway
+from sample_data.mcp.live import (
+    DEMO_GATEWAY,
+    DEMO_ISSUER,
+    LiveSession,
+    issuer_emitter,
+    run_live_session,
+    use_again,
+    write_demo_gateway,
+)
 from sample_data.org import GATEWAYS, IDPS
 from store.ground.errors import CustodyError, NotFound
 
@@ -48,6 +59,7 @@ class DemoSettings:
     query_port: int = 8701
     dashboard_port: int = 8501
     gateway_port: int = 8702
+    alerts: Path | None = None
     seed: int = 7
     days: int = 30
     tasks_per_day: int = 1850
@@ -146,7 +158,10 @@ def run_demo(settings: DemoSettings) -> int:
     cli = [sys.executable, "-m", "custody.cli"]
     ingest_url = f"http://127.0.0.1:{settings.port}"
     try:
-        children.append(subprocess.Popen([*cli, "serve", "--data-dir", str(data_dir), "--port", str(settings.port)]))
+        serve = [*cli, "serve", "--data-dir", str(data_dir), "--port", str(settings.port)]
+        if settings.alerts is not None:
+            serve += ["--alerts", str(settings.alerts.resolve())]
+        children.append(subprocess.Popen(serve))
         wait_healthy(f"{ingest_url}/healthz", children[-1])
         key_path = data_dir / "answer-key.json"
         existing = _posted(ingest_url, admin_token)
@@ -198,6 +213,27 @@ def _live_session(
     gateway_url = f"http://127.0.0.1:{settings.gateway_port}"
     wait_healthy(f"{gateway_url}/healthz", children[-1])
     live = asyncio.run(run_live_session(gateway_url, settings.seed))
+    # The security team revokes the sub-agent's token at its issuer; the agent uses it once more.
+    key, kid, registration = issuer_emitter(settings.seed)
+    response = httpx.put(f"{ingest_url}/v1/emitters/{DEMO_ISSUER}", json=registration, headers=admin, timeout=30)
+    if response.status_code != 200:
+        raise CustodyError(f"registering {DEMO_ISSUER}: HTTP {response.status_code}: {response.text}")
+    spool = data_dir / "gateway" / "issuer-spool"
+    with SpoolingEmitter(ingest_url, DEMO_ISSUER, "acme", key, kid, spool=spool) as idp:
+        idp.emit(
+            type="credential.revoked",
+            credential={
+                "id": live.credential,
+                "kind": "agent_token",
+                "client_id": "acme-agent-platform",
+                "scopes": ["tickets:read", "tickets:write"],
+            },
+            revoked_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            reason="triage-subagent obeyed a prompt injection in ticket T-1002",
+        )
+        idp.flush()
+    time.sleep(0.01)  # the use comes after the revocation by any clock
+    live.reused = asyncio.run(use_again(gateway_url, live))
     deadline = time.monotonic() + 60
     while httpx.get(f"{gateway_url}/healthz", timeout=10).json()["spool"]["pending"]:
         if time.monotonic() > deadline:
@@ -205,15 +241,34 @@ def _live_session(
         time.sleep(0.2)
     print(
         f"live session through the MCP gateway ({gateway_url}/mcp): {len(live.allowed)} calls allowed,"
-        f" {len(live.denied)} denied"
+        f" {len(live.denied)} denied; its token revoked, then used once more"
     )
+    live.critical = _detected(data_dir, live.credential)
     return live
+
+
+def _detected(data_dir: Path, credential: str, timeout: float = 30.0) -> int | None:
+    """The id of the critical finding continuous detection opens for the revoked token's use (None if it does not
+    within ``timeout``: the tour then points at the findings page)."""
+    path = findings_store_path(data_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            records = FindingStore(path)
+            try:
+                for record in records.queue(tenant="acme", kinds=("action_after_revocation",)):
+                    if record.subject == credential:
+                        return record.id
+            finally:
+                records.close()
+        time.sleep(0.2)
+    return None
 
 
 def _posted(url: str, admin_token: str) -> int:
     response = httpx.get(f"{url}/v1/emitters", headers={"Authorization": f"Bearer {admin_token}"}, timeout=30)
     response.raise_for_status()
-    generated = [e for e in response.json() if e["emitter"] not in ("custody.server", DEMO_GATEWAY)]
+    generated = [e for e in response.json() if e["emitter"] not in ("custody.server", DEMO_GATEWAY, DEMO_ISSUER)]
     return sum(int(e["head"]["seq"]) for e in generated)
 
 
@@ -259,6 +314,11 @@ def _print_tour(
     print(f"prompt injection, and tried to act on it; the gateway denied {len(live.denied)} calls before they reached")
     print(f"billing-mcp. The denied refund and the chain behind it: {dashboard}/path?event={live.first_denied_refund}")
     print(f"  the burst of denials as a finding: {dashboard}/findings?window=all")
+    if live.critical is not None:
+        print(
+            f"  its token, revoked and used again: critical finding #{live.critical}:"
+            f" {dashboard}/findings?finding={live.critical}"
+        )
     if answer_key is None:
         return
     injection = next(i for i in answer_key["incidents"] if i["name"] == "prompt_injection")

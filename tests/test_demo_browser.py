@@ -149,7 +149,7 @@ def test_a_browser_follows_the_planted_refund_to_its_path_and_blast_radius(brows
 def test_the_newest_incident_came_through_the_mcp_gateway(browser: Any, demo: dict[str, Any]) -> None:
     """A real MCP client, the real gateway, a real enforcement decision: the tour's first link shows it."""
     output = demo["output"]
-    assert re.search(r"live session through the MCP gateway \(\S+\): 2 calls allowed, 6 denied", output)
+    assert re.search(r"live session through the MCP gateway \(\S+\): 2 calls allowed, 6 denied", output), output
     assert httpx.get(f"http://127.0.0.1:{demo['ports']['gateway']}/healthz").status_code == 200
     denied = re.search(r"The denied refund and the chain behind it: \S+/path\?event=([0-9a-f-]{36})", output)
     assert denied is not None, output
@@ -165,6 +165,17 @@ def test_the_newest_incident_came_through_the_mcp_gateway(browser: Any, demo: di
     assert "deny" in body
     assert "gw-acme-mcp" in body
     page.screenshot(path=ARTIFACTS / "live-gateway-incident.png", full_page=True)
+    page.close()
+
+    # The sub-agent's token, revoked at the identity provider and used once more: continuous detection opened a
+    # critical finding, and the tour links it in the triage queue.
+    critical = re.search(r"critical finding #(\d+): \S+/findings\?finding=(\d+)", output)
+    assert critical is not None, output
+    page = signed_in(browser, demo, f"findings?finding={critical[1]}")
+    page.get_by_text("Triage queue").wait_for()
+    page.get_by_text(re.compile("critical: credential live-triage-subagent-.* status open")).wait_for()
+    assert page.get_by_role("button", name="Apply").count() == 1  # the analyst may change it
+    page.screenshot(path=ARTIFACTS / "triage-queue.png", full_page=True)
     page.close()
 
 

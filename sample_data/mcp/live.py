@@ -25,9 +25,19 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-__all__ = ["DEMO_GATEWAY", "LiveSession", "demo_token", "run_live_session", "write_demo_gateway"]
+__all__ = [
+    "DEMO_GATEWAY",
+    "DEMO_ISSUER",
+    "LiveSession",
+    "demo_token",
+    "issuer_emitter",
+    "run_live_session",
+    "use_again",
+    "write_demo_gateway",
+]
 
 DEMO_GATEWAY = "gw-acme-mcp"
+DEMO_ISSUER = "idp-acme-oauth"  # the OAuth issuer of the agents' tokens, as an emitter: it posts their revocations
 TENANT = "acme"
 ISSUER = "https://idp.acme.example"
 AUDIENCE = "custody-gateway"
@@ -92,6 +102,14 @@ jwks_file = "jwks.json"
     return config, registration
 
 
+def issuer_emitter(seed: int) -> tuple[Ed25519PrivateKey, str, dict[str, Any]]:
+    """The demo issuer's emitter key, kid and registration body (kind idp, tenant acme)."""
+    key = _seeded_key(seed, f"{DEMO_ISSUER}-emitter")
+    kid = f"{DEMO_ISSUER}-{seed}"
+    public = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(key.public_key()))
+    return key, kid, {"tenant": TENANT, "kind": "idp", "keys": [{**public, "kid": kid}]}
+
+
 def demo_token(seed: int, user: str, agents: list[str], scopes: list[str], *, ttl: int = 900) -> str:
     """A token of the demo's OAuth issuer: ``agents`` the chain, first agent first."""
     now = int(time.time())
@@ -115,17 +133,22 @@ def demo_token(seed: int, user: str, agents: list[str], scopes: list[str], *, tt
 @dataclass
 class LiveSession:
     trace_id: str
+    token: str = ""  # the sub-agent's bearer token
+    credential: str = ""  # its id in the log (the token's jti)
     injected_read: str = ""  # the event of the read that carried the injection
     allowed: list[str] = field(default_factory=list)
     denied: list[str] = field(default_factory=list)
     first_denied_refund: str = ""
+    reused: str = ""  # the call made with the token after its revocation
+    critical: int | None = None  # the finding continuous detection opened for it
 
 
 async def run_live_session(gateway_url: str, seed: int) -> LiveSession:
     token = demo_token(
         seed, "dana@acme.example", ["support-agent", "triage-subagent"], ["tickets:read", "tickets:write"]
     )
-    session = LiveSession(trace_id=f"live-{int(time.time())}")
+    session = LiveSession(trace_id=f"live-{int(time.time())}", token=token)
+    session.credential = str(jwt.decode(token, options={"verify_signature": False})["jti"])
     headers = {"Authorization": f"Bearer {token}"}
     async with (
         httpx2.AsyncClient(headers=headers, timeout=30) as http,
@@ -155,6 +178,20 @@ async def run_live_session(gateway_url: str, seed: int) -> LiveSession:
             else:
                 session.allowed.append(event_id)
     return session
+
+
+async def use_again(gateway_url: str, session: LiveSession) -> str:
+    """The sub-agent calls one more tool with its token, after the identity provider revoked it: the gateway does
+    not know yet (its token checks out), the log does. Returns the call's event id."""
+    headers = {"Authorization": f"Bearer {session.token}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http,
+        Client(streamable_http_client(f"{gateway_url}/mcp", http_client=http)) as client,
+    ):
+        trace: Any = {"custody/trace_id": session.trace_id}
+        result = await client.call_tool("read_ticket", {"ticket_id": "T-1001"}, meta=trace)
+    event_id, _ = _recorded(result.meta)
+    return event_id
 
 
 def _recorded(meta: dict[str, Any] | None) -> tuple[str, str]:
