@@ -209,7 +209,7 @@ def state_memory(events: int, agents: int) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="throughput rounds each way (0: the state's memory only)")
     parser.add_argument("--emitters", type=int, default=16)
     parser.add_argument("--events", type=int, default=3000, help="per emitter, per throughput round")
     parser.add_argument("--probes", type=int, default=20)
@@ -217,29 +217,33 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=10_000)
     args = parser.parse_args()
     print(machine())
-    with tempfile.TemporaryDirectory(prefix="custody-detect-bench-") as tmp:
-        root = Path(tmp)
-        on, off = [], []
-        for _ in range(args.rounds):
-            off.append(throughput(root, False, args.emitters, args.events))
-            on.append(throughput(root, True, args.emitters, args.events))
-        print(f"ingest, detection off: {', '.join(f'{r:,.0f}' for r in off)} events/s")
-        print(f"ingest, detection on:  {', '.join(f'{r:,.0f}' for r in on)} events/s")
-        ratio = statistics.median(on) / statistics.median(off)
-        print(f"  on / off (medians): {ratio:.0%}")
-        half = statistics.median(on) / 2
-        waits = sorted(latency(root, half, args.probes))
-        if waits:
-            p99 = waits[min(len(waits) - 1, int(0.99 * len(waits)))]
-            print(
-                f"ack -> webhook alert at {half:,.0f} events/s (half the maximum with detection), {len(waits)} probes:"
-                f" p50 {statistics.median(waits):.2f} s, p99 {p99:.2f} s, max {waits[-1]:.2f} s"
-            )
+    if args.rounds > 0:
+        with tempfile.TemporaryDirectory(prefix="custody-detect-bench-") as tmp:
+            measure_service(Path(tmp), args)
     python, arrow, rows = state_memory(args.state_events, args.agents)
     print(
         f"detector state after {args.state_events:,} events of {args.agents:,} agents: {rows:,} rows kept,"
         f" {arrow:.1f} MiB of Arrow, {python:.1f} MiB of Python objects"
     )
+
+
+def measure_service(root: Path, args: argparse.Namespace) -> None:
+    on: list[float] = []
+    off: list[float] = []
+    for _ in range(args.rounds):
+        off.append(throughput(root, False, args.emitters, args.events))
+        on.append(throughput(root, True, args.emitters, args.events))
+    print(f"ingest, detection off: {', '.join(f'{r:,.0f}' for r in off)} events/s")
+    print(f"ingest, detection on:  {', '.join(f'{r:,.0f}' for r in on)} events/s")
+    print(f"  on / off (medians): {statistics.median(on) / statistics.median(off):.0%}")
+    half = statistics.median(on) / 2
+    waits = sorted(latency(root, half, args.probes))
+    if waits:
+        p99 = waits[min(len(waits) - 1, int(0.99 * len(waits)))]
+        print(
+            f"ack -> webhook alert at {half:,.0f} events/s (half the maximum with detection), {len(waits)} probes:"
+            f" p50 {statistics.median(waits):.2f} s, p99 {p99:.2f} s, max {waits[-1]:.2f} s"
+        )
 
 
 if __name__ == "__main__":
