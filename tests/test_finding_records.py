@@ -198,3 +198,90 @@ def test_the_read_api_serves_the_queue_within_tenant_walls(tmp_path: Path) -> No
         history = client.get(f"/v1/findings/queue/{acme.record.id}", headers=ann).json()["history"]
         assert history[-1]["actor"] == "analyst:ann"
     records.close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_syslog_over_tls_and_a_dead_letter_for_what_never_lands(tmp_path: Path, store: FindingStore) -> None:
+    import socket
+    import ssl
+    import threading
+    import time
+
+    from query.detect.alerts import Dispatcher
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def collect() -> None:
+        raw, _ = listener.accept()
+        with context.wrap_socket(raw, server_side=True) as connection:
+            data = b""
+            while b"\xef\xbb\xbf" not in data or not data.rstrip().endswith(b"}"):
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            received.append(data)
+
+    threading.Thread(target=collect, daemon=True).start()
+    (tmp_path / "secret").write_text("s")
+    (tmp_path / "alerts.toml").write_text(
+        f'[[channel]]\nname = "siem"\ntype = "syslog"\naddress = "127.0.0.1:{listener.getsockname()[1]}"\n'
+        f'tls = true\nca_file = "{cert}"\nmin_severity = "low"\n'
+        '[[channel]]\nname = "gone"\ntype = "webhook"\nurl = "http://127.0.0.1:9/nothing"\nsecret_file = "secret"\n'
+        'min_severity = "low"\nmax_age_hours = 0.0003\n'  # about a second
+    )
+    channels = load_channels(tmp_path / "alerts.toml")
+    store.merge([detected(["e1"])], alerts=channels.route)
+    dead = tmp_path / "dead.jsonl"
+    dispatcher = Dispatcher(store, channels, dead)
+    dispatcher.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (not received or not dead.exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        dispatcher.stop()
+        listener.close()
+    [frame] = received
+    length, message = frame.split(b" ", 1)
+    assert int(length) == len(message)  # octet counting, over TLS
+    assert message.startswith(b"<82>1 ")
+    [buried] = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert buried["channel"] == "gone"
+    assert buried["body"]["subject"] == "tok-1"
+    assert buried["attempts"] >= 1
+    assert store.pending_alerts() == 0  # delivered or buried: nothing lost, nothing stuck

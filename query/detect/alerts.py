@@ -166,6 +166,12 @@ class Dispatcher:
             thread.join(timeout=10)
 
     def _run(self, channel: ChannelConfig, sender: _Webhook | _Syslog) -> None:
+        try:
+            self._deliver(channel, sender)
+        finally:
+            sender.close()
+
+    def _deliver(self, channel: ChannelConfig, sender: _Webhook | _Syslog) -> None:
         while not self._stop.is_set():
             try:
                 due = self.store.due(channel.name)
@@ -233,6 +239,9 @@ class _Webhook:
         if not 200 <= response.status_code < 300:
             raise RuntimeError(f"HTTP {response.status_code}")
 
+    def close(self) -> None:
+        self.client.close()
+
 
 class _Syslog:
     def __init__(self, channel: ChannelConfig) -> None:
@@ -260,6 +269,11 @@ class _Syslog:
                     self.sock = None
                 if attempt == 2:
                     raise
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def syslog_message(body: dict[str, Any]) -> bytes:
