@@ -42,6 +42,12 @@ _BAD_INPUT = "invalid_request: a parameter out of its range or form"
 _UNAUTHORIZED = "unauthorized: no token, or an unknown or revoked one"
 _FORBIDDEN = "forbidden: another tenant than the token's, or a role that may not ask this"
 _READS = errors(e400=_BAD_INPUT, e401=_UNAUTHORIZED, e403=_FORBIDDEN)
+_QUEUE = errors(
+    e400=_BAD_INPUT,
+    e401=_UNAUTHORIZED,
+    e403=_FORBIDDEN,
+    e404="not_found: no such finding (in the token's tenant), or continuous detection never ran on this data dir",
+)
 
 
 def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
@@ -249,7 +255,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         found = await run_in_threadpool(findings, reader, tenant=caller.scope(tenant), kinds=tuple(kind or KINDS))
         return JSONResponse([finding.as_json() for finding in found])
 
-    @app.get("/v1/findings/queue", responses=_READS)
+    @app.get("/v1/findings/queue", responses=_QUEUE)
     async def findings_queue(
         caller: Caller,
         tenant: str | None = None,
@@ -272,7 +278,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
         )
         return JSONResponse([record.as_json() for record in queue])
 
-    @app.get("/v1/findings/queue/{finding_id}", responses=_READS)
+    @app.get("/v1/findings/queue/{finding_id}", responses=_QUEUE)
     async def finding_record(caller: Caller, finding_id: int) -> JSONResponse:
         """One recorded finding with its evidence event ids and its history (who changed what, when)."""
         records = _finding_store(data_dir)
@@ -281,7 +287,7 @@ def create_query_app(data_dir: Path, tokens: TokenStore) -> FastAPI:
             {**record.as_json(), "evidence": records.evidence(finding_id), "history": records.history(finding_id)}
         )
 
-    @app.post("/v1/findings/queue/{finding_id}", responses=_READS)
+    @app.post("/v1/findings/queue/{finding_id}", responses=_QUEUE)
     async def change_finding(caller: Caller, finding_id: int, change: FindingChange) -> JSONResponse:
         """Acknowledge, resolve, reopen, suppress (with a reason and an expiry), assign or comment: analysts and
         admins; the change is recorded with the token's name and becomes an event of the server's stream."""
