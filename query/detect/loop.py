@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from query.detect.alerts import AlertChannels, Dispatcher
-from query.detect.engine import INCREMENTAL_KINDS, Detector
+from query.detect.engine import INCREMENTAL_KINDS, PERIODIC_KINDS, Detector
 from query.detect.records import FindingStore, Merged
 from query.findings import FindingSettings, RuleBook, findings
 from query.lake import LakeReader
@@ -56,6 +56,7 @@ class DetectionLoop:
         settings: FindingSettings | RuleBook | None = None,
         record: Callable[[list[dict[str, Any]]], int] | None = None,
         interval: float = 1.0,
+        periodic_every: float = 3600.0,
     ) -> None:
         self.data_dir = data_dir
         self.lake = LakeReader(data_dir)
@@ -64,6 +65,8 @@ class DetectionLoop:
         self.detector = Detector(self.lake, settings)
         self.record = record
         self.interval = interval
+        self.periodic_every = periodic_every
+        self._periodic_at = 0.0  # monotonic time of the last periodic run (0: not yet)
         self.stats = DetectionStats()
         self.dispatcher = Dispatcher(self.store, self.channels, DataDir(data_dir).state / "alerts-dead-letter.jsonl")
         self._stop = threading.Event()
@@ -91,6 +94,7 @@ class DetectionLoop:
         while not self._stop.is_set():
             try:
                 self.run_once()
+                self.run_periodic()
                 self.record_transitions()
                 self.stats.last_error = None
             except Exception as exc:  # a lake file mid-compaction, a full disk: the next round retries
@@ -134,6 +138,16 @@ class DetectionLoop:
             if batch.num_rows < BATCH:
                 break
         return total
+
+    def run_periodic(self, *, force: bool = False) -> int:
+        """The kinds about time passing rather than an arriving event (``over_privileged``: a scope unused for N
+        days), run on the whole lake every ``periodic_every`` seconds; returns the findings changed."""
+        now = time.monotonic()
+        if not force and self._periodic_at and now - self._periodic_at < self.periodic_every:
+            return 0
+        self._periodic_at = now
+        found = findings(self.lake, kinds=PERIODIC_KINDS, settings=self.detector.settings)
+        return len(self.store.merge(found, alerts=self.channels.route))
 
     def _in_order(self, batch: pa.Table, cursor: int) -> pa.Table:
         """The batch up to its first gap in log order. Events reach the lake a WAL segment at a time, in log order,
