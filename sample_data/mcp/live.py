@@ -14,6 +14,8 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = [
     "DEMO_GATEWAY",
     "DEMO_ISSUER",
     "LiveSession",
+    "agent_client",
     "demo_token",
     "issuer_emitter",
     "run_live_session",
@@ -143,17 +146,23 @@ class LiveSession:
     critical: int | None = None  # the finding continuous detection opened for it
 
 
+@asynccontextmanager
+async def agent_client(gateway_url: str, token: str) -> AsyncIterator[Client]:
+    """An MCP client session with the gateway, as an agent holding ``token``."""
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
+        Client(streamable_http_client(f"{gateway_url}/mcp", http_client=http)) as client,
+    ):
+        yield client
+
+
 async def run_live_session(gateway_url: str, seed: int) -> LiveSession:
     token = demo_token(
         seed, "dana@acme.example", ["support-agent", "triage-subagent"], ["tickets:read", "tickets:write"]
     )
     session = LiveSession(trace_id=f"live-{int(time.time())}", token=token)
     session.credential = str(jwt.decode(token, options={"verify_signature": False})["jti"])
-    headers = {"Authorization": f"Bearer {token}"}
-    async with (
-        httpx2.AsyncClient(headers=headers, timeout=30) as http,
-        Client(streamable_http_client(f"{gateway_url}/mcp", http_client=http)) as client,
-    ):
+    async with agent_client(gateway_url, token) as client:
         trace: Any = {"custody/trace_id": session.trace_id}
         ticket = await client.call_tool("read_ticket", {"ticket_id": "T-1002"}, meta=trace)
         session.injected_read, _ = _recorded(ticket.meta)
@@ -183,11 +192,7 @@ async def run_live_session(gateway_url: str, seed: int) -> LiveSession:
 async def use_again(gateway_url: str, session: LiveSession) -> str:
     """The sub-agent calls one more tool with its token, after the identity provider revoked it: the gateway does
     not know yet (its token checks out), the log does. Returns the call's event id."""
-    headers = {"Authorization": f"Bearer {session.token}"}
-    async with (
-        httpx2.AsyncClient(headers=headers, timeout=30) as http,
-        Client(streamable_http_client(f"{gateway_url}/mcp", http_client=http)) as client,
-    ):
+    async with agent_client(gateway_url, session.token) as client:
         trace: Any = {"custody/trace_id": session.trace_id}
         result = await client.call_tool("read_ticket", {"ticket_id": "T-1001"}, meta=trace)
     event_id, _ = _recorded(result.meta)
