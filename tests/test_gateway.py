@@ -281,3 +281,75 @@ def test_an_upstream_that_dies_is_an_error_outcome_and_is_reconnected(tmp_path: 
     assert {row[1]: row[2] for row in rows} == outcomes  # each call's outcome as the agent saw it
     assert all(row[3] == "allow" for row in rows)
     assert "upstream billing-mcp" in str(rows[0][4])
+
+
+def test_hostile_calls_never_break_the_gateway_or_block_its_audit_trail(tmp_path: Path) -> None:
+    """Whatever an agent sends (names, arguments, request metadata), the gateway answers with a result or an MCP
+    error, never reaches an upstream with a denied call, and never spools an event Custody would refuse (which
+    would stop the delivery of every event after it)."""
+    custody = ServerProcess(tmp_path / "data", tmp_path / "custody.log").start()
+    issuer = Issuer(tmp_path)
+    call_log = tmp_path / "calls.jsonl"
+    config = write_gateway(tmp_path, custody.url, issuer, call_log=call_log)
+    register_gateway(config, custody.url)
+    gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
+    token = issuer.token("alice", ["bot"], ["tickets:read", "tickets:write"])
+    hostile_names = [
+        "",
+        "x" * 513,
+        "read_ticket\x00",
+        "read_ticket ",
+        "../../etc/passwd",
+        "\u202eread_ticket",
+        "é" * 512,
+    ]
+    hostile_arguments: list[dict[str, Any]] = [
+        {"ticket_id": "x" * 10_000},
+        {"ticket_id": 10**700},
+        {"ticket_id": ["T-1"]},
+        {"ticket_id": {"$ne": 1}},
+        {"ticket_id": None},
+        {"ticket_id": "T-1\u0000\u001b[31m"},
+        {"ticket_id": "T-" + "\U0001f600" * 200},
+        {},
+    ]
+    hostile_meta: list[dict[str, Any]] = [
+        {"custody/parent_event_id": "not-a-uuid"},
+        {"custody/parent_event_id": "0B5E2F7E-59A4-4C42-8F6A-3F1B0C9D2E11"},
+        {"custody/trace_id": "t" * 600},
+        {"custody/trace_id": 42},
+        {"traceparent": "garbage"},
+    ]
+    outcomes: list[str] = []
+
+    async def attack() -> None:
+        async with mcp_client(gateway.url, token) as client:
+            for name in hostile_names:
+                outcomes.append(await _try(client.call_tool(name, {"ticket_id": "T-1"})))
+            for arguments in hostile_arguments:
+                outcomes.append(await _try(client.call_tool("read_ticket", arguments)))
+            for meta in hostile_meta:
+                outcomes.append(await _try(client.call_tool("read_ticket", {"ticket_id": "T-1"}, meta=meta)))
+
+    asyncio.run(attack())
+    assert len(outcomes) == len(hostile_names) + len(hostile_arguments) + len(hostile_meta)
+    assert "error: internal" not in " ".join(outcomes), outcomes
+    health = gateway.wait_drained()
+    assert health["spool"]["blocked"] is None, health  # every spooled event was accepted by Custody
+    reached = [(c["tool"], c["arguments"]) for c in calls_received(call_log)]
+    for tool, arguments in reached:  # only what the policy allows, with a nameable resource, reached helpdesk
+        assert tool == "read_ticket"
+        assert isinstance(arguments["ticket_id"], str)
+        assert 0 < len(arguments["ticket_id"]) <= 512
+    custody.stop()
+    rows = [r for r in read_lake(custody.data_dir, "emitter, decision_result") if r[0] == GATEWAY_ID]
+    assert len(rows) == len([o for o in outcomes if o.startswith("result")])  # every answered call is recorded
+
+
+async def _try(call: Any) -> str:
+    try:
+        result = await call
+    except Exception as exc:  # an MCP error answer: the call was refused before any decision
+        text = str(exc).lower()
+        return "error: internal" if "internal" in text else f"error: {text[:80]}"
+    return f"result: {'error' if result.is_error else 'ok'}"
