@@ -353,3 +353,69 @@ async def _try(call: Any) -> str:
         text = str(exc).lower()
         return "error: internal" if "internal" in text else f"error: {text[:80]}"
     return f"result: {'error' if result.is_error else 'ok'}"
+
+
+def test_a_credential_revoked_in_the_log_is_denied_at_the_gateway(tmp_path: Path) -> None:
+    from custody_sdk import Emitter, generate_key, public_jwk
+
+    from query.tokens import TokenStore
+
+    custody = ServerProcess(tmp_path / "data", tmp_path / "custody.log").start()
+    tokens = TokenStore(tmp_path / "tokens.json")
+    (tmp_path / "gateway.token").write_text(tokens.issue("gateway", "analyst", "acme") + "\n")
+    read_port = free_port()
+    with (tmp_path / "read.log").open("wb") as read_log:
+        read_api = subprocess.Popen(
+            [sys.executable, "-m", "custody.cli", "serve-query", "--data-dir", str(custody.data_dir),
+             "--tokens", str(tmp_path / "tokens.json"), "--port", str(read_port)],
+            cwd=REPO, stdout=read_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    _STARTED.append(read_api)
+    issuer = Issuer(tmp_path)
+    call_log = tmp_path / "calls.jsonl"
+    config = write_gateway(tmp_path, custody.url, issuer, call_log=call_log)
+    config.write_text(
+        config.read_text().replace(
+            "[listen]",
+            f'[revocations]\nurl = "http://127.0.0.1:{read_port}"\ntoken_file = "gateway.token"\npoll_seconds = 0.5\n\n'
+            "[listen]",
+        )
+    )
+    register_gateway(config, custody.url)
+    gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
+    token = issuer.token("alice", ["bot"], ["tickets:read"], jti="tok-to-revoke")
+    assert not asyncio.run(call(gateway.url, token, "read_ticket", {"ticket_id": "T-1"})).is_error
+
+    key = generate_key()
+    httpx.put(
+        f"{custody.url}/v1/emitters/idp-acme",
+        json={"tenant": "acme", "kind": "idp", "keys": [public_jwk(key, "idp-acme-k1")]},
+        headers={"Authorization": "Bearer test-admin-token-0123456789"},
+    ).raise_for_status()
+    with Emitter(custody.url, "idp-acme", "acme", key, "idp-acme-k1", spool=tmp_path / "idp") as idp:
+        idp.emit(
+            type="credential.revoked",
+            credential={"id": "tok-to-revoke", "kind": "agent_token", "client_id": "acme-agent-platform", "scopes": []},
+            revoked_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        idp.flush()
+    deadline = time.monotonic() + 60
+    while gateway.health()["revocations"]["known"] < 1:
+        assert time.monotonic() < deadline, gateway.health()
+        time.sleep(0.2)
+    denied = asyncio.run(call(gateway.url, token, "read_ticket", {"ticket_id": "T-2"}))
+    assert denied.is_error
+    assert "credential tok-to-revoke was revoked" in denied.content[0].text
+    assert [c["arguments"]["ticket_id"] for c in calls_received(call_log)] == ["T-1"]  # the denied call never arrived
+    other = issuer.token("alice", ["bot"], ["tickets:read"], jti="tok-still-good")
+    assert not asyncio.run(call(gateway.url, other, "read_ticket", {"ticket_id": "T-3"})).is_error
+    gateway.wait_drained()
+    custody.stop()
+    rows = [r for r in read_lake(custody.data_dir, "emitter, credential_id, decision_result, decision_reason")
+            if r[0] == GATEWAY_ID]  # fmt: skip
+    assert [(r[1], r[2]) for r in rows] == [
+        ("tok-to-revoke", "allow"),
+        ("tok-to-revoke", "deny"),
+        ("tok-still-good", "allow"),
+    ]
+    assert "was revoked" in rows[1][3]

@@ -24,6 +24,7 @@ from custody_sdk import Emitter, public_jwk
 from custody.gateway.app import Gateway, build_app
 from custody.gateway.auth import JwtVerifier
 from custody.gateway.config import ConfigError, GatewayConfig, load_config, load_policy
+from custody.gateway.revocations import Revocations
 from custody.gateway.upstream import Upstream
 
 __all__ = ["ConfigError", "load_config", "load_key", "open_gateway", "serve_gateway", "write_key"]
@@ -80,7 +81,14 @@ def open_gateway(config: GatewayConfig) -> Gateway:
     if unknown:
         emitter.close()
         raise ConfigError(f"{config.policy_file}: the policy names servers no upstream is called: {', '.join(unknown)}")
-    return Gateway(config, policy, verifier, emitter, [Upstream(upstream) for upstream in config.upstreams])
+    revocations = None
+    if config.revocations is not None:
+        if not config.revocations.token_file.is_file():
+            emitter.close()
+            raise ConfigError(f"revocations.token_file {config.revocations.token_file} is not a file")
+        revocations = Revocations(config.revocations)
+    upstreams = [Upstream(upstream) for upstream in config.upstreams]
+    return Gateway(config, policy, verifier, emitter, upstreams, revocations)
 
 
 def serve_gateway(config_path: Path) -> None:

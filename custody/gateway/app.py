@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -35,6 +35,7 @@ from starlette.routing import Route
 from custody.gateway.auth import MAX_NAME, InvalidToken, JwtVerifier, Principal
 from custody.gateway.config import GatewayConfig, Policy
 from custody.gateway.policy import Decision, decide, visible
+from custody.gateway.revocations import Revocations
 from custody.gateway.upstream import Upstream, UpstreamError
 
 __all__ = ["META_EVENT_ID", "META_PARENT", "META_TRACE", "Gateway", "build_app"]
@@ -70,8 +71,10 @@ class Gateway:
         verifier: JwtVerifier,
         emitter: Emitter,
         upstreams: list[Upstream],
+        revocations: Revocations | None = None,
     ) -> None:
         self.config, self.policy, self.verifier, self.emitter = config, policy, verifier, emitter
+        self.revocations = revocations
         self.upstreams = {upstream.name: upstream for upstream in upstreams}
         self.tenant = config.custody.tenant
         self.counters = Counters()
@@ -103,6 +106,10 @@ class Gateway:
         links = _links(ctx.meta)
         offered_by = [name for name, upstream in self.upstreams.items() if tool in upstream.tools]
         decision = decide(self.policy, principal, tool, arguments, offered_by, self.tenant)
+        credential = principal.credential["id"]
+        if self.revocations is not None and credential in self.revocations:
+            reason = f"credential {credential} was revoked (Custody's log)"
+            decision = replace(decision, result="deny", reason=reason)
         event_id = str(uuid.uuid4())
         fields = self._event(event_id, principal, tool, decision, links)
         if decision.result == "deny":
@@ -267,6 +274,7 @@ class Gateway:
                 "checkpoint_seen": None if self.emitter.checkpoint is None else self.emitter.checkpoint.size,
             },
             "failure_mode": self.config.failure_mode,
+            "revocations": None if self.revocations is None else self.revocations.health(),
             "policy": self.policy.label,
             "overhead_us": _percentiles(self.counters.overhead_us),
             "calls": {
@@ -317,6 +325,8 @@ def build_app(gateway: Gateway) -> Starlette:
         async with anyio.create_task_group() as group:
             group.start_soon(gateway.learn_chain_head)
             group.start_soon(gateway.watch_log)
+            if gateway.revocations is not None:
+                group.start_soon(gateway.revocations.run)
             for upstream in gateway.upstreams.values():
                 group.start_soon(upstream.run)
             for upstream in gateway.upstreams.values():

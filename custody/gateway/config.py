@@ -64,6 +64,15 @@ class AuthConfig(_Strict):
         return self
 
 
+class RevocationsConfig(_Strict):
+    """Where the gateway learns which credentials were revoked: Custody's read API, with a read token bound to the
+    gateway's tenant. Calls with a revoked credential are denied."""
+
+    url: str  # the read API, e.g. http://127.0.0.1:8701
+    token_file: Path
+    poll_seconds: float = Field(5.0, ge=0.5, le=3600)
+
+
 class UpstreamConfig(_Strict):
     name: Id
     command: list[str] | None = Field(None, min_length=1)  # a stdio server: the program and its arguments
@@ -88,6 +97,7 @@ class GatewayConfig(_Strict):
     # "closed": a call is refused unless the spool has room for its event (no audit, no action); "open": calls
     # proceed and events that cannot be spooled are counted and logged, not kept.
     failure_mode: Literal["closed", "open"] = "closed"
+    revocations: RevocationsConfig | None = None
     upstreams: list[UpstreamConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -138,7 +148,12 @@ def load_config(path: Path) -> GatewayConfig:
     auth = config.auth
     if auth.jwks_file is not None:
         auth = auth.model_copy(update={"jwks_file": base / auth.jwks_file})
-    return config.model_copy(update={"custody": custody, "auth": auth, "policy_file": base / config.policy_file})
+    revocations = config.revocations
+    if revocations is not None:
+        revocations = revocations.model_copy(update={"token_file": base / revocations.token_file})
+    return config.model_copy(
+        update={"custody": custody, "auth": auth, "policy_file": base / config.policy_file, "revocations": revocations}
+    )
 
 
 def load_policy(path: Path) -> Policy:
