@@ -170,16 +170,21 @@ def run_demo(settings: DemoSettings) -> int:
             answer_key = orjson.loads(key_path.read_bytes()) if key_path.exists() else None
         else:
             answer_key = _generate_and_post(settings, ingest_url, admin_token, key_path)
-        live = _live_session(settings, data_dir, ingest_url, admin_token, children, cli)
         tokens = data_dir / "tokens.json"
         analyst = _fresh_token(tokens, "demo-analyst", "analyst")
         auditor = _fresh_token(tokens, "demo-auditor", "auditor")
+        # The gateway reads revocations from the read API with a token of its own tenant.
+        (data_dir / "gateway").mkdir(parents=True, exist_ok=True)
+        gateway_token = data_dir / "gateway" / "read.token"
+        gateway_token.write_text(_fresh_token(tokens, "demo-gateway", "analyst", tenant="acme") + "\n")
+        gateway_token.chmod(0o600)
         query = [*cli, "serve-query", "--data-dir", str(data_dir), "--tokens", str(tokens)]
         children.append(subprocess.Popen([*query, "--port", str(settings.query_port)]))
+        wait_healthy(f"http://127.0.0.1:{settings.query_port}/healthz", children[-1])
+        live = _live_session(settings, data_dir, ingest_url, admin_token, children, cli)
         dashboard = [*cli, "dashboard", "--data-dir", str(data_dir), "--tokens", str(tokens)]
         children.append(subprocess.Popen([*dashboard, "--port", str(settings.dashboard_port)]))
         dashboard_url = f"http://127.0.0.1:{settings.dashboard_port}"
-        wait_healthy(f"http://127.0.0.1:{settings.query_port}/healthz", children[-2])
         wait_healthy(f"{dashboard_url}/_stcore/health", children[-1])
         _print_tour(settings, admin_token, analyst, auditor, answer_key, data_dir, live)
         if settings.stay:
@@ -204,7 +209,13 @@ def _live_session(
 ) -> LiveSession:
     """Start ``custody gateway`` in front of the demo's MCP servers, drive the live session through it, and wait
     until Custody has acknowledged every event of it."""
-    config, registration = write_demo_gateway(data_dir / "gateway", settings.seed, ingest_url, settings.gateway_port)
+    config, registration = write_demo_gateway(
+        data_dir / "gateway",
+        settings.seed,
+        ingest_url,
+        settings.gateway_port,
+        revocations=(f"http://127.0.0.1:{settings.query_port}", "read.token"),
+    )
     admin = {"Authorization": f"Bearer {admin_token}"}
     response = httpx.put(f"{ingest_url}/v1/emitters/{DEMO_GATEWAY}", json=registration, headers=admin, timeout=30)
     if response.status_code != 200:
@@ -232,7 +243,7 @@ def _live_session(
             reason="triage-subagent obeyed a prompt injection in ticket T-1002",
         )
         idp.flush()
-    time.sleep(0.01)  # the use comes after the revocation by any clock
+    _await_revocation(settings, data_dir, gateway_url, live.credential)
     live.reused = asyncio.run(use_again(gateway_url, live))
     deadline = time.monotonic() + 60
     while httpx.get(f"{gateway_url}/healthz", timeout=10).json()["spool"]["pending"]:
@@ -241,10 +252,30 @@ def _live_session(
         time.sleep(0.2)
     print(
         f"live session through the MCP gateway ({gateway_url}/mcp): {len(live.allowed)} calls allowed,"
-        f" {len(live.denied)} denied; its token revoked, then used once more"
+        f" {len(live.denied)} denied; its token revoked, then used once more: {live.reuse_decision}"
     )
     live.critical = _detected(data_dir, live.credential)
     return live
+
+
+def _await_revocation(settings: DemoSettings, data_dir: Path, gateway_url: str, credential: str) -> None:
+    """Wait (30 s at most) until the revocation is in the lake, as the read API shows it, and the gateway has
+    polled the read API since."""
+    token = (data_dir / "gateway" / "read.token").read_text().strip()
+    read_api = f"http://127.0.0.1:{settings.query_port}/v1/events"
+    params = {"type": "credential.revoked", "credential": credential}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        answer = httpx.get(read_api, params=params, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        if answer.status_code == 200 and answer.json()["events"]:
+            break
+        time.sleep(0.2)
+    visible = time.time()
+    while time.monotonic() < deadline:
+        revocations = httpx.get(f"{gateway_url}/healthz", timeout=10).json().get("revocations") or {}
+        if (revocations.get("refreshed_at") or 0) > visible + 1.0:  # a poll that began after it was visible
+            return
+        time.sleep(0.2)
 
 
 def _detected(data_dir: Path, credential: str, timeout: float = 30.0) -> int | None:
@@ -285,12 +316,12 @@ def _generate_and_post(settings: DemoSettings, url: str, admin_token: str, key_p
     return generated.answer_key
 
 
-def _fresh_token(path: Path, name: str, role: str) -> str:
+def _fresh_token(path: Path, name: str, role: str, *, tenant: str | None = None) -> str:
     """A new token under a fixed name (a token is shown only when issued, so a rerun issues it again)."""
     store = TokenStore(path)
     with contextlib.suppress(NotFound):
         store.revoke(name)
-    return store.issue(name, role, None)
+    return store.issue(name, role, tenant)
 
 
 def _print_tour(

@@ -150,6 +150,7 @@ def test_the_newest_incident_came_through_the_mcp_gateway(browser: Any, demo: di
     """A real MCP client, the real gateway, a real enforcement decision: the tour's first link shows it."""
     output = demo["output"]
     assert re.search(r"live session through the MCP gateway \(\S+\): 2 calls allowed, 6 denied", output), output
+    assert "its token revoked, then used once more: denied by the gateway" in output
     assert httpx.get(f"http://127.0.0.1:{demo['ports']['gateway']}/healthz").status_code == 200
     denied = re.search(r"The denied refund and the chain behind it: \S+/path\?event=([0-9a-f-]{36})", output)
     assert denied is not None, output

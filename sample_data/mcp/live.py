@@ -52,7 +52,13 @@ def _seeded_key(seed: int, name: str) -> Ed25519PrivateKey:
 
 
 def write_demo_gateway(
-    directory: Path, seed: int, custody_url: str, port: int, *, upstream_urls: dict[str, str] | None = None
+    directory: Path,
+    seed: int,
+    custody_url: str,
+    port: int,
+    *,
+    upstream_urls: dict[str, str] | None = None,
+    revocations: tuple[str, str] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """The demo gateway's files in ``directory`` (keys derived from the seed); returns the config's path and the
     body of its emitter's registration. The upstreams are started over stdio, or reached at ``upstream_urls``
@@ -94,7 +100,7 @@ key_file = "gateway-key.pem"
 kid = "{DEMO_GATEWAY}-{seed}"
 spool = "spool"
 
-[auth]
+{_revocations_section(revocations)}[auth]
 issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
 jwks_file = "jwks.json"
@@ -103,6 +109,13 @@ jwks_file = "jwks.json"
     public = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(key.public_key()))
     registration = {"tenant": TENANT, "kind": "gateway", "keys": [{**public, "kid": f"{DEMO_GATEWAY}-{seed}"}]}
     return config, registration
+
+
+def _revocations_section(revocations: tuple[str, str] | None) -> str:
+    if revocations is None:
+        return ""
+    url, token_file = revocations
+    return f'[revocations]\nurl = "{url}"\ntoken_file = "{token_file}"\npoll_seconds = 1\n\n'
 
 
 def issuer_emitter(seed: int) -> tuple[Ed25519PrivateKey, str, dict[str, Any]]:
@@ -143,6 +156,7 @@ class LiveSession:
     denied: list[str] = field(default_factory=list)
     first_denied_refund: str = ""
     reused: str = ""  # the call made with the token after its revocation
+    reuse_decision: str = ""
     critical: int | None = None  # the finding continuous detection opened for it
 
 
@@ -190,12 +204,13 @@ async def run_live_session(gateway_url: str, seed: int) -> LiveSession:
 
 
 async def use_again(gateway_url: str, session: LiveSession) -> str:
-    """The sub-agent calls one more tool with its token, after the identity provider revoked it: the gateway does
-    not know yet (its token checks out), the log does. Returns the call's event id."""
+    """The sub-agent calls one more tool with its token after its issuer revoked it: the signature and expiry still
+    check out, but the gateway's revocation feed (the log) denies it. Returns the call's event id."""
     async with agent_client(gateway_url, session.token) as client:
         trace: Any = {"custody/trace_id": session.trace_id}
         result = await client.call_tool("read_ticket", {"ticket_id": "T-1001"}, meta=trace)
-    event_id, _ = _recorded(result.meta)
+    event_id, decision = _recorded(result.meta)
+    session.reuse_decision = "denied by the gateway" if decision == "deny" else "allowed (the gateway had not heard)"
     return event_id
 
 
