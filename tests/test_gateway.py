@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import _STARTED, REPO, ServerProcess, free_port, read_lake
 from tests.gateway_kit import (
@@ -419,3 +422,35 @@ def test_a_credential_revoked_in_the_log_is_denied_at_the_gateway(tmp_path: Path
         ("tok-still-good", "allow"),
     ]
     assert "was revoked" in rows[1][3]
+
+
+def test_clients_of_the_handshake_era_are_served_and_enforced_the_same(tmp_path: Path) -> None:
+    """MCP clients that speak the 2025 protocol (initialize handshake, sessions) get the same enforcement and
+    records as the 2026-07-28 per-request protocol."""
+    custody = ServerProcess(tmp_path / "data", tmp_path / "custody.log").start()
+    issuer = Issuer(tmp_path)
+    config = write_gateway(tmp_path, custody.url, issuer)
+    register_gateway(config, custody.url)
+    gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
+    token = issuer.token("alice", ["orchestrator", "researcher"], ["tickets:read"])
+    seen: dict[str, tuple[str, list[str], bool, bool]] = {}
+
+    async def session(mode: str) -> None:
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
+            Client(streamable_http_client(f"{gateway.url}/mcp", http_client=http), mode=mode) as client,
+        ):
+            listed = sorted(tool.name for tool in (await client.list_tools()).tools)
+            allowed = await client.call_tool("read_ticket", {"ticket_id": "T-1001"})
+            denied = await client.call_tool("issue_refund", {"invoice_id": "INV-77", "amount": 1})
+            seen[mode] = (client.session.protocol_version, listed, allowed.is_error, denied.is_error)
+
+    asyncio.run(session("legacy"))
+    asyncio.run(session("auto"))
+    assert seen["legacy"][0] < "2026"  # the handshake era
+    assert seen["auto"][0] >= "2026"
+    assert seen["legacy"][1:] == seen["auto"][1:] == (["read_ticket"], False, True)
+    assert gateway.wait_drained()["calls"] == {
+        "allowed": 2, "denied": 2, "refused": 0, "unaudited": 0, "upstream_errors": 0
+    }  # fmt: skip
+    custody.stop()
