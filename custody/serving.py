@@ -145,6 +145,7 @@ class Detection:
         self.loop = DetectionLoop(
             self.data_dir, channels=self.channels, settings=self.rules, record=server.registry.record_findings
         )
+        server.store.flush_listeners.append(self.loop.wake)  # a round as soon as new events are in the lake
         self.loop.start()
 
     def stop(self) -> None:

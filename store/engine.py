@@ -200,6 +200,8 @@ class Store:
         self.flush_stats = FlushStats()
         self._lock_fd: int | None = None
         self._stop = threading.Event()
+        # Called (in the flusher's thread; they must not block) after a flush that wrote events to the lake.
+        self.flush_listeners: list[Callable[[], None]] = []
         self._flusher: threading.Thread | None = None
         self._writer: ProcessPoolExecutor | None = None
         self._writer_pid = 0
@@ -529,7 +531,9 @@ class Store:
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_interval):
             try:
-                self.flush()
+                if self.flush():
+                    for listener in self.flush_listeners:
+                        listener()
             except CustodyError as exc:
                 log.error("flush failed, will retry: %s", exc)
             except Exception as exc:  # the flusher must outlive any one bad segment

@@ -70,6 +70,7 @@ class DetectionLoop:
         self.stats = DetectionStats()
         self.dispatcher = Dispatcher(self.store, self.channels, DataDir(data_dir).state / "alerts-dead-letter.jsonl")
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by wake(): the lake has new events
         self._thread: threading.Thread | None = None
         self._gap: tuple[int, float] | None = None
 
@@ -78,8 +79,14 @@ class DetectionLoop:
         self._thread = threading.Thread(target=self._run, name="custody-detect", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """The lake has new events: run a round now rather than at the next interval (the store's flusher calls it;
+        it never blocks)."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.dispatcher.stop()
@@ -100,7 +107,8 @@ class DetectionLoop:
             except Exception as exc:  # a lake file mid-compaction, a full disk: the next round retries
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("detection round failed")
-            self._stop.wait(self.interval)
+            self._wake.wait(self.interval)
+            self._wake.clear()
 
     def catch_up(self) -> None:
         """Before the first round: a store behind the lake gets the whole-lake findings once; the detector's state
