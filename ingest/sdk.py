@@ -1,4 +1,6 @@
-"""Emitter SDK for gateway and agent-runtime authors.
+"""The in-process emitter the tests' harness and the demo's bulk backfill use: events queued in memory, posted by
+``flush``. Gateways and agent runtimes use custody-sdk (``sdk/python``: a durable spool, receipts and checkpoints
+checked against the log's key); this one keeps nothing on disk and checks nothing of the log.
 
     key = generate_key()                                  # Ed25519; generate_key("ES256") for P-256
     admin.register(...)                                   # once: PUT /v1/emitters/gw-1 with public_jwk(key, "gw-1-k1")
@@ -12,16 +14,10 @@ canonicalizes (RFC 8785) and signs. ``flush`` posts in order and retries after t
 with the very same JWS, so a retry of an event that did land comes back ``duplicate``, never twice. Rejections raise
 ``EventsRejected``; the events after a rejected one are re-chained from the server's head and sent by the next
 flush. All methods are thread-safe.
-
-With ``log_key`` (the log's verifier key, ``custody log key``), the emitter also holds the log to its word: every
-ack's receipt must verify and name each accepted event with its hash and log index (``emitter.receipts`` keeps
-them), and ``check_log()`` fetches the newest checkpoint and verifies it extends the last one this emitter saw. A
-log that forks or rewrites history raises ``LogMisbehaved`` (docs/transparency.md).
 """
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 import uuid
@@ -33,29 +29,20 @@ from typing import Any
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ingest.auth import HEAD_AUDIENCE
 from store.ground.canonical import ZERO_HASH, canonicalize, event_hash
-from store.ground.jws import JwsError, PrivateKey, decode_payload, parse_compact, public_jwk, sign_compact
-from store.ground.jws import verify_signature as verify_jws
-from store.ground.tlog import Checkpoint, LogError, NoteKey, open_checkpoint, verify_consistency
+from store.ground.jws import PrivateKey, public_jwk, sign_compact
 
 __all__ = [
     "Emitter",
     "EventsRejected",
-    "LogMisbehaved",
     "SignedEvent",
     "generate_key",
     "public_jwk",
     "rfc3339",
 ]
-
-
-class LogMisbehaved(Exception):
-    """The log signed something it cannot stand behind: a receipt that does not verify or leaves out an accepted
-    event, a checkpoint that does not verify, or one that does not extend the last one seen (a fork or a
-    rewritten history). Keep the evidence: ``emitter.checkpoint``, ``emitter.receipts`` and this message."""
 
 
 _RECHAINABLE = frozenset({"after_rejected", "chain_gap", "chain_conflict"})
@@ -112,7 +99,6 @@ class Emitter:
         max_attempts: int = 8,
         client: httpx.Client | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        log_key: str | None = None,
     ) -> None:
         self.emitter_id = emitter_id
         self.tenant = tenant
@@ -128,9 +114,6 @@ class Emitter:
         self._queue: list[SignedEvent] = []
         self._state = threading.Lock()  # seq, hash, queue
         self._sending = threading.Lock()  # one POST at a time, so batches land in order
-        self.log_key = None if log_key is None else NoteKey.from_vkey(log_key)
-        self.receipts: list[dict[str, Any]] = []  # verified receipts' payloads, with the JWS under "jws"
-        self.checkpoint: Checkpoint | None = None  # the newest checkpoint seen and checked
 
     @property
     def head(self) -> tuple[int, str]:
@@ -195,7 +178,6 @@ class Emitter:
                 if not batch:
                     return results
                 body = self._request("POST", "/v1/events", json={"events": [event.jws for event in batch]}).json()
-                self._keep_receipt(batch, body)
                 results.extend(body["results"])
                 rejected = [result for result in body["results"] if result["status"] == "rejected"]
                 with self._state:
@@ -204,55 +186,6 @@ class Emitter:
                         self._rechain(batch, body, rejected)
                 if rejected:
                     raise EventsRejected(rejected)
-
-    def _keep_receipt(self, batch: list[SignedEvent], body: dict[str, Any]) -> None:
-        """With a pinned log key: the receipt must verify and name every accepted event with its hash and index."""
-        if self.log_key is None:
-            return
-        accepted = {r["event_id"]: r["log_index"] for r in body["results"] if r["status"] == "accepted"}
-        if not accepted:
-            return
-        receipt = body.get("receipt")
-        public = Ed25519PublicKey.from_public_bytes(self.log_key.public)
-        try:
-            valid = isinstance(receipt, str) and verify_jws(parse_compact(receipt), public)
-        except JwsError:
-            valid = False
-        if not valid:
-            raise LogMisbehaved(f"the ack's receipt does not verify with the log key {self.log_key.vkey}")
-        claims = decode_payload(str(receipt))
-        hashes = {event.event_id: event.event_hash for event in batch}
-        named = {e["event_id"]: (e["log_index"], e["event_hash"]) for e in claims.get("events", [])}
-        for event_id, index in accepted.items():
-            if named.get(event_id) != (index, hashes.get(event_id)):
-                raise LogMisbehaved(f"the receipt does not name accepted event {event_id} at log index {index}")
-        self.receipts.append({**claims, "jws": receipt})
-
-    def check_log(self) -> Checkpoint:
-        """Fetch the newest checkpoint, verify it with the log key, and verify (RFC 6962 consistency proof) that
-        it extends the last one seen; raise LogMisbehaved if not. Returns the checkpoint, kept as the last seen."""
-        if self.log_key is None:
-            raise ValueError("check_log needs the log's verifier key: Emitter(..., log_key=...)")
-        note = self._request("GET", "/checkpoint").text
-        try:
-            checkpoint = open_checkpoint(note, self.log_key)
-        except LogError as exc:
-            raise LogMisbehaved(f"the log's checkpoint: {exc}") from exc
-        previous = self.checkpoint
-        if previous is not None and previous.size > 0:
-            if checkpoint.size < previous.size:
-                raise LogMisbehaved(f"the log went back from size {previous.size} to {checkpoint.size}")
-            answer = self._request("GET", "/v1/log/consistency", params={"from": previous.size, "to": checkpoint.size})
-            proof = [base64.b64decode(item) for item in answer.json()["proof"]]
-            try:
-                verify_consistency(previous.size, checkpoint.size, proof, previous.root, checkpoint.root)
-            except LogError as exc:
-                raise LogMisbehaved(
-                    f"checkpoint {checkpoint.size} does not extend checkpoint {previous.size} this emitter saw"
-                    f" (a fork or a rewritten history): {exc}"
-                ) from exc
-        self.checkpoint = checkpoint
-        return checkpoint
 
     def _rechain(self, batch: list[SignedEvent], body: dict[str, Any], rejected: list[dict[str, Any]]) -> None:
         """Continue from the server's head: faulty events are dropped, the innocent ones re-signed after it."""

@@ -293,8 +293,10 @@ def test_the_sdk_ships_the_log_verifier_unchanged() -> None:
 
 
 def test_with_the_log_key_it_checks_receipts_and_detects_a_forked_history(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from custody_sdk import LogMisbehaved
 
+    from store.ground.tlog import NoteKey
     from tests.test_transparency_log import log_key, post_chain
 
     honest, fork = tmp_path / "honest", tmp_path / "fork"
@@ -325,6 +327,23 @@ def test_with_the_log_key_it_checks_receipts_and_detects_a_forked_history(tmp_pa
         post_chain(other, "gw-x", 20)
         other.server.store.merkle.publish()
         gateway._client = other.client  # pointed at another history under the same key
+        seen = gateway.checkpoint
         with pytest.raises(LogMisbehaved, match="does not extend checkpoint"):
             gateway.check_log()
+        assert gateway.checkpoint == seen  # the evidence is kept
         gateway.close()
+        # A log key of the same name but another key: no checkpoint, no receipt of this log verifies with it.
+        impostor = NoteKey.of(log_key(fork).name, Ed25519PrivateKey.generate()).vkey
+        other.client.put(
+            "/v1/emitters/gw-sdk-2",
+            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "gw-sdk-2-k1")]},
+            headers=ADMIN,
+        ).raise_for_status()
+        options = {"client": other.client, "send": False, "log_key": impostor}
+        stranger = Emitter("http://t", "gw-sdk-2", "acme", key, "gw-sdk-2-k1", spool=tmp_path / "spool-2", **options)
+        with pytest.raises(LogMisbehaved, match="carries no signature by"):
+            stranger.check_log()
+        stranger.emit(**invocation())
+        with pytest.raises(LogMisbehaved, match="receipt does not verify"):
+            stranger.flush()
+        stranger.close()

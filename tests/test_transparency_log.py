@@ -16,13 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from custody.cli import main
-from ingest.sdk import Emitter, LogMisbehaved
 from query.api import create_query_app
 from query.tokens import TokenStore
 from query.verify.log import LogCheck, _rebuild, log_key_of
@@ -32,7 +30,7 @@ from store.ground.jws import decode_payload, parse_compact, verify_signature
 from store.ground.layout import DataDir
 from store.ground.tlog import NoteKey, leaf_hash, open_checkpoint, verify_consistency, verify_inclusion
 from store.merkle_log import LogReader, MerkleLog
-from tests.conftest import Harness, invocation, open_harness, read_lake
+from tests.conftest import Harness, open_harness, read_lake
 from tests.signing import chain
 from tests.test_tlog_math import naive_root
 
@@ -318,48 +316,6 @@ def test_the_read_api_proves_inclusion_within_the_callers_tenant(tmp_path: Path)
 
 def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-# -- emitters hold the log to its word ------------------------------------------------------------------------
-
-
-def test_an_emitter_keeps_receipts_and_detects_a_forked_history(tmp_path: Path) -> None:
-    honest, fork = tmp_path / "honest", tmp_path / "fork"
-    with open_harness(honest) as log:
-        vkey = log_key(honest).vkey
-        emitter = log.emitter("gw-1", log_key=vkey)
-        for n in range(5):
-            emitter.emit(**invocation(trace_id=f"t-{n}"))
-        emitter.flush()
-        assert [len(receipt["events"]) for receipt in emitter.receipts] == [5]
-        log.server.store.merkle.publish()
-        first = emitter.check_log()
-        for n in range(5, 8):
-            emitter.emit(**invocation(trace_id=f"t-{n}"))
-        emitter.flush()
-        log.server.store.merkle.publish()
-        assert emitter.check_log().size > first.size  # consistent: it extends the one seen before
-        seen = emitter.checkpoint
-        (fork / "state").mkdir(parents=True)
-        shutil.copy(DataDir(honest).server_key_file, DataDir(fork).server_key_file)  # the same key, another history
-    with open_harness(fork) as other:
-        assert log_key(fork).vkey == vkey
-        key, kid = other.register("gw-2")
-        tokens, _ = chain("gw-2", 40, key, kid)
-        other.post(tokens)
-        other.server.store.merkle.publish()
-        emitter._client = other.client  # the operator points this emitter at its other log
-        with pytest.raises(LogMisbehaved, match="does not extend checkpoint"):
-            emitter.check_log()
-        assert emitter.checkpoint == seen  # the evidence is kept
-        impostor = NoteKey.of(log_key(fork).name, Ed25519PrivateKey.generate()).vkey  # the origin, not the key
-        stranger = Emitter("http://testserver", "gw-2", "acme", key, kid, client=other.client, log_key=impostor)
-        with pytest.raises(LogMisbehaved, match="carries no signature by"):
-            stranger.check_log()
-        stranger.recover_head()
-        stranger.emit(**invocation())
-        with pytest.raises(LogMisbehaved, match="receipt does not verify"):
-            stranger.flush()
 
 
 def test_custody_log_key_prints_the_verifier_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
