@@ -161,6 +161,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the finding rules' parameters per tenant for continuous detection (TOML; `custody rules` checks it)",
     )
     serve.add_argument(
+        "--iceberg",
+        action="store_true",
+        help="keep the lake also as an Apache Iceberg table in DATA_DIR/iceberg (a snapshot per flush; docs/scale.md)",
+    )
+    serve.add_argument(
         "--no-detect",
         action="store_true",
         help="turn continuous detection off (findings are then computed only when asked for)",
@@ -309,6 +314,27 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, help="the file to write (default: standard output)")
     export.add_argument("--no-findings", action="store_true", help="events only")
     export.set_defaults(run=_export, reads_data_dir=True)
+
+    iceberg = commands.add_parser(
+        "iceberg",
+        help="the lake as an Apache Iceberg table: sync it, expire old snapshots",
+        description="Keep DATA_DIR's lake also as the Iceberg table custody.events (pyiceberg, a SQL catalog), which"
+        " any Iceberg engine reads. docs/scale.md has the engine setup.",
+    )
+    iceberg_commands = iceberg.add_subparsers(title="commands", required=True, metavar="COMMAND", parser_class=_Parser)
+    sync = iceberg_commands.add_parser("sync", help="append the lake's new events (one snapshot per batch)")
+    expire = iceberg_commands.add_parser("expire", help="drop snapshots older than --days (never the current one)")
+    expire.add_argument("--days", type=float, required=True, help="keep the snapshots of the last DAYS days")
+    for command in (sync, expire):
+        _data_dir_argument(command)
+        command.add_argument(
+            "--catalog-uri", help="the SQL catalog (SQLAlchemy URI; default: SQLite in DATA_DIR/iceberg)"
+        )
+        command.add_argument(
+            "--warehouse", help="where table files go (a directory URI or s3://; default: DATA_DIR/iceberg)"
+        )
+    sync.set_defaults(run=_iceberg_sync, reads_data_dir=True)
+    expire.set_defaults(run=_iceberg_expire, reads_data_dir=True)
 
     quarantine = commands.add_parser(
         "quarantine",
@@ -918,6 +944,7 @@ def _serve(args: argparse.Namespace) -> int:
         detect=not args.no_detect,
         alerts=args.alerts,
         rules=None if args.rules is None else _rule_book(args.rules),
+        iceberg=args.iceberg,
     )
     return 0
 
@@ -1002,6 +1029,24 @@ def _export(args: argparse.Namespace) -> int:
             output.close()
     where = "" if args.output is None else f" to {args.output}"
     print(f"wrote {written['events']:,} events and {written['findings']:,} findings as OCSF{where}", file=sys.stderr)
+    return 0
+
+
+def _iceberg_sync(args: argparse.Namespace) -> int:
+    from query.iceberg import IcebergMirror
+
+    synced = IcebergMirror(args.data_dir, catalog_uri=args.catalog_uri, warehouse=args.warehouse).sync()
+    print(f"appended {synced.appended:,} events in {synced.snapshots} snapshots; the table holds log indexes up to"
+          f" {synced.log_index_max}")  # fmt: skip
+    return 0
+
+
+def _iceberg_expire(args: argparse.Namespace) -> int:
+    from query.iceberg import IcebergMirror
+
+    mirror = IcebergMirror(args.data_dir, catalog_uri=args.catalog_uri, warehouse=args.warehouse)
+    dropped = mirror.expire(datetime.now(UTC) - timedelta(days=args.days))
+    print(f"expired {dropped} snapshots")
     return 0
 
 

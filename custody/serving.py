@@ -22,6 +22,7 @@ import logging
 import math
 import resource
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ def serve_ingest(
     detect: bool = True,
     alerts: Path | None = None,
     rules: RuleBook | None = None,
+    iceberg: bool = False,
 ) -> None:
     """Run the ingest API. Recovery happens in the app's lifespan, before the port takes traffic; SIGTERM and
     Ctrl-C stop accepting, finish requests in flight, and flush the WAL into the lake. With ``detect``, continuous
@@ -96,6 +98,8 @@ def serve_ingest(
 
             raise CustodyError(f"--alerts: {exc}") from exc
         companions.append(Detection(data_dir, channels, rules))
+    if iceberg:
+        companions.append(IcebergSync(data_dir))
     try:
         server = IngestServer(
             data_dir,
@@ -151,6 +155,42 @@ class Detection:
     def stop(self) -> None:
         if self.loop is not None:
             self.loop.stop()
+
+
+class IcebergSync:
+    """The lake kept as an Iceberg table beside it (query.iceberg): a sync after every flush that wrote events, one
+    snapshot each, in a thread of its own."""
+
+    def __init__(self, data_dir: Path, catalog_uri: str | None = None, warehouse: str | None = None) -> None:
+        self.data_dir, self.catalog_uri, self.warehouse = data_dir, catalog_uri, warehouse
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, server: IngestServer) -> None:
+        from query.iceberg import IcebergMirror
+
+        mirror = IcebergMirror(self.data_dir, catalog_uri=self.catalog_uri, warehouse=self.warehouse)
+        server.store.flush_listeners.append(self._wake.set)
+        self._thread = threading.Thread(target=self._run, args=(mirror,), name="custody-iceberg", daemon=True)
+        self._thread.start()
+
+    def _run(self, mirror: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                synced = mirror.sync()
+                if synced.appended:
+                    log.info("iceberg: %d events, up to log index %d", synced.appended, synced.log_index_max)
+            except Exception:  # the next flush retries; the lake stays the truth
+                log.exception("iceberg sync failed; the next flush retries")
+            self._wake.wait(30.0)
+            self._wake.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
 
 def serve_query(app: ASGIApp, *, host: str, port: int, http: HttpLimits | None = None) -> None:

@@ -1,0 +1,119 @@
+"""The lake as an Apache Iceberg table (pyiceberg), so that any Iceberg engine (Trino, Athena, Spark, Snowflake,
+DuckDB) reads it without Custody code: ``custody.events``, the lake's columns plus ``tenant`` and ``date``,
+partitioned by both (identity).
+
+The table follows the lake by log index: each sync appends the lake's events after the highest log index the table
+holds, up to the first gap (a WAL segment not yet written), in one Iceberg snapshot whose summary carries
+``custody.log-index-max``. The append and that number commit together, so a crash at any point neither loses nor
+duplicates an event, and a sync run twice appends nothing. ``custody serve --iceberg`` syncs after every flush (one
+snapshot per flush batch); ``custody iceberg sync`` catches up by hand; ``expire`` drops snapshots past a retention.
+
+The catalog is SQL (pyiceberg's SqlCatalog): SQLite beside the lake by default (``<data-dir>/iceberg``), or any
+SQLAlchemy URI (PostgreSQL) with ``catalog_uri``; the warehouse is a local directory or an object-store URI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
+from pyiceberg.table import Table
+
+from query.lake import LakeReader
+from store.ground.layout import DataDir
+
+__all__ = ["IcebergMirror", "Synced"]
+
+log = logging.getLogger("custody.iceberg")
+NAMESPACE, TABLE = "custody", "events"
+LOG_INDEX_MAX = "custody.log-index-max"
+_BATCH = 500_000  # events per snapshot at most (a long catch-up is several snapshots)
+
+
+@dataclass(frozen=True)
+class Synced:
+    appended: int
+    log_index_max: int
+    snapshots: int
+
+
+class IcebergMirror:
+    def __init__(self, data_dir: Path, *, catalog_uri: str | None = None, warehouse: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.lake = LakeReader(data_dir)
+        home = DataDir(data_dir).root / "iceberg"
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.catalog = SqlCatalog(
+            "custody",
+            uri=catalog_uri or f"sqlite:///{home / 'catalog.db'}",
+            warehouse=warehouse or (home / "warehouse").as_uri(),
+        )
+        self._lock = threading.Lock()  # one sync at a time in this process
+
+    def table(self) -> Table | None:
+        try:
+            return self.catalog.load_table(f"{NAMESPACE}.{TABLE}")
+        except NoSuchTableError:
+            return None
+
+    def log_index_max(self) -> int:
+        table = self.table()
+        snapshot = None if table is None else table.current_snapshot()
+        if snapshot is None or snapshot.summary is None:
+            return -1
+        return int(snapshot.summary.additional_properties.get(LOG_INDEX_MAX, -1))
+
+    def sync(self) -> Synced:
+        """Append the lake's events after the table's log index, up to the first gap, a snapshot per batch."""
+        with self._lock:
+            appended, snapshots = 0, 0
+            newest = self.log_index_max()
+            while True:
+                rows = self._after(newest)
+                if rows.num_rows == 0:
+                    break
+                table = self.table() or self._create(rows.schema)
+                newest = int(rows["log_index"][-1].as_py())
+                table.append(rows, snapshot_properties={LOG_INDEX_MAX: str(newest)})
+                appended, snapshots = appended + rows.num_rows, snapshots + 1
+                if rows.num_rows < _BATCH:
+                    break
+            return Synced(appended, newest, snapshots)
+
+    def expire(self, older_than: datetime) -> int:
+        """Drop the snapshots taken before ``older_than`` (never the current one); returns how many went."""
+        table = self.table()
+        if table is None:
+            return 0
+        before = len(table.snapshots())
+        table.maintenance.expire_snapshots().older_than(older_than).commit()
+        return before - len(self.table().snapshots())  # type: ignore[union-attr]
+
+    def _after(self, newest: int) -> pa.Table:
+        """The lake's events after log index ``newest`` in log order, up to the first gap."""
+        with self.lake.connect() as connection:
+            rows: pa.Table = connection.sql(
+                f"SELECT * FROM all_events WHERE log_index > {int(newest)} ORDER BY log_index LIMIT {_BATCH}"
+            ).to_arrow_table()
+        indexes = rows["log_index"].to_pylist()
+        run = 0
+        while run < len(indexes) and indexes[run] == newest + 1 + run:
+            run += 1
+        return rows.slice(0, run)
+
+    def _create(self, schema: pa.Schema) -> Table:
+        with contextlib.suppress(NamespaceAlreadyExistsError):
+            self.catalog.create_namespace(NAMESPACE)
+        table = self.catalog.create_table(f"{NAMESPACE}.{TABLE}", schema=schema)
+        with table.update_spec() as spec:
+            spec.add_identity("tenant")
+            spec.add_identity("date")
+        log.info("created the Iceberg table %s.%s at %s", NAMESPACE, TABLE, table.location())
+        return table

@@ -1,0 +1,102 @@
+"""The lake as an Apache Iceberg table: pyiceberg (Apache's reader, not Custody code) reads the same events the
+query library reads, per tenant; a sync is exactly-once by log index; new events arrive as a new snapshot."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow.compute as pc
+import pytest
+from custody_sdk import Emitter, generate_key, public_jwk
+from pyiceberg.catalog.sql import SqlCatalog
+
+from query.iceberg import LOG_INDEX_MAX, IcebergMirror
+from query.lake import LakeReader
+from tests.conftest import ADMIN, ServerProcess, invocation, open_harness
+
+
+def test_an_independent_iceberg_reader_agrees_with_the_lake(org: dict[str, Any], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(org["data"], data)
+    mirror = IcebergMirror(data)
+    first = mirror.sync()
+    assert first.appended > 0
+    assert mirror.sync().appended == 0  # exactly once: a second sync has nothing to add
+    # A reader that knows nothing of Custody: the catalog and the table, by name.
+    home = data / "iceberg"
+    catalog = SqlCatalog("custody", uri=f"sqlite:///{home / 'catalog.db'}", warehouse=(home / "warehouse").as_uri())
+    table = catalog.load_table("custody.events").scan().to_arrow()
+    with LakeReader(data).connect() as connection:
+        lake = dict(connection.execute("SELECT tenant, count(*) FROM all_events GROUP BY 1").fetchall())
+        [(denied,)] = connection.execute("SELECT count(*) FROM events WHERE decision_result = 'deny'").fetchall()
+    iceberg = {
+        row["tenant"]: row["count"]
+        for row in table.group_by("tenant")
+        .aggregate([("event_id", "count")])
+        .rename_columns(["tenant", "count"])
+        .to_pylist()
+    }
+    assert iceberg == lake
+    assert pc.sum(pc.equal(table["decision_result"], "deny")).as_py() == denied
+    assert len(set(table["event_id"].to_pylist())) == table.num_rows  # no event twice
+    snapshot = catalog.load_table("custody.events").current_snapshot()
+    assert snapshot is not None
+    assert int(snapshot.summary.additional_properties[LOG_INDEX_MAX]) == first.log_index_max
+    assert first.log_index_max == table.num_rows - 1
+
+
+def test_new_events_arrive_as_a_new_snapshot_and_old_snapshots_expire(tmp_path: Path) -> None:
+    with open_harness(tmp_path / "data") as harness:
+        emitter = harness.emitter("gw-1")
+        for _ in range(5):
+            emitter.emit(**invocation())
+        emitter.flush()
+        harness.flush()
+        mirror = IcebergMirror(tmp_path / "data")
+        assert mirror.sync().appended == 5 + harness_admin_events(mirror)
+        for _ in range(3):
+            emitter.emit(**invocation())
+        emitter.flush()
+        harness.flush()
+        second = mirror.sync()
+        assert second.appended == 3
+        assert second.snapshots == 1
+        table = mirror.table()
+        assert table is not None
+        assert len(table.snapshots()) == 2
+        assert mirror.expire(datetime.now(UTC) + timedelta(seconds=1)) == 1  # all but the current one
+        assert mirror.table().scan().to_arrow().num_rows == second.log_index_max + 1  # type: ignore[union-attr]
+
+
+def harness_admin_events(mirror: IcebergMirror) -> int:
+    """The server's own events (its key, the registrations) are in the lake and the table too."""
+    table = mirror.table()
+    assert table is not None
+    rows = table.scan().to_arrow()
+    return int(pc.sum(pc.equal(rows["tenant"], "_system")).as_py())
+
+
+@pytest.mark.slow
+def test_custody_serve_keeps_the_table_after_every_flush(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log", "--iceberg").start()
+    key, kid = generate_key(), "gw-1-k1"
+    httpx.put(
+        f"{server.url}/v1/emitters/gw-1",
+        json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, kid)]},
+        headers=ADMIN,
+    ).raise_for_status()
+    with Emitter(server.url, "gw-1", "acme", key, kid, spool=tmp_path / "spool") as emitter:
+        for _ in range(20):
+            emitter.emit(**invocation())
+        emitter.flush()
+    mirror = IcebergMirror(tmp_path / "data")
+    deadline = time.monotonic() + 60
+    while (table := mirror.table()) is None or table.scan(row_filter="tenant == 'acme'").to_arrow().num_rows < 20:
+        assert time.monotonic() < deadline, server.log_path.read_text()[-2000:]
+        time.sleep(0.2)
+    server.stop()
