@@ -4,7 +4,8 @@ the alerts it raises, and records every change of a finding as an event of the s
 
 It runs beside ingest in the same process, reading what the lake writer wrote: nothing on the path of an
 acknowledgement waits for it. On start it rebuilds the detector's state from the lake (a few queries, not a
-replay); on a data dir whose findings store is missing or behind, it first runs the whole-lake query once.
+replay); on a data dir whose findings store is missing, it first runs the whole-lake query once (the findings of
+events from before detection are recorded, without alerts).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class DetectionLoop:
         cursor = self.store.cursor()
         with self.lake.connect() as connection:
             [(newest,)] = connection.execute("SELECT max(log_index) FROM all_events").fetchall()
-        if newest is not None and cursor < newest and cursor < 0 and newest > BATCH:
+        if newest is not None and cursor < 0:  # events from before detection: findings, but not news
             log.info("findings store is new on a lake of %d events: running the whole-lake query once", newest + 1)
             found = findings(self.lake, kinds=INCREMENTAL_KINDS, settings=self.detector.settings)
             self.store.merge(found, cursor=newest)  # history, not news: no alerts
