@@ -130,24 +130,23 @@ class Gateway:
         upstream = self.upstreams[decision.server]
         meta = {META_EVENT_ID: event_id, **({META_TRACE: links["trace_id"]} if "trace_id" in links else {})}
         upstream_started = time.perf_counter()
+        # Once forwarded, the call is recorded whatever happens next: an agent that goes away mid-call cancels this
+        # task, and the record is then written under a shield, its outcome an error saying so.
+        fields["outcome"] = "error"
+        fields["attrs"] = {"error": "the agent's request ended before the upstream answered"}
         try:
             result = await upstream.call(tool, arguments, meta)
             fields["outcome"] = "error" if result.is_error else "success"
+            del fields["attrs"]
         except UpstreamError as exc:
             self.counters.upstream_errors += 1
-            fields["outcome"] = "error"
             fields["attrs"] = {"error": _clipped(str(exc))}
             result = types.CallToolResult(content=[types.TextContent(type="text", text=str(exc))], is_error=True)
-        upstream_seconds = time.perf_counter() - upstream_started
-        self.counters.allowed += 1
-        if reservation is not None:
-            try:
-                await anyio.to_thread.run_sync(lambda: reservation.emit(**fields))
-            except OSError as exc:  # the disk failed under the spool: the call ran, its record did not land
-                self.counters.unaudited += 1
-                log.critical("event %s of a call that ran was not recorded: %s", event_id, exc)
-        else:
-            await self._record_unreserved(fields)
+        finally:
+            upstream_seconds = time.perf_counter() - upstream_started
+            self.counters.allowed += 1
+            with anyio.CancelScope(shield=True):
+                await self._record_allowed(fields, reservation)
         overhead = time.perf_counter() - started - upstream_seconds
         self._note_overhead(overhead)
         result.meta = {**(result.meta or {}), META_EVENT_ID: event_id, META_DECISION: "allow"}
@@ -207,6 +206,19 @@ class Gateway:
         except (SpoolFull, OSError, httpx.HTTPError) as exc:
             log.error("the audit spool cannot take events: %s", exc)
             return None
+
+    async def _record_allowed(self, fields: dict[str, Any], reservation: Reservation | None) -> None:
+        """The record of a forwarded call: into its reservation (closed mode), else as room allows."""
+        if reservation is None:
+            await self._record_unreserved(fields)
+            return
+        try:
+            await anyio.to_thread.run_sync(lambda: reservation.emit(**fields))
+        except OSError as exc:  # the disk failed under the spool: the call ran, its record did not land
+            self.counters.unaudited += 1
+            log.critical("event %s of a call that ran was not recorded: %s", fields["event_id"], exc)
+        finally:
+            reservation.release()  # nothing if the event used it
 
     async def _record_unreserved(self, fields: dict[str, Any]) -> None:
         """A deny (the call is refused whatever happens here) or an open-mode call without a reservation."""
