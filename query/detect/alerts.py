@@ -19,7 +19,6 @@ import ssl
 import threading
 import time
 import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -304,7 +303,3 @@ def _header_field(value: str) -> str:
     """A header field: printable US-ASCII without spaces, at most 255 characters, or '-'."""
     cleaned = "".join(char for char in value if 33 <= ord(char) <= 126)[:255]
     return cleaned or "-"
-
-
-def channel_names(channels: Sequence[ChannelConfig]) -> list[str]:
-    return [channel.name for channel in channels]

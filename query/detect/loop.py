@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class DetectionStats:
     events: int = 0
     opened: int = 0
     last_error: str | None = None
-    lag_seconds: list[float] = field(default_factory=list)  # received_at -> detected, recent batches
 
 
 class DetectionLoop:
@@ -184,10 +183,6 @@ class DetectionLoop:
         stats = self.stats
         stats.cursor, stats.batches, stats.events = newest, stats.batches + 1, stats.events + batch.num_rows
         stats.opened += sum(1 for item in merged if item.opened)
-        received = batch["received_at"][-1].as_py()
-        if received is not None:
-            stats.lag_seconds.append(max(0.0, time.time() - received.timestamp()))
-            del stats.lag_seconds[:-1000]
         for item in merged:
             if item.opened:
                 record = item.record
