@@ -159,21 +159,12 @@ def test_an_emitter_reservation_is_used_once_and_given_back(tmp_path: Path) -> N
 
 def test_an_emitter_delivers_through_the_spool_and_resumes_its_chain(tmp_path: Path) -> None:
     with open_harness(tmp_path / "data") as harness:
-        key = generate_key()
-        harness.client.put(
-            "/v1/emitters/gw-sdk",
-            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "gw-sdk-k1")]},
-            headers=ADMIN,
-        ).raise_for_status()
+        key, kid = harness.register("gw-sdk")
         spool = tmp_path / "spool"
-        first = Emitter(
-            "http://testserver", "gw-sdk", "acme", key, "gw-sdk-k1", spool=spool, client=harness.client, send=False
-        )
+        first = Emitter("http://testserver", "gw-sdk", "acme", key, kid, spool=spool, client=harness.client, send=False)
         signed = [first.emit(**invocation(trace_id=f"t-{n}")) for n in range(5)]
         first.close()  # not sent: the process "stopped" here
-        again = Emitter(
-            "http://testserver", "gw-sdk", "acme", key, "gw-sdk-k1", spool=spool, client=harness.client, send=False
-        )
+        again = Emitter("http://testserver", "gw-sdk", "acme", key, kid, spool=spool, client=harness.client, send=False)
         signed.append(again.emit(**invocation()))
         assert [s.seq for s in signed] == [1, 2, 3, 4, 5, 6]
         again.flush()
@@ -302,14 +293,9 @@ def test_with_the_log_key_it_checks_receipts_and_detects_a_forked_history(tmp_pa
     honest, fork = tmp_path / "honest", tmp_path / "fork"
     with open_harness(honest) as log:
         vkey = log_key(honest).vkey
-        key = generate_key()
-        log.client.put(
-            "/v1/emitters/gw-sdk",
-            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "gw-sdk-k1")]},
-            headers=ADMIN,
-        ).raise_for_status()
+        key, kid = log.register("gw-sdk")
         options: dict[str, Any] = {"client": log.client, "send": False, "log_key": vkey}
-        gateway = Emitter("http://t", "gw-sdk", "acme", key, "gw-sdk-k1", spool=tmp_path / "spool", **options)
+        gateway = Emitter("http://t", "gw-sdk", "acme", key, kid, spool=tmp_path / "spool", **options)
         for n in range(4):
             gateway.emit(**invocation(trace_id=f"t-{n}"))
         gateway.flush()
@@ -334,13 +320,9 @@ def test_with_the_log_key_it_checks_receipts_and_detects_a_forked_history(tmp_pa
         gateway.close()
         # A log key of the same name but another key: no checkpoint, no receipt of this log verifies with it.
         impostor = NoteKey.of(log_key(fork).name, Ed25519PrivateKey.generate()).vkey
-        other.client.put(
-            "/v1/emitters/gw-sdk-2",
-            json={"tenant": "acme", "kind": "gateway", "keys": [public_jwk(key, "gw-sdk-2-k1")]},
-            headers=ADMIN,
-        ).raise_for_status()
+        key, kid = other.register("gw-sdk-2")
         options = {"client": other.client, "send": False, "log_key": impostor}
-        stranger = Emitter("http://t", "gw-sdk-2", "acme", key, "gw-sdk-2-k1", spool=tmp_path / "spool-2", **options)
+        stranger = Emitter("http://t", "gw-sdk-2", "acme", key, kid, spool=tmp_path / "spool-2", **options)
         with pytest.raises(LogMisbehaved, match="carries no signature by"):
             stranger.check_log()
         stranger.emit(**invocation())
