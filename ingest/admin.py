@@ -23,6 +23,7 @@ from store.ground.jws import sign_compact
 from store.ground.keys import KeyRing, public_jwk, validate_jwk
 from store.ground.layout import SERVER_EMITTER, SYSTEM_TENANT
 from store.ground.server_key import ServerKey
+from store.sequencing import ChainView, Decision
 from store.state import Head
 from store.wal import WalRecord
 
@@ -87,7 +88,7 @@ class Registry:
         kids = [jwk["kid"] for jwk in validated]
         if len(set(kids)) != len(kids):
             raise InvalidInput(f"keys repeat a kid: {kids}")
-        with self.service.emitter_lock(SERVER_EMITTER):
+        with self.service.sequencer.registry_lock():
             emitters = self.store.state.emitters()
             registered = self.store.state.keys()
             existing = emitters.get(emitter_id)
@@ -127,7 +128,7 @@ class Registry:
     def revoke_key(self, emitter_id: str, kid: str, reason: str | None, actor: str) -> tuple[dict[str, Any], bool]:
         if reason is not None and (not isinstance(reason, str) or len(reason) > 1024):
             raise InvalidInput("reason must be a string of at most 1024 characters")
-        with self.service.emitter_lock(SERVER_EMITTER):
+        with self.service.sequencer.registry_lock():
             key = self.store.state.keys().get(kid)
             if key is None or key.emitter != emitter_id:
                 raise NotFound(f"emitter {emitter_id} has no key {kid!r}")
@@ -171,43 +172,47 @@ class Registry:
         return self._record("admin.finding", changes)
 
     def _record(self, event_type: str, changes: list[dict[str, Any]]) -> int:
-        with self.service.emitter_lock(SERVER_EMITTER):
+        with self.service.sequencer.registry_lock():
             return self._record_locked([event_type] * len(changes), changes)
 
     def _record_locked(self, types: Iterable[str], changes: list[dict[str, Any]]) -> int:
-        head = self.service.head(SERVER_EMITTER)
-        now = datetime.now(UTC)
-        occurred_at = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}Z"
-        records = []
-        for event_type, change in zip(types, changes, strict=True):
-            payload: dict[str, Any] = {
-                "v": 1,
-                "event_id": str(uuid.uuid4()),
-                "type": event_type,
-                "occurred_at": occurred_at,
-                "emitter": SERVER_EMITTER,
-                "tenant": SYSTEM_TENANT,
-                "seq": head.seq + 1,
-                "prev_hash": head.event_hash,
-                "admin": {name: value for name, value in change.items() if value is not None},
-            }
-            canonical = canonicalize(payload)
-            digest = event_hash(canonical)
-            jws = sign_compact(canonical, self.server_key.private_key, self.server_key.kid)
-            records.append(
-                WalRecord(
-                    payload["event_id"],
-                    SERVER_EMITTER,
-                    head.seq + 1,
-                    digest,
-                    int(now.timestamp() * 1_000_000),
-                    self.server_key.kid,
-                    jws,
+        types = list(types)
+
+        def decide(view: ChainView) -> Decision[None]:
+            head = view.head(SERVER_EMITTER)
+            now = datetime.now(UTC)
+            occurred_at = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}Z"
+            records = []
+            for event_type, change in zip(types, changes, strict=True):
+                payload: dict[str, Any] = {
+                    "v": 1,
+                    "event_id": str(uuid.uuid4()),
+                    "type": event_type,
+                    "occurred_at": occurred_at,
+                    "emitter": SERVER_EMITTER,
+                    "tenant": SYSTEM_TENANT,
+                    "seq": head.seq + 1,
+                    "prev_hash": head.event_hash,
+                    "admin": {name: value for name, value in change.items() if value is not None},
+                }
+                canonical = canonicalize(payload)
+                digest = event_hash(canonical)
+                jws = sign_compact(canonical, self.server_key.private_key, self.server_key.kid)
+                records.append(
+                    WalRecord(
+                        payload["event_id"],
+                        SERVER_EMITTER,
+                        head.seq + 1,
+                        digest,
+                        int(now.timestamp() * 1_000_000),
+                        self.server_key.kid,
+                        jws,
+                    )
                 )
-            )
-            head = Head(head.seq + 1, digest)
-        first = self.store.append(records)
-        self.service.set_head(SERVER_EMITTER, head)
+                head = Head(head.seq + 1, digest)
+            return Decision(records, {SERVER_EMITTER: head}, None)
+
+        first, _ = self.service.sequencer.sequence([SERVER_EMITTER], set(), decide)
         self._reload()
         return first
 

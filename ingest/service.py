@@ -1,18 +1,16 @@
 """The ingest service: a batch of JWS events in, one result per event out, accepted events durable first.
 
 ``IngestService.ingest`` runs the stateless checks (``checks.check_event``; the server runs them in its verifier
-processes, ``ingest.verifiers``, and calls ``commit``), then, holding the locks of the
-emitters in the batch (in sorted order, so two batches never deadlock), checks each event against its emitter's
-chain, appends the accepted ones to the write-ahead log with one fsync, and only then advances the heads. If the
-append fails, the request fails with StorageUnavailable and nothing in it is acknowledged or remembered.
+processes, ``ingest.verifiers``, and calls ``commit``), then hands the sequencer (``store.sequencing``) a decision:
+each event checked against its emitter's chain, the accepted ones made durable (the write-ahead log's fsync, or a
+PostgreSQL commit on a cluster) and numbered in the log, and only then the heads advanced. If that fails, the
+request fails with StorageUnavailable and nothing in it is acknowledged or remembered.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,7 +23,8 @@ from ingest.codes import ErrorCode, Status
 from store.engine import Store
 from store.ground.jws import sign_compact
 from store.ground.keys import KeyRing
-from store.state import Head
+from store.sequencing import ChainView, Decision, Sequencer
+from store.state import Head, IndexEntry
 from store.wal import WalRecord
 
 __all__ = ["BatchOutcome", "EventResult", "IngestService", "Limits", "Receipts"]
@@ -83,25 +82,11 @@ class IngestService:
         self.store = store
         self.keys = keys
         self.limits = limits
-        self._heads: dict[str, Head] = store.state.heads()
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-        # event_ids being decided and appended by a request: emitter locks do not cover two emitters that send
-        # the same event_id, so without this both could be accepted and the lake would hold the id twice
-        self._claimed: set[str] = set()
-        self._claims_changed = threading.Condition()
+        self.sequencer: Sequencer = store.sequencer()
         self.receipts: Receipts | None = None  # set once the server key is loaded
 
     def head(self, emitter: str) -> Head:
-        return self._heads.get(emitter, Head())
-
-    def set_head(self, emitter: str, head: Head) -> None:
-        """Advance a head after a durable append made outside ``ingest`` (the server's own stream)."""
-        self._heads[emitter] = head
-
-    def emitter_lock(self, emitter: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(emitter, threading.Lock())
+        return self.sequencer.head(emitter)
 
     def ingest(self, tokens: Sequence[object], *, now: datetime | None = None) -> BatchOutcome:
         """Check ``tokens`` in this thread, then commit them."""
@@ -118,112 +103,99 @@ class IngestService:
         """Decide each checked event against its emitter's chain and make the accepted ones durable."""
         emitters = sorted({item.emitter for item in checked if item.emitter is not None})
         event_ids = {item.event_id for item in checked if isinstance(item, Verified)}
-        with ExitStack() as stack:
-            for emitter in emitters:
-                stack.enter_context(self.emitter_lock(emitter))
-            stack.enter_context(self._claim(event_ids))
-            results, accepted, heads = self._chain(checked)
-            received_at_us = time.time_ns() // 1000
-            first = self.store.append(
-                [
-                    WalRecord(
-                        item.event_id, item.emitter, item.seq, item.event_hash, received_at_us, item.kid, item.jws
-                    )
-                    for item in accepted
-                ]
-            )
-            self._heads.update(heads)
+        received_at_us = time.time_ns() // 1000
+
+        def decide(view: ChainView) -> Decision[tuple[list[EventResult], list[Verified], dict[str, Head]]]:
+            results, accepted, heads = _chain(checked, view)
+            records = [
+                WalRecord(item.event_id, item.emitter, item.seq, item.event_hash, received_at_us, item.kid, item.jws)
+                for item in accepted
+            ]
+            after = {emitter: heads.get(emitter) or view.head(emitter) for emitter in emitters}
+            return Decision(records, heads, (results, accepted, after))
+
+        first, decision = self.sequencer.sequence(emitters, event_ids, decide)
+        results, accepted, after = decision.outcome
         numbered = _numbered(results, first)
         receipt = None
         if accepted and self.receipts is not None:
             receipt = self.receipts.sign(accepted, first, received_at_us)
-        return BatchOutcome(numbered, {emitter: self.head(emitter) for emitter in emitters}, receipt)
+        return BatchOutcome(numbered, after, receipt)
 
-    @contextmanager
-    def _claim(self, event_ids: set[str]) -> Iterator[None]:
-        """Hold ``event_ids`` while this request decides and appends them; wait first for any request holding
-        one of them, whose outcome then shows in the index. Claims are taken all at once and never while holding
-        one, so two requests never wait for each other."""
-        with self._claims_changed:
-            while not self._claimed.isdisjoint(event_ids):
-                self._claims_changed.wait()
-            self._claimed |= event_ids
-        try:
-            yield
-        finally:
-            with self._claims_changed:
-                self._claimed -= event_ids
-                self._claims_changed.notify_all()
 
-    def _chain(self, checked: list[Verified | Rejected]) -> tuple[list[EventResult], list[Verified], dict[str, Head]]:
-        """Decide each verified event against its emitter's head; no state changes here."""
-        verified = [item for item in checked if isinstance(item, Verified)]
-        stored = self.store.find_event_ids([item.event_id for item in verified])
-        heads: dict[str, Head] = {}
-        in_batch: dict[str, Verified] = {}
-        poisoned: set[str] = set()
-        accepted: list[Verified] = []
-        results: list[EventResult] = []
-        for item in checked:
-            if isinstance(item, Rejected):
-                if item.emitter is not None:
-                    poisoned.add(item.emitter)
-                results.append(EventResult(item.event_id, Status.REJECTED, item.code, item.detail))
-                continue
-            if item.emitter in poisoned:
-                results.append(
-                    EventResult(
-                        item.event_id,
-                        Status.REJECTED,
-                        ErrorCode.AFTER_REJECTED,
-                        f"an earlier event of {item.emitter} in this request was rejected; resend from seq {item.seq}",
-                    )
-                )
-                continue
-            head = heads.get(item.emitter) or self.head(item.emitter)
-            result = self._decide(item, head, stored, in_batch)
-            results.append(result)
-            if result.status is Status.REJECTED:
+def _chain(
+    checked: list[Verified | Rejected], view: ChainView
+) -> tuple[list[EventResult], list[Verified], dict[str, Head]]:
+    """Decide each verified event against its emitter's head; no state changes here."""
+    stored = view.stored()
+    heads: dict[str, Head] = {}
+    in_batch: dict[str, Verified] = {}
+    poisoned: set[str] = set()
+    accepted: list[Verified] = []
+    results: list[EventResult] = []
+    for item in checked:
+        if isinstance(item, Rejected):
+            if item.emitter is not None:
                 poisoned.add(item.emitter)
-            elif result.status is Status.ACCEPTED:
-                accepted.append(item)
-                in_batch[item.event_id] = item
-                heads[item.emitter] = Head(item.seq, item.event_hash)
-        return results, accepted, heads
+            results.append(EventResult(item.event_id, Status.REJECTED, item.code, item.detail))
+            continue
+        if item.emitter in poisoned:
+            results.append(
+                EventResult(
+                    item.event_id,
+                    Status.REJECTED,
+                    ErrorCode.AFTER_REJECTED,
+                    f"an earlier event of {item.emitter} in this request was rejected; resend from seq {item.seq}",
+                )
+            )
+            continue
+        head = heads.get(item.emitter) or view.head(item.emitter)
+        result = _decide(item, head, view, stored, in_batch)
+        results.append(result)
+        if result.status is Status.REJECTED:
+            poisoned.add(item.emitter)
+        elif result.status is Status.ACCEPTED:
+            accepted.append(item)
+            in_batch[item.event_id] = item
+            heads[item.emitter] = Head(item.seq, item.event_hash)
+    return results, accepted, heads
 
-    def _decide(self, item: Verified, head: Head, stored: dict[str, Any], in_batch: dict[str, Verified]) -> EventResult:
-        known = in_batch.get(item.event_id) or stored.get(item.event_id)
-        if known is not None:
-            if known.event_hash == item.event_hash:
-                return EventResult(item.event_id, Status.DUPLICATE)
-            return _reject(
-                item,
-                ErrorCode.EVENT_ID_CONFLICT,
-                f"event_id {item.event_id} is already stored as {known.emitter} seq {known.seq} with hash"
-                f" {known.event_hash}; this event hashes to {item.event_hash}",
-            )
-        if item.seq <= head.seq:
-            stored_hash = self.store.hashes_at(item.emitter, [item.seq]).get(item.seq, "?")
-            return _reject(
-                item,
-                ErrorCode.CHAIN_CONFLICT,
-                f"seq {item.seq} of {item.emitter} is already stored with hash {stored_hash};"
-                f" this event hashes to {item.event_hash} (head is seq {head.seq})",
-            )
-        if item.seq > head.seq + 1:
-            return _reject(
-                item,
-                ErrorCode.CHAIN_GAP,
-                f"seq {item.seq} of {item.emitter} leaves a gap: head is seq {head.seq}, expected seq {head.seq + 1}",
-            )
-        if item.prev_hash != head.event_hash:
-            return _reject(
-                item,
-                ErrorCode.CHAIN_CONFLICT,
-                f"prev_hash of {item.emitter} seq {item.seq} does not link to the head: expected {head.event_hash},"
-                f" got {item.prev_hash}",
-            )
-        return EventResult(item.event_id, Status.ACCEPTED)
+
+def _decide(
+    item: Verified, head: Head, view: ChainView, stored: Mapping[str, IndexEntry], in_batch: dict[str, Verified]
+) -> EventResult:
+    known: Verified | IndexEntry | None = in_batch.get(item.event_id) or stored.get(item.event_id)
+    if known is not None:
+        if known.event_hash == item.event_hash:
+            return EventResult(item.event_id, Status.DUPLICATE)
+        return _reject(
+            item,
+            ErrorCode.EVENT_ID_CONFLICT,
+            f"event_id {item.event_id} is already stored as {known.emitter} seq {known.seq} with hash"
+            f" {known.event_hash}; this event hashes to {item.event_hash}",
+        )
+    if item.seq <= head.seq:
+        stored_hash = view.hash_at(item.emitter, item.seq) or "?"
+        return _reject(
+            item,
+            ErrorCode.CHAIN_CONFLICT,
+            f"seq {item.seq} of {item.emitter} is already stored with hash {stored_hash};"
+            f" this event hashes to {item.event_hash} (head is seq {head.seq})",
+        )
+    if item.seq > head.seq + 1:
+        return _reject(
+            item,
+            ErrorCode.CHAIN_GAP,
+            f"seq {item.seq} of {item.emitter} leaves a gap: head is seq {head.seq}, expected seq {head.seq + 1}",
+        )
+    if item.prev_hash != head.event_hash:
+        return _reject(
+            item,
+            ErrorCode.CHAIN_CONFLICT,
+            f"prev_hash of {item.emitter} seq {item.seq} does not link to the head: expected {head.event_hash},"
+            f" got {item.prev_hash}",
+        )
+    return EventResult(item.event_id, Status.ACCEPTED)
 
 
 def _numbered(results: list[EventResult], first: int) -> list[EventResult]:

@@ -33,6 +33,7 @@ from store.indexer import IndexWriter
 from store.lake import Lake, SegmentWrite
 from store.merkle_log import MerkleLog
 from store.orphans import exit_with_parent, name_process
+from store.sequencing import LocalSequencer, Sequencer
 from store.state import IndexEntry, StateDB
 from store.wal import WalRecord, WriteAheadLog, read_records
 
@@ -390,6 +391,10 @@ class Store:
             self.index.write_now(entries, admin)
         else:
             self.index.add(entries)
+
+    def sequencer(self) -> Sequencer:
+        """Who decides chains and the log's order for this store (``store.sequencing``)."""
+        return LocalSequencer(self)
 
     def find_event_ids(self, event_ids: Sequence[str]) -> dict[str, IndexEntry]:
         return self.index.find_event_ids(event_ids)
