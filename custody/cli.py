@@ -166,6 +166,13 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the lake also as an Apache Iceberg table in DATA_DIR/iceberg (a snapshot per flush; docs/scale.md)",
     )
     serve.add_argument(
+        "--state",
+        metavar="postgresql://...",
+        help="run as one node of several: the shared state (event ids, chains, the registry, the log's order) and"
+        " each event's durable copy in this PostgreSQL database; DATA_DIR is then the lake and log every node"
+        " shares (docs/scale.md). Without it: SQLite and a write-ahead log in DATA_DIR",
+    )
+    serve.add_argument(
         "--no-detect",
         action="store_true",
         help="turn continuous detection off (findings are then computed only when asked for)",
@@ -945,8 +952,17 @@ def _serve(args: argparse.Namespace) -> int:
         alerts=args.alerts,
         rules=None if args.rules is None else _rule_book(args.rules),
         iceberg=args.iceberg,
+        state=_state_uri(args.state),
     )
     return 0
+
+
+def _state_uri(value: str | None) -> str | None:
+    from store.cluster import is_postgres_uri
+
+    if value is not None and not is_postgres_uri(value):
+        raise CustodyError(f"--state must be a postgresql:// connection string, got {value.split(':', 1)[0]}:...")
+    return value
 
 
 def _witness_endpoint(text: str) -> Any:

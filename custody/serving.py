@@ -83,6 +83,7 @@ def serve_ingest(
     alerts: Path | None = None,
     rules: RuleBook | None = None,
     iceberg: bool = False,
+    state: str | None = None,
 ) -> None:
     """Run the ingest API. Recovery happens in the app's lifespan, before the port takes traffic; SIGTERM and
     Ctrl-C stop accepting, finish requests in flight, and flush the WAL into the lake. With ``detect``, continuous
@@ -99,7 +100,8 @@ def serve_ingest(
             raise CustodyError(f"--alerts: {exc}") from exc
         companions.append(Detection(data_dir, channels, rules))
     if iceberg:
-        companions.append(IcebergSync(data_dir))
+        # one node of several: the Iceberg catalog lives in the cluster's PostgreSQL (a SQL catalog there)
+        companions.append(IcebergSync(data_dir, catalog_uri=sqlalchemy_uri(state) if state else None))
     try:
         server = IngestServer(
             data_dir,
@@ -110,6 +112,7 @@ def serve_ingest(
             witnesses=witnesses,
             witness_quorum=witness_quorum,
             companions=companions,
+            state=state,
         )
     except ValueError as exc:
         from store.ground.errors import CustodyError
@@ -135,6 +138,11 @@ def serve_ingest(
     uvicorn.Server(config).run()
 
 
+def sqlalchemy_uri(dsn: str) -> str:
+    """The SQLAlchemy URI of a PostgreSQL connection string (psycopg 3's dialect)."""
+    return "postgresql+psycopg://" + dsn.split("://", 1)[1]
+
+
 class Detection:
     """Continuous detection as a companion of the ingest server: its loop starts once the server is open and
     records each finding's changes in the server's signed stream."""
@@ -142,19 +150,37 @@ class Detection:
     def __init__(self, data_dir: Path, channels: AlertChannels | None, rules: RuleBook | None = None) -> None:
         self.data_dir, self.channels, self.rules = data_dir, channels, rules
         self.loop: DetectionLoop | None = None
+        self.server: IngestServer
 
     def start(self, server: IngestServer) -> None:
+        from store.cluster import ClusterStore
+
+        self.server = server
+        server.store.flush_listeners.append(self._wake)  # a round as soon as new events are in the lake
+        if isinstance(server.store, ClusterStore):  # one node of several: detection runs where the lake is written
+            server.store.lead_listeners.append(self._lead)
+        else:
+            self._lead(True)
+
+    def _lead(self, leading: bool) -> None:
         from query.detect.loop import DetectionLoop
 
+        if not leading:
+            self.stop()
+            return
         self.loop = DetectionLoop(
-            self.data_dir, channels=self.channels, settings=self.rules, record=server.registry.record_findings
+            self.data_dir, channels=self.channels, settings=self.rules, record=self.server.registry.record_findings
         )
-        server.store.flush_listeners.append(self.loop.wake)  # a round as soon as new events are in the lake
         self.loop.start()
 
-    def stop(self) -> None:
+    def _wake(self) -> None:
         if self.loop is not None:
-            self.loop.stop()
+            self.loop.wake()
+
+    def stop(self) -> None:
+        loop, self.loop = self.loop, None
+        if loop is not None:
+            loop.stop()
 
 
 class IcebergSync:

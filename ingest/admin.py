@@ -67,7 +67,7 @@ class Registry:
                 f"the server key in state/server_key.pem {state} (kid {self.server_key.kid}; the log has"
                 f" {', '.join(server.kids)}); restore the original key file"
             )
-        self._reload()
+        self.reload()
 
     def put_emitter(self, emitter_id: str, body: object, actor: str) -> tuple[dict[str, Any], bool]:
         """Create the emitter or add keys; return its view and whether anything changed."""
@@ -213,10 +213,11 @@ class Registry:
             return Decision(records, {SERVER_EMITTER: head}, None)
 
         first, _ = self.service.sequencer.sequence([SERVER_EMITTER], set(), decide)
-        self._reload()
+        self.reload()
         return first
 
-    def _reload(self) -> None:
+    def reload(self) -> None:
+        """Load the key ring from the registry (after a change here, or one another node made)."""
         emitters = self.store.state.emitters()
         specs = [
             (kid, record.emitter, emitters[record.emitter].tenant, record.jwk, record.revoked_at)

@@ -8,15 +8,19 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 from ingest.admin import Registry
 from ingest.auth import AdminToken
+from ingest.checks import Rejected, Verified
+from ingest.codes import ErrorCode
 from ingest.metrics import IngestMetrics
 from ingest.service import BatchOutcome, IngestService, Limits, Receipts
 from ingest.verifiers import VerifierPool
 from ingest.witness import WitnessEndpoint, Witnessing
+from store.cluster import ClusterStore, is_postgres_uri
 from store.engine import Store
 from store.ground.keys import KeyRing
 from store.ground.layout import DataDir
@@ -49,12 +53,18 @@ class IngestServer:
         witnesses: Sequence[WitnessEndpoint] = (),
         witness_quorum: int = 0,
         companions: Sequence[Companion] = (),
+        state: str | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.companions = list(companions)
         self.admin = AdminToken(admin_token)
         self.limits = limits or Limits()
-        self.store = Store(data_dir, flush_interval=flush_interval, writer_process=writer_process)
+        # --state postgresql://...: one node of several (store.cluster); otherwise the embedded store
+        self.store: Store = (
+            ClusterStore(data_dir, state, flush_interval=flush_interval)
+            if state is not None and is_postgres_uri(state)
+            else Store(data_dir, flush_interval=flush_interval, writer_process=writer_process)
+        )
         self.keys = KeyRing()
         self.metrics = IngestMetrics(self.store.flush_stats)
         self.ready = False
@@ -73,7 +83,7 @@ class IngestServer:
     def open(self, progress: Callable[[str], None] = log.info) -> None:
         """Recover (rebuild state if needed, replay the WAL into the lake), then start flushing."""
         self.store.open(progress)
-        self.metrics.watch_index(lambda: self.store.index.pending)
+        self.metrics.watch_index(lambda: self.store.index_pending)
         server_key, created = ServerKey.load_or_create(DataDir(self.data_dir).server_key_file)
         if self.verify_workers > 0:
             restarts = self.metrics.watch_verifiers(lambda: 0 if self.verifiers is None else self.verifiers.running)
@@ -88,6 +98,8 @@ class IngestServer:
         self.service.receipts = Receipts(server_key.private_key, server_key.kid, merkle.key.name)
         self.registry = Registry(self.service, self.keys, server_key)
         self.registry.start(created)
+        if isinstance(self.store, ClusterStore):
+            self.store.registry_listeners.append(self.registry.reload)  # keys registered through another node
         self.store.start_flusher()
         # Everything loaded so far lives as long as the server: keep it out of the cyclic collector's sweeps,
         # which otherwise walk it on every full collection, in the middle of acknowledgements.
@@ -99,20 +111,32 @@ class IngestServer:
 
     async def ingest(self, tokens: list[object]) -> BatchOutcome:
         """One request's events: checked in the verifier processes (in a server thread when there are none), then
-        committed in a server thread, because the WAL's fsync blocks."""
+        committed in a server thread, because the WAL's fsync (or PostgreSQL's commit) blocks."""
         loop = asyncio.get_running_loop()
+        checked = await self._check(tokens)
+        if isinstance(self.store, ClusterStore) and _unknown_key(checked):
+            # A key registered through another node a moment ago: load the registry now, not at the next poll.
+            changed = await loop.run_in_executor(self._commits, self.store.registry_changed)
+            if changed:
+                await loop.run_in_executor(self._commits, self.registry.reload)
+                checked = await self._check(tokens)
+        return await loop.run_in_executor(self._commits, self.service.commit, checked)
+
+    async def _check(self, tokens: list[object]) -> list[Verified | Rejected]:
+        now = datetime.now(UTC)
         if self.verifiers is None:
-            return await loop.run_in_executor(self._commits, self.service.ingest, tokens)
-        checked = await self.verifiers.check(
+            return await asyncio.get_running_loop().run_in_executor(
+                self._commits, partial(self.service.check, tokens, now=now)
+            )
+        return await self.verifiers.check(
             tokens,
             self.keys,
-            now=datetime.now(UTC),
+            now=now,
             max_event_bytes=self.limits.max_event_bytes,
             max_skew=self.limits.max_clock_skew,
             max_age=self.limits.max_event_age,
             leave_free=1 if self.store.catching_up else 0,
         )
-        return await loop.run_in_executor(self._commits, self.service.commit, checked)
 
     def close(self) -> None:
         self.ready = False
@@ -124,3 +148,7 @@ class IngestServer:
         self.store.close()
         if self.witnessing is not None:
             self.witnessing.close()
+
+
+def _unknown_key(checked: list[Verified | Rejected]) -> bool:
+    return any(isinstance(item, Rejected) and item.code is ErrorCode.UNKNOWN_KEY for item in checked)

@@ -392,6 +392,11 @@ class Store:
         else:
             self.index.add(entries)
 
+    @property
+    def index_pending(self) -> int:
+        """Event-index entries acknowledged but not yet in SQLite (``store.indexer``)."""
+        return self.index.pending
+
     def sequencer(self) -> Sequencer:
         """Who decides chains and the log's order for this store (``store.sequencing``)."""
         return LocalSequencer(self)

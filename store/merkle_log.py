@@ -235,6 +235,9 @@ class MerkleLog:
         self._written = 0  # the tree size whose tiles are all on disk: proofs are served up to it
         # Asked for cosignature lines of each new checkpoint (ingest.witness.Witnessing), from the publisher thread
         self.cosigners: Callable[[Checkpoint], list[str]] | None = None
+        # Called first in each publish, to ``add`` leaves that arrived elsewhere (a cluster's leader reads them
+        # from PostgreSQL, store.cluster)
+        self.feed: Callable[[], None] | None = None
         self.reissue_after = (
             60.0  # idle: submit the same checkpoint again after this many seconds, for fresh cosignatures
         )
@@ -251,6 +254,24 @@ class MerkleLog:
     @property
     def size(self) -> int:
         return self._edge.size
+
+    # -- several nodes (store.cluster) ----------------------------------------------------------------------------
+
+    def forget_pending(self) -> None:
+        """Drop batches added but not integrated: a node that (again) leads recovers the tree from the lake."""
+        with self._pending_lock:
+            self._pending.clear()
+
+    def reload_checkpoint(self) -> None:
+        """The newest checkpoint on disk, which another node may have signed since this one last looked."""
+        self.checkpoint = self._newest_checkpoint()
+
+    def follow(self) -> None:
+        """On a node that does not write the log: serve proofs up to the newest checkpoint another node wrote
+        (its tiles were written before it was signed)."""
+        self.reload_checkpoint()
+        if self.checkpoint is not None:
+            self._written = self.checkpoint.size
 
     # -- writing ------------------------------------------------------------------------------------------------
 
@@ -271,6 +292,8 @@ class MerkleLog:
     def publish(self) -> Checkpoint | None:
         """Integrate what was acknowledged, write its tiles, and sign a checkpoint of the new size (None when the
         tree did not grow or no key signs for it)."""
+        if self.feed is not None:
+            self.feed()
         self._integrate()
         with self._lock:
             edge = self._edge

@@ -111,6 +111,15 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         yield opened
 
 
+@pytest.fixture(params=["embedded", pytest.param("postgresql", marks=pytest.mark.cluster)], name="harness")
+def harness_on_each_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    """``harness`` on each backend: the embedded store, and a node of a cluster on a real PostgreSQL
+    (store.cluster). A module opts in by importing this fixture; its tests then run against both."""
+    state = request.getfixturevalue("postgres").database() if request.param == "postgresql" else None
+    with open_harness(tmp_path / "data", state=state) as opened:
+        yield opened
+
+
 def now_rfc3339() -> str:
     return rfc3339(datetime.now(UTC))
 
@@ -232,6 +241,16 @@ def org(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         harness.flush()
     assert posted == len(generated.events)
     return {"data": data, "key": generated.answer_key, "generated": generated}
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server for the session (tests/pg_kit.py); ``postgres.database()`` gives a test its own."""
+    from tests.pg_kit import PostgresServer
+
+    server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from ingest.app import create_app
 from ingest.sdk import generate_key, public_jwk
 from ingest.server import IngestServer
 from store import engine
-from tests.conftest import ADMIN, ADMIN_TOKEN, Harness, read_lake
+from tests.conftest import ADMIN, ADMIN_TOKEN, Harness, read_lake, harness_on_each_backend
 from tests.signing import chain
 
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ADMIN, Harness, open_harness
+from tests.conftest import ADMIN, Harness, open_harness, harness_on_each_backend
 from tests.signing import b64, chain
 
 JSON = st.recursive(

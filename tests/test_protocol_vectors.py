@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from ingest.sdk import public_jwk
 from store.ground.canonical import canonicalize, event_hash
 from store.ground.jws import sign_compact
-from tests.conftest import ADMIN, REPO, Harness
+from tests.conftest import ADMIN, REPO, Harness, harness_on_each_backend
 
 EXAMPLE = json.loads((REPO / "docs" / "vectors" / "protocol_example.json").read_text(encoding="utf-8"))
 KEY = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(EXAMPLE["private_key_hex"]))

@@ -9,7 +9,7 @@ import pytest
 
 from ingest.sdk import Emitter, EventsRejected
 from store.ground.errors import CanonicalizationError
-from tests.conftest import Harness, invocation, read_lake
+from tests.conftest import Harness, invocation, read_lake, harness_on_each_backend
 
 
 class LoseFirstResponses(httpx.BaseTransport):

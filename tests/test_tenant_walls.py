@@ -18,7 +18,7 @@ from query.findings import findings
 from query.lake import LakeReader
 from query.paths import delegation_path
 from tests import scenario
-from tests.conftest import Harness
+from tests.conftest import Harness, harness_on_each_backend
 
 
 def acme_answers(reader: LakeReader, s: scenario.Scenario, tenant: str | None) -> dict[str, Any]:
