@@ -105,17 +105,22 @@ def open_harness(data_dir: Path, max_events: int = 50, verify_workers: int = 0, 
         yield Harness(client, server, data_dir)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules marked ``each_backend`` run their ``harness`` tests against the embedded store and against a node
+    of a cluster on a real PostgreSQL (store.cluster)."""
+    if "harness" in metafunc.fixturenames and metafunc.definition.get_closest_marker("each_backend"):
+        backends = ["embedded", pytest.param("postgresql", marks=pytest.mark.cluster)]
+        metafunc.parametrize("backend", backends, indirect=True)
+
+
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    with open_harness(tmp_path / "data") as opened:
-        yield opened
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "embedded"))
 
 
-@pytest.fixture(params=["embedded", pytest.param("postgresql", marks=pytest.mark.cluster)], name="harness")
-def harness_on_each_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
-    """``harness`` on each backend: the embedded store, and a node of a cluster on a real PostgreSQL
-    (store.cluster). A module opts in by importing this fixture; its tests then run against both."""
-    state = request.getfixturevalue("postgres").database() if request.param == "postgresql" else None
+@pytest.fixture
+def harness(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    state = request.getfixturevalue("postgres").database() if backend == "postgresql" else None
     with open_harness(tmp_path / "data", state=state) as opened:
         yield opened
 

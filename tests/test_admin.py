@@ -15,8 +15,10 @@ from ingest.app import create_app
 from ingest.sdk import generate_key, public_jwk
 from ingest.server import IngestServer
 from store import engine
-from tests.conftest import ADMIN, ADMIN_TOKEN, Harness, read_lake, harness_on_each_backend
+from tests.conftest import ADMIN, ADMIN_TOKEN, Harness, read_lake
 from tests.signing import chain
+
+pytestmark = pytest.mark.each_backend  # harness tests run on the embedded store and on PostgreSQL
 
 
 def put(harness: Harness, emitter: str, body: object, headers: dict[str, str] = ADMIN) -> tuple[int, dict]:

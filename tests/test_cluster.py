@@ -75,14 +75,16 @@ def test_two_nodes_given_the_same_next_seq_at_once_accept_exactly_one(tmp_path: 
             answers: list[dict[str, Any]] = [{}, {}]
             start = threading.Barrier(2)
 
-            def post(slot: int, url: str, body: dict[str, Any]) -> None:
+            def post(
+                slot: int, url: str, body: dict[str, Any], start: threading.Barrier, answers: list[dict[str, Any]]
+            ) -> None:
                 token = sign(body, key, kid)
                 start.wait()
                 response = httpx.post(f"{url}/v1/events", json={"events": [token]}, timeout=30)
                 answers[slot] = response.json()["results"][0]
 
             threads = [
-                threading.Thread(target=post, args=(slot, url, body))
+                threading.Thread(target=post, args=(slot, url, body, start, answers))
                 for slot, (url, body) in enumerate(zip((first.url, second.url), rivals, strict=True))
             ]
             for thread in threads:

@@ -13,8 +13,10 @@ import pytest
 
 from ingest.sdk import generate_key, public_jwk, rfc3339
 from store.ground.canonical import ZERO_HASH
-from tests.conftest import ADMIN, Harness, invocation, read_lake, harness_on_each_backend
+from tests.conftest import ADMIN, Harness, invocation, read_lake
 from tests.signing import b64, chain, hash_of, hs256_token, payload, sign, sign_raw, unsigned_token
+
+pytestmark = pytest.mark.each_backend  # harness tests run on the embedded store and on PostgreSQL
 
 
 def header(members: dict[str, Any]) -> str:

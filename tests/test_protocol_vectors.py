@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -13,7 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from ingest.sdk import public_jwk
 from store.ground.canonical import canonicalize, event_hash
 from store.ground.jws import sign_compact
-from tests.conftest import ADMIN, REPO, Harness, harness_on_each_backend
+from tests.conftest import ADMIN, REPO, Harness
+
+pytestmark = pytest.mark.each_backend  # harness tests run on the embedded store and on PostgreSQL
 
 EXAMPLE = json.loads((REPO / "docs" / "vectors" / "protocol_example.json").read_text(encoding="utf-8"))
 KEY = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(EXAMPLE["private_key_hex"]))

@@ -9,7 +9,9 @@ import pytest
 
 from ingest.sdk import Emitter, EventsRejected
 from store.ground.errors import CanonicalizationError
-from tests.conftest import Harness, invocation, read_lake, harness_on_each_backend
+from tests.conftest import Harness, invocation, read_lake
+
+pytestmark = pytest.mark.each_backend  # harness tests run on the embedded store and on PostgreSQL
 
 
 class LoseFirstResponses(httpx.BaseTransport):

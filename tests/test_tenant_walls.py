@@ -12,13 +12,17 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from ingest.sdk import rfc3339
 from query.blast import forward_taint
 from query.findings import findings
 from query.lake import LakeReader
 from query.paths import delegation_path
 from tests import scenario
-from tests.conftest import Harness, harness_on_each_backend
+from tests.conftest import Harness
+
+pytestmark = pytest.mark.each_backend  # harness tests run on the embedded store and on PostgreSQL
 
 
 def acme_answers(reader: LakeReader, s: scenario.Scenario, tenant: str | None) -> dict[str, Any]:

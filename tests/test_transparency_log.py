@@ -30,9 +30,11 @@ from store.ground.jws import decode_payload, parse_compact, verify_signature
 from store.ground.layout import DataDir
 from store.ground.tlog import NoteKey, leaf_hash, open_checkpoint, verify_consistency, verify_inclusion
 from store.merkle_log import LogReader, MerkleLog
-from tests.conftest import Harness, open_harness, read_lake, harness_on_each_backend
+from tests.conftest import Harness, open_harness, read_lake
 from tests.signing import chain
 from tests.test_tlog_math import naive_root
+
+pytestmark = pytest.mark.each_backend  # harness tests run on the embedded store and on PostgreSQL
 
 
 def log_key(data: Path) -> NoteKey:
