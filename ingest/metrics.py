@@ -64,6 +64,23 @@ class IngestMetrics:
         )
         gauge.set_function(pending)
 
+    def watch_cluster(
+        self, transactions: Callable[[], int], log_lock: Callable[[], float], leading: Callable[[], int]
+    ) -> None:
+        """Export a cluster node's PostgreSQL figures (store.cluster)."""
+        for name, help_text, read in (
+            ("custody_pg_transactions", "Ingest transactions this node committed in PostgreSQL.", transactions),
+            (
+                "custody_pg_log_lock_seconds",
+                "Seconds this node's transactions held the log's order (the custody_log row), commit included:"
+                " the cluster's serial section.",
+                log_lock,
+            ),
+            ("custody_cluster_leader", "1 while this node writes the lake and the log.", leading),
+        ):
+            gauge = Gauge(name, help_text, registry=self.registry)
+            gauge.set_function(read)
+
     def watch_verifiers(self, running: Callable[[], int]) -> Counter:
         """Export the verifier processes running; returns the counter of replacements to increment."""
         gauge = Gauge(

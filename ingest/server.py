@@ -99,7 +99,11 @@ class IngestServer:
         self.registry = Registry(self.service, self.keys, server_key)
         self.registry.start(created)
         if isinstance(self.store, ClusterStore):
-            self.store.registry_listeners.append(self.registry.reload)  # keys registered through another node
+            cluster = self.store
+            cluster.registry_listeners.append(self.registry.reload)  # keys registered through another node
+            self.metrics.watch_cluster(
+                lambda: cluster.transactions, lambda: cluster.log_lock_seconds, lambda: int(cluster.leading)
+            )
         self.store.start_flusher()
         # Everything loaded so far lives as long as the server: keep it out of the cyclic collector's sweeps,
         # which otherwise walk it on every full collection, in the middle of acknowledgements.

@@ -58,6 +58,13 @@ LEADER_LOCK = 0x637573746F6479  # "custody": the advisory lock of the node that 
 REGISTRY_LOCK = LEADER_LOCK + 1  # held while the registry checks a change and records it
 SCHEMA_LOCK = LEADER_LOCK + 2
 SEGMENT_EVENTS = 50_000  # at most this many events per lake segment
+_NUMBERED = (  # the committed events from log index %(start)s to before %(end)s, with their indexes
+    "SELECT b.first_index + p.ordinal AS log_index, {columns} FROM custody_batches b"
+    " JOIN custody_pending p ON p.batch = b.batch"
+    " WHERE b.first_index < %(end)s AND b.first_index + b.count > %(start)s"
+    " AND b.first_index + p.ordinal >= %(start)s AND b.first_index + p.ordinal < %(end)s ORDER BY 1"
+)
+_LAST = 2**62  # an end past any log index
 _RETRIES = 20  # a request that lost a race (the same event id from two emitters at once) is decided again
 
 _SCHEMA = """
@@ -73,10 +80,15 @@ CREATE TABLE IF NOT EXISTS custody_events (
     UNIQUE (emitter, seq)
 );
 CREATE TABLE IF NOT EXISTS custody_heads (emitter text PRIMARY KEY, seq bigint NOT NULL, event_hash text NOT NULL);
+-- The durable copy of each acknowledged event until the lake has it. Its log index is its batch's first index
+-- plus its ordinal: rows are written before the request takes its place in the log, so that the custody_log row
+-- is held only for one small insert and the commit.
 CREATE TABLE IF NOT EXISTS custody_pending (
-    log_index bigint PRIMARY KEY, event_id text NOT NULL, emitter text NOT NULL, seq bigint NOT NULL,
-    event_hash text NOT NULL, received_at_us bigint NOT NULL, kid text NOT NULL, jws text NOT NULL
+    batch uuid NOT NULL, ordinal int NOT NULL, event_id text NOT NULL, emitter text NOT NULL, seq bigint NOT NULL,
+    event_hash text NOT NULL, received_at_us bigint NOT NULL, kid text NOT NULL, jws text NOT NULL,
+    PRIMARY KEY (batch, ordinal)
 );
+CREATE TABLE IF NOT EXISTS custody_batches (first_index bigint PRIMARY KEY, count int NOT NULL, batch uuid NOT NULL);
 CREATE TABLE IF NOT EXISTS custody_segments (
     segment bigint PRIMARY KEY, first_index bigint NOT NULL, end_index bigint NOT NULL, done boolean NOT NULL
 );
@@ -171,6 +183,7 @@ class PgSequencer:
         self._state = state
         self.transactions = 0  # committed, for /metrics and bench/cluster.py
         self.retries = 0
+        self.log_lock_seconds = 0.0  # time the custody_log row was held, commit included (the serial section)
 
     def head(self, emitter: str) -> Head:
         return self._state.head(emitter)
@@ -195,23 +208,67 @@ class PgSequencer:
     ) -> tuple[int, Decision[T]]:
         for _ in range(_RETRIES):
             try:
-                with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
-                    result = self._sequence(cursor, sorted(emitters), event_ids, decide)
+                with self._pool.connection() as conn:
+                    first, decision = self._transaction(conn, sorted(emitters), event_ids, decide)
                 self.transactions += 1
-                return result
+                return first, decision
             except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
                 self.retries += 1  # another node stored one of these event ids first: decide again, seeing it
             except psycopg.Error as exc:
                 raise _unavailable(exc) from exc
         raise StorageUnavailable(f"PostgreSQL: the request lost {_RETRIES} races in a row; retry it")
 
-    def _sequence(
+    def _transaction(
+        self,
+        conn: psycopg.Connection[Any],
+        emitters: list[str],
+        event_ids: set[str],
+        decide: Callable[[ChainView], Decision[T]],
+    ) -> tuple[int, Decision[T]]:
+        """One request: lock its emitters' heads, decide, write the events, then take the next log indexes and
+        commit in one round trip (pipelined), so that the log's row is held for as short a time as PostgreSQL
+        allows: the commit's WAL flush."""
+        conn.execute("BEGIN")
+        try:
+            with conn.cursor() as cursor:
+                decision, batch = self._write(cursor, emitters, event_ids, decide)
+                count = len(decision.records)
+                if not count:
+                    row = cursor.execute("SELECT size FROM custody_log").fetchone()
+                    conn.execute("COMMIT")
+                    return int(row[0]) if row else 0, decision
+                admin = sum(1 for record in decision.records if record.emitter == SERVER_EMITTER)
+                with conn.pipeline():
+                    # The log's order: this row stays locked until the commit, so the next request numbers after
+                    # this one and indexes follow commits without a gap.
+                    cursor.execute(
+                        "WITH place AS (UPDATE custody_log SET size = size + %(count)s,"
+                        " registry_version = registry_version + %(admin)s"
+                        " RETURNING size - %(count)s AS first, extract(epoch FROM clock_timestamp()) AS locked_at)"
+                        " INSERT INTO custody_batches SELECT first, %(count)s, %(batch)s FROM place"
+                        " RETURNING first_index, (SELECT locked_at FROM place)",
+                        {"count": count, "admin": min(admin, 1), "batch": batch},
+                    )
+                    conn.execute("COMMIT")
+                row = cursor.fetchone()
+                if row is not None:  # from the moment the row was ours (the server's clock) to the commit's answer
+                    self.log_lock_seconds += max(0.0, time.time() - float(row[1]))
+        except BaseException:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        assert row is not None
+        return int(row[0]), decision
+
+    def _write(
         self,
         cursor: psycopg.Cursor[Any],
         emitters: list[str],
         event_ids: set[str],
         decide: Callable[[ChainView], Decision[T]],
-    ) -> tuple[int, Decision[T]]:
+    ) -> tuple[Decision[T], str]:
+        """Everything of the transaction but its place in the log; returns the decision and the batch's id."""
         heads: dict[str, Head] = {}
         if emitters:
             cursor.execute(
@@ -227,24 +284,19 @@ class PgSequencer:
             heads = {emitter: Head(seq, digest) for emitter, seq, digest in rows}
         decision = decide(_PgView(cursor, heads, event_ids))
         records = decision.records
+        batch = str(uuid.uuid4())
         if not records:
-            row = cursor.execute("SELECT size FROM custody_log").fetchone()
-            return int(row[0]) if row else 0, decision
+            return decision, batch
         with cursor.copy("COPY custody_events (event_id, emitter, seq, event_hash) FROM STDIN") as copy:
             for record in records:
                 copy.write_row((record.event_id, record.emitter, record.seq, record.event_hash))
-        # The log's order: this row stays locked until the commit, so the next request numbers after this one.
-        row = cursor.execute(
-            "UPDATE custody_log SET size = size + %s RETURNING size - %s", (len(records), len(records))
-        ).fetchone()
-        assert row is not None
-        first = int(row[0])
-        columns = "log_index, event_id, emitter, seq, event_hash, received_at_us, kid, jws"
+        columns = "batch, ordinal, event_id, emitter, seq, event_hash, received_at_us, kid, jws"
         with cursor.copy(f"COPY custody_pending ({columns}) FROM STDIN") as copy:
-            for index, record in enumerate(records, first):
+            for ordinal, record in enumerate(records):
                 copy.write_row(
                     (
-                        index,
+                        batch,
+                        ordinal,
                         record.event_id,
                         record.emitter,
                         record.seq,
@@ -258,12 +310,9 @@ class PgSequencer:
             "UPDATE custody_heads SET seq = %s, event_hash = %s WHERE emitter = %s",
             [(head.seq, head.event_hash, emitter) for emitter, head in sorted(decision.heads.items())],
         )
-        admin = [decode_payload(record.jws) for record in records if record.emitter == SERVER_EMITTER]
-        for payload in admin:
+        for payload in (decode_payload(record.jws) for record in records if record.emitter == SERVER_EMITTER):
             _apply_admin(cursor, payload["admin"], payload["occurred_at"])
-        if admin:
-            cursor.execute("UPDATE custody_log SET registry_version = registry_version + 1")
-        return first, decision
+        return decision, batch
 
 
 def _apply_admin(cursor: psycopg.Cursor[Any], change: dict[str, Any], occurred_at: str) -> None:
@@ -366,6 +415,10 @@ class ClusterStore(Store):
     @property
     def transactions(self) -> int:
         return 0 if self._sequencer is None else self._sequencer.transactions
+
+    @property
+    def log_lock_seconds(self) -> float:
+        return 0.0 if self._sequencer is None else self._sequencer.log_lock_seconds
 
     @property
     def index_pending(self) -> int:
@@ -486,7 +539,7 @@ class ClusterStore(Store):
         found = dict(Store._leaves_from(self, start))
         assert self._leader_conn is not None
         rows = self._leader_conn.execute(
-            "SELECT log_index, event_hash FROM custody_pending WHERE log_index >= %s", (start,)
+            _NUMBERED.format(columns="p.event_hash"), {"start": start, "end": _LAST}
         ).fetchall()
         for index, digest in rows:
             if found.setdefault(index, digest) != digest:
@@ -535,9 +588,8 @@ class ClusterStore(Store):
 
     def _write(self, conn: psycopg.Connection[Any], segment: int, first: int, end: int) -> int:
         rows = conn.execute(
-            "SELECT log_index, event_id, emitter, seq, event_hash, received_at_us, kid, jws FROM custody_pending"
-            " WHERE log_index >= %s AND log_index < %s ORDER BY log_index",
-            (first, end),
+            _NUMBERED.format(columns="p.event_id, p.emitter, p.seq, p.event_hash, p.received_at_us, p.kid, p.jws"),
+            {"start": first, "end": end},
         ).fetchall()
         if [row[0] for row in rows] != list(range(first, end)):
             raise CorruptState(f"segment {segment}: PostgreSQL does not hold every event of log indexes {first}-{end}")
@@ -552,7 +604,12 @@ class ClusterStore(Store):
         with conn.transaction():
             conn.execute("UPDATE custody_segments SET done = true WHERE segment = %s", (segment,))
             conn.execute("UPDATE custody_log SET lake_next = %s WHERE lake_next < %s", (end, end))
-            conn.execute("DELETE FROM custody_pending WHERE log_index < %s", (end,))
+            conn.execute(
+                "DELETE FROM custody_pending p USING custody_batches b WHERE p.batch = b.batch"
+                " AND b.first_index < %(end)s AND b.first_index + p.ordinal < %(end)s",
+                {"end": end},
+            )
+            conn.execute("DELETE FROM custody_batches WHERE first_index + count <= %s", (end,))
         return result.written
 
     def _feed_merkle(self, end: int | None = None) -> None:
@@ -563,9 +620,8 @@ class ClusterStore(Store):
             if conn is None:
                 return
             rows = conn.execute(
-                "SELECT log_index, event_hash FROM custody_pending WHERE log_index >= %s AND log_index < %s"
-                " ORDER BY log_index",
-                (self._merkle_next, end if end is not None else 2**63 - 1),
+                _NUMBERED.format(columns="p.event_hash"),
+                {"start": self._merkle_next, "end": end if end is not None else _LAST},
             ).fetchall()
             indexes = [index for index, _ in rows]
             if indexes != list(range(self._merkle_next, self._merkle_next + len(rows))):

@@ -30,7 +30,7 @@ def postgres_binaries() -> Path | None:
 class PostgresServer:
     """``initdb`` + ``postgres`` as the ``postgres`` account when run as root (PostgreSQL refuses root)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, settings: dict[str, str] | None = None) -> None:
         binaries = postgres_binaries()
         if binaries is None:
             raise RuntimeError("PostgreSQL is not installed: run .ci/setup-system (apt-get install postgresql)")
@@ -41,6 +41,7 @@ class PostgresServer:
         self.data = self.root / "pgdata"
         self.log = self.root / "postgres.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.settings = settings or {}
 
     def _as_owner(self, command: list[str]) -> list[str]:
         return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
@@ -60,6 +61,8 @@ class PostgresServer:
             "-c", f"port={self.port}", "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}",
             "-c", "max_connections=300", "-c", "shared_buffers=128MB",
         ]  # fmt: skip
+        for name, value in self.settings.items():
+            settings += ["-c", f"{name}={value}"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 self._as_owner([str(self.bin / "postgres"), "-D", str(self.data), *settings]),
