@@ -173,6 +173,13 @@ def _parser() -> argparse.ArgumentParser:
         " shares (docs/scale.md). Without it: SQLite and a write-ahead log in DATA_DIR",
     )
     serve.add_argument(
+        "--lake",
+        metavar="s3://bucket/prefix",
+        help="keep the lake on S3-compatible object storage (same Hive layout; credentials and endpoint from the"
+        " standard AWS environment and config); recorded in DATA_DIR/lake.json, whose lake/ is then a copy every"
+        " reader refreshes (docs/scale.md)",
+    )
+    serve.add_argument(
         "--no-detect",
         action="store_true",
         help="turn continuous detection off (findings are then computed only when asked for)",
@@ -931,6 +938,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise CustodyError("CUSTODY_ADMIN_TOKEN is not set: the server has no default admin token and will not start")
     from custody.serving import serve_ingest
     from ingest.service import Limits
+
+    if args.lake is not None:
+        from store.object_lake import configure
+
+        configure(args.data_dir, args.lake)
 
     limits = Limits(
         max_events=args.max_events,

@@ -1,7 +1,8 @@
 """Read-only DuckDB access to the lake, from any process, while the ingest server writes.
 
 Each query opens a fresh connection (a cursor of the process's in-memory DuckDB database) with its own views over
-the live files of ``<data-dir>/lake/events/``, listed anew: new Parquet files (flushed about every second) are
+the live files of ``<data-dir>/lake/events/``, listed anew (for a lake on object storage, that directory is a copy
+refreshed first: ``store.object_lake``): new Parquet files (flushed about every second) are
 visible to the next query, no query sees another's views, and nothing is ever written to the lake. The
 ``events`` view hides the server's own stream (tenant ``_system``); ``all_events`` has it.
 User input only ever reaches DuckDB as bound parameters.
@@ -21,6 +22,7 @@ import pyarrow as pa
 
 from store.ground.layout import SYSTEM_TENANT, DataDir
 from store.lake_files import HIVE_OPTIONS, live_files
+from store.object_lake import refresh
 from store.schema import EVENT_SCHEMA
 
 __all__ = ["LakeReader", "open_duckdb", "sql_paths"]
@@ -72,6 +74,7 @@ class LakeReader:
         """The live Parquet files (a compaction in progress never shows an event twice), or the pinned ones."""
         if self._pinned is not None:
             return self._pinned
+        refresh(self.data_dir)  # a lake on object storage: this data dir's copy brought up to date first
         return live_files(self.events_dir.glob("tenant=*/date=*/*.parquet"))
 
     def pinned(self, files: list[Path] | None = None, *, rows: pa.Table | None = None) -> LakeReader:

@@ -364,6 +364,7 @@ class ClusterStore(Store):
         self._registry_version = -1  # the registry version this node's key ring was last loaded at
         self._thread: threading.Thread | None = None
         self._merkle_next = 0
+        self._lake_heads: dict[str, dict[str, object]] = {}
         self._leader_guard = threading.RLock()  # the leader connection: the cluster thread's, or a caller's flush
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -509,11 +510,13 @@ class ClusterStore(Store):
         self._leader_conn = conn
         log.info("this node leads: it writes the lake and the transparency log")
         self.lake.remove_temporary_files()  # a dead leader's unfinished files; no other node writes the lake
+        self.lake.refresh()  # a lake on object storage: what the last leader wrote there
         self.merkle.forget_pending()
         self.merkle.reload_checkpoint()
         self.merkle.recover(self._leaves_from, log.info)
         self._merkle_next = self.merkle.size
         self.merkle.feed = self._feed_merkle
+        self._lake_heads = self._heads_in_lake(conn)
         self.leading = True
         self._tell_leading(True)
 
@@ -523,6 +526,31 @@ class ClusterStore(Store):
                 listener(leading)
             except Exception:
                 log.exception("a listener of this node's leadership failed")
+
+    def _heads_in_lake(self, conn: psycopg.Connection[Any]) -> dict[str, dict[str, object]]:
+        """Each emitter's last seq the lake holds (or may: a pending event's predecessor), with its tenant."""
+        rows = conn.execute(
+            "SELECT h.emitter, coalesce(min(p.seq) - 1, h.seq), e.tenant FROM custody_heads h"
+            " JOIN custody_emitters e ON e.emitter = h.emitter"
+            " LEFT JOIN custody_pending p ON p.emitter = h.emitter GROUP BY h.emitter, h.seq, e.tenant"
+        ).fetchall()
+        return {emitter: {"seq": seq, "tenant": tenant} for emitter, seq, tenant in rows if seq > 0}
+
+    def _record_lake_heads(self, conn: psycopg.Connection[Any], records: list[WalRecord]) -> None:
+        """After a segment reached the lake: ``state/lake-heads.json`` (what ``verify`` checks truncation with)."""
+        tenants: dict[str, str] = {}
+        for record in records:
+            known = self._lake_heads.get(record.emitter)
+            if known is None:
+                if not tenants:
+                    tenants = dict(conn.execute("SELECT emitter, tenant FROM custody_emitters").fetchall())
+                known = self._lake_heads[record.emitter] = {"seq": 0, "tenant": tenants.get(record.emitter, "")}
+            if record.seq > int(str(known["seq"])):
+                known["seq"] = record.seq
+        path = self.layout.lake_heads
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_bytes(orjson.dumps(self._lake_heads, option=orjson.OPT_SORT_KEYS))
+        os.replace(temporary, path)
 
     def _resign(self) -> None:
         if self.leading:
@@ -610,6 +638,7 @@ class ClusterStore(Store):
                 {"end": end},
             )
             conn.execute("DELETE FROM custody_batches WHERE first_index + count <= %s", (end,))
+        self._record_lake_heads(conn, records)
         return result.written
 
     def _feed_merkle(self, end: int | None = None) -> None:

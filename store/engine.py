@@ -225,6 +225,7 @@ class Store:
         self.layout.state.mkdir(mode=0o700, exist_ok=True)
         self._take_lock()
         self.lake.remove_temporary_files()
+        self.lake.refresh()  # a lake on object storage: recovery reads this data dir's copy of it
         self.state = StateDB(self.layout.state_db)
         self.index = IndexWriter(self.state)
         if not self.state.complete:

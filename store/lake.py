@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from store.ground.jws import decode_payload
 from store.ground.layout import DataDir
 from store.lake_files import live_files, segment_level, segment_range
+from store.object_lake import home_of
 from store.quarantine import Quarantine
 from store.rows import row_problem, row_values
 from store.schema import EVENT_SCHEMA, Signed, partition_of, rows_table
@@ -166,6 +167,9 @@ class Lake:
         self.root = root
         self.events_dir = root / "events"
         self.events_dir.mkdir(parents=True, exist_ok=True)
+        # The lake's home on object storage (lake.json beside lake/), of which this directory is then a copy:
+        # every file is uploaded before it gets its final name here, and deleted there before here.
+        self.home = home_of(root.parent)
         self.touched: list[Path] = []  # partitions the last write_segment wrote to
         self.quarantine = Quarantine(DataDir(root.parent).quarantine)  # the lake is <data-dir>/lake
 
@@ -242,6 +246,8 @@ class Lake:
             ):
                 for table in row_groups:
                     writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            if self.home is not None:
+                self.home.put(temporary, self._relative(final))
             os.rename(temporary, final)
             fsync_directory(directory)
             if created:
@@ -250,6 +256,21 @@ class Lake:
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+
+    def _relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    def _remove(self, paths: Iterable[Path]) -> None:
+        """Delete lake files: from the object store first (if the lake lives there), then here."""
+        for path in paths:
+            if self.home is not None:
+                self.home.delete(self._relative(path))
+            path.unlink(missing_ok=True)
+
+    def refresh(self) -> None:
+        """This copy brought up to date with the lake's home (a writer that starts to write does it first)."""
+        if self.home is not None:
+            self.home.refresh(self.root, force=True)
 
     def highest_segment(self) -> int:
         """The highest segment number that has a file in the lake (0 if none)."""
@@ -261,6 +282,8 @@ class Lake:
         for path in self.events_dir.glob("tenant=*/date=*/.*.tmp"):  # of segment files and of compactions
             path.unlink(missing_ok=True)
             removed += 1
+        if self.home is not None:
+            removed += self.home.remove_temporary_objects()
         if removed:
             log.info("removed %d unfinished Parquet files of a lake writer that ended", removed)
         return removed
@@ -314,8 +337,7 @@ class Lake:
         covered = sorted(path for path in paths if segment_range(path) is not None and path not in live)
         if covered:
             fsync_directory(directory)  # the wider file's name is on disk before its inputs leave
-            for path in covered:
-                path.unlink(missing_ok=True)
+            self._remove(covered)
             fsync_directory(directory)
             log.info("%s: removed %d files that a compacted file holds", directory, len(covered))
         return len(covered)
@@ -329,8 +351,7 @@ class Lake:
         high = max(r[1] for r in ranges if r)
         final = directory / f"{prefix}-{low:012d}-{high:012d}.parquet"
         self._write_atomic(directory, final, merge_sorted(paths))
-        for path in paths:
-            path.unlink(missing_ok=True)
+        self._remove(paths)
         fsync_directory(directory)
         return final
 

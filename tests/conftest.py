@@ -107,9 +107,10 @@ def open_harness(data_dir: Path, max_events: int = 50, verify_workers: int = 0, 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Modules marked ``each_backend`` run their ``harness`` tests against the embedded store and against a node
-    of a cluster on a real PostgreSQL (store.cluster)."""
+    of a cluster on a real PostgreSQL (store.cluster) whose lake lives on an S3-compatible server
+    (store.object_lake)."""
     if "harness" in metafunc.fixturenames and metafunc.definition.get_closest_marker("each_backend"):
-        backends = ["embedded", pytest.param("postgresql", marks=pytest.mark.cluster)]
+        backends = ["embedded", pytest.param("postgresql", id="postgresql+s3", marks=pytest.mark.cluster)]
         metafunc.parametrize("backend", backends, indirect=True)
 
 
@@ -120,7 +121,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def harness(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iterator[Harness]:
-    state = request.getfixturevalue("postgres").database() if backend == "postgresql" else None
+    state = None
+    if backend == "postgresql":  # a cluster node: PostgreSQL, and the lake on object storage
+        from store.object_lake import configure
+
+        state = request.getfixturevalue("postgres").database()
+        configure(tmp_path / "data", request.getfixturevalue("s3").bucket())
     with open_harness(tmp_path / "data", state=state) as opened:
         yield opened
 
@@ -254,6 +260,16 @@ def postgres() -> Iterator[Any]:
     from tests.pg_kit import PostgresServer
 
     server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An S3-compatible server (moto) for the session (tests/s3_kit.py); ``s3.bucket()`` gives a test its own."""
+    from tests.s3_kit import S3Server
+
+    server = S3Server(free_port(), tmp_path_factory.mktemp("s3") / "moto.log").start()
     yield server
     server.stop()
 

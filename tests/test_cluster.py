@@ -8,6 +8,8 @@ once, every chain intact, the transparency log consistent, `custody verify` clea
 from __future__ import annotations
 
 import random
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pyarrow.fs as pafs
 import pytest
 
 from ingest.sdk import generate_key, public_jwk
@@ -27,8 +30,9 @@ from tests.signing import hash_of, payload, sign
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
-def node(data_dir: Path, log: Path, state: str) -> ServerProcess:
-    return ServerProcess(data_dir, log, "--state", state, "--verify-workers", "0", "--no-detect")
+def node(data_dir: Path, log: Path, state: str, lake: str | None = None) -> ServerProcess:
+    extra = ("--lake", lake) if lake else ()
+    return ServerProcess(data_dir, log, "--state", state, "--verify-workers", "0", "--no-detect", *extra)
 
 
 def register(url: str, emitter: str, tenant: str = "acme") -> tuple[Any, str]:
@@ -60,6 +64,12 @@ class Chain:
             self.bodies.append(body)
             self.tokens.append(sign(body, self.key, self.kid))
             prev = hash_of(body)
+
+
+def _objects(uri: str) -> list[str]:
+    filesystem, base = pafs.FileSystem.from_uri(uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    return [info.path[len(base) + 1 :] for info in infos if info.type == pafs.FileType.File]
 
 
 def test_two_nodes_given_the_same_next_seq_at_once_accept_exactly_one(tmp_path: Path, postgres: Any) -> None:
@@ -106,10 +116,15 @@ def test_two_nodes_given_the_same_next_seq_at_once_accept_exactly_one(tmp_path: 
         first.stop(), second.stop()
 
 
-def test_nodes_killed_at_random_under_load_lose_nothing_acknowledged(tmp_path: Path, postgres: Any) -> None:
+@pytest.mark.parametrize("lake", ["disk", "s3"])
+def test_nodes_killed_at_random_under_load_lose_nothing_acknowledged(
+    tmp_path: Path, postgres: Any, lake: str, request: pytest.FixtureRequest
+) -> None:
+    """The lake on the shared disk, or on an S3-compatible server (moto) whose objects are then the lake."""
     state = postgres.database()
     shared = tmp_path / "shared"
-    nodes = [node(shared, tmp_path / f"node{number}.log", state) for number in range(3)]
+    home = request.getfixturevalue("s3").bucket() if lake == "s3" else None
+    nodes = [node(shared, tmp_path / f"node{number}.log", state, home) for number in range(3)]
     for server in nodes:
         server.start()
     chains = [Chain(f"gw-{number}", *register(nodes[0].url, f"gw-{number}")) for number in range(12)]
@@ -168,8 +183,23 @@ def test_nodes_killed_at_random_under_load_lose_nothing_acknowledged(tmp_path: P
     for server in nodes:
         assert server.stop() == 0
     # One node started again and stopped flushes whatever the last leader left in PostgreSQL.
-    last = node(shared, tmp_path / "last.log", state).start()
+    last = node(shared, tmp_path / "last.log", state, home).start()
     assert last.stop() == 0
+    if home is not None:  # the objects are the lake: a reader with no copy of it gets everything from them
+        objects = _objects(home)
+        assert objects
+        # the Hive layout, and no temporary object of an upload a killed leader left unfinished
+        assert all(re.fullmatch(r"events/tenant=[^/]+/date=[-0-9]+/[^/]+\.parquet", key) for key in objects)
+        shutil.rmtree(shared / "lake")
+    # custody verify reads the lake as every reader does (from the object store: the copy was just deleted)
+    verified = subprocess.run(
+        [sys.executable, "-m", "custody.cli", "verify", "--data-dir", str(shared)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert verified.returncode == 0, verified.stdout[-3000:] + verified.stderr[-3000:]
 
     rows = read_lake(shared, "emitter, seq, event_id, log_index")
     by_emitter: dict[str, list[tuple[int, str]]] = {}
@@ -189,13 +219,5 @@ def test_nodes_killed_at_random_under_load_lose_nothing_acknowledged(tmp_path: P
         assert conn.execute("SELECT count(*) FROM custody_pending").fetchone() == (0,)
         size = conn.execute("SELECT size FROM custody_log").fetchone()
     assert size == (len(rows),)
-    verified = subprocess.run(
-        [sys.executable, "-m", "custody.cli", "verify", "--data-dir", str(shared)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert verified.returncode == 0, verified.stdout[-3000:] + verified.stderr[-3000:]
     print(verified.stdout[-1500:])
     assert f"{len(rows)}" in verified.stdout.replace(",", "")

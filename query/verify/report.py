@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from store.ground.layout import DataDir
 from store.state import StateDB
 
@@ -90,23 +92,29 @@ class IntegrityReport:
 
 def compare_heads(data_dir: Path, last_seqs: dict[str, int], tenants: dict[str, str]) -> list[IntegrityProblem]:
     """Streams that end before the head the server recorded (truncation of the newest events)."""
-    path = DataDir(data_dir).state_db
-    if not path.exists():
+    layout = DataDir(data_dir)
+    path = layout.state_db
+    if path.exists():
+        state = StateDB(path)
+        try:
+            heads = {emitter: head.seq for emitter, head in state.heads().items()}
+            registered = {emitter: record.tenant for emitter, record in state.emitters().items()}
+        finally:
+            state.close()
+    elif layout.lake_heads.exists():  # a cluster's (store.cluster): its leader's heads as of the lake
+        recorded = orjson.loads(layout.lake_heads.read_bytes())
+        heads = {str(emitter): int(head["seq"]) for emitter, head in recorded.items()}
+        registered = {str(emitter): str(head["tenant"]) for emitter, head in recorded.items()}
+    else:
         return []
-    state = StateDB(path)
-    try:
-        heads = state.heads()
-        registered = {emitter: record.tenant for emitter, record in state.emitters().items()}
-    finally:
-        state.close()
     problems = []
-    for emitter, head in sorted(heads.items()):
+    for emitter, head_seq in sorted(heads.items()):
         found = last_seqs.get(emitter, 0)
-        if found < head.seq:
+        if found < head_seq:
             problems.append(
                 IntegrityProblem(
                     "stream_end",
-                    f"events up to seq {head.seq} (the server's head)",
+                    f"events up to seq {head_seq} (the server's head)",
                     f"events up to seq {found}",
                     emitter=emitter,
                     seq=found + 1,

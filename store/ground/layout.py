@@ -5,6 +5,7 @@
     <data-dir>/custody.lock              held (flock) by the one process that writes the data dir
     <data-dir>/wal/<n>.wal               write-ahead log segments not yet in the lake
     <data-dir>/lake/events/tenant=*/date=*/*.parquet
+    <data-dir>/lake.json                 the lake's home on object storage, if it has one (lake/ is then a copy)
     <data-dir>/quarantine/               acknowledged events the lake could not store
     <data-dir>/state/state.sqlite        derived: event-id index, chain heads, emitter registry
     <data-dir>/state/server_key.pem      the server's Ed25519 key (created by the first ``custody serve``, 0600)
@@ -69,6 +70,18 @@ class DataDir:
     @property
     def lake(self) -> Path:
         return self.root / "lake"
+
+    @property
+    def lake_heads(self) -> Path:
+        """A cluster's heads as of the lake (``{emitter: {"seq", "tenant"}}``), written by its leader after each
+        segment: what ``verify`` compares the lake's chains with where there is no ``state.sqlite``."""
+        return self.root / "state" / "lake-heads.json"
+
+    @property
+    def lake_home(self) -> Path:
+        """Where the lake lives when not here: ``{"uri": "s3://bucket/prefix"}`` (store.object_lake); then
+        ``lake/`` is this data dir's copy of it."""
+        return self.root / "lake.json"
 
     @property
     def events(self) -> Path:
