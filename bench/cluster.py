@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -74,7 +75,7 @@ def wal_syncs(uri: str) -> tuple[int, float, int]:
     return int(row[0]), float(row[1]), int(row[2])
 
 
-def post(urls: list[str], chains: dict[str, tuple[object, list[str]]], batch: int, clients: int) -> tuple[int, int]:
+def post(urls: list[str], chains: Mapping[str, tuple[object, list[str]]], batch: int, clients: int) -> tuple[int, int]:
     """Every chain in batches; client ``i`` posts to node ``i % len(urls)``. Returns (events, requests)."""
     names = list(chains)
     work = [names[i::clients] for i in range(clients)]
