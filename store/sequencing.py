@@ -18,14 +18,11 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from store.ground.layout import SERVER_EMITTER
-from store.state import Head, IndexEntry
+from store.state import Head, IndexEntry, StateDB
 from store.wal import WalRecord
-
-if TYPE_CHECKING:
-    from store.engine import Store
 
 __all__ = ["ChainView", "Decision", "LocalSequencer", "Sequencer"]
 
@@ -68,6 +65,18 @@ class Sequencer(Protocol):
         ...
 
 
+class LocalStore(Protocol):
+    """What ``LocalSequencer`` needs of ``store.engine.Store``."""
+
+    state: StateDB
+
+    def append(self, records: Sequence[WalRecord]) -> int: ...
+
+    def find_event_ids(self, event_ids: Sequence[str]) -> dict[str, IndexEntry]: ...
+
+    def hashes_at(self, emitter: str, seqs: Sequence[int]) -> dict[int, str]: ...
+
+
 class _LocalView:
     def __init__(self, sequencer: LocalSequencer, event_ids: set[str]) -> None:
         self._sequencer = sequencer
@@ -90,7 +99,7 @@ class LocalSequencer:
     """One process decides: a lock per emitter (taken in sorted order, so two requests never deadlock) and a claim
     on each event id (emitter locks do not cover two emitters sending the same id)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: LocalStore) -> None:
         self.store = store
         self._heads: dict[str, Head] = store.state.heads()
         self._locks: dict[str, threading.RLock] = {}
