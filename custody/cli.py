@@ -339,7 +339,11 @@ def _parser() -> argparse.ArgumentParser:
     sync = iceberg_commands.add_parser("sync", help="append the lake's new events (one snapshot per batch)")
     expire = iceberg_commands.add_parser("expire", help="drop snapshots older than --days (never the current one)")
     expire.add_argument("--days", type=float, required=True, help="keep the snapshots of the last DAYS days")
-    for command in (sync, expire):
+    compact = iceberg_commands.add_parser(
+        "compact", help="rewrite each partition of at least --min-files data files as one file (one snapshot each)"
+    )
+    compact.add_argument("--min-files", type=int, default=8, help="partitions with fewer files are left (default 8)")
+    for command in (sync, expire, compact):
         _data_dir_argument(command)
         command.add_argument(
             "--catalog-uri", help="the SQL catalog (SQLAlchemy URI; default: SQLite in DATA_DIR/iceberg)"
@@ -349,6 +353,7 @@ def _parser() -> argparse.ArgumentParser:
         )
     sync.set_defaults(run=_iceberg_sync, reads_data_dir=True)
     expire.set_defaults(run=_iceberg_expire, reads_data_dir=True)
+    compact.set_defaults(run=_iceberg_compact, reads_data_dir=True)
 
     quarantine = commands.add_parser(
         "quarantine",
@@ -1075,6 +1080,15 @@ def _iceberg_expire(args: argparse.Namespace) -> int:
     mirror = IcebergMirror(args.data_dir, catalog_uri=args.catalog_uri, warehouse=args.warehouse)
     dropped = mirror.expire(datetime.now(UTC) - timedelta(days=args.days))
     print(f"expired {dropped} snapshots")
+    return 0
+
+
+def _iceberg_compact(args: argparse.Namespace) -> int:
+    from query.iceberg import IcebergMirror
+
+    mirror = IcebergMirror(args.data_dir, catalog_uri=args.catalog_uri, warehouse=args.warehouse)
+    compacted = mirror.compact(min_files=args.min_files)
+    print(f"rewrote {compacted.partitions} partitions of {compacted.files} data files as one file each")
     return 0
 
 

@@ -230,7 +230,12 @@ def create_app(server: IngestServer, *, manage_lifecycle: bool = True) -> FastAP
             token = bearer(authorization)
             if token is None:
                 raise Unauthorized("this call needs Authorization: Bearer <admin token or head proof>")
-            verify_head_proof(token, emitter_id, server.keys)
+            try:
+                verify_head_proof(token, emitter_id, server.keys)
+            except Unauthorized:  # on a cluster, the key may have been registered through another node just now
+                if not await run_in_threadpool(server.reload_changed_registry):
+                    raise
+                verify_head_proof(token, emitter_id, server.keys)
         server.registry.view(emitter_id)  # 404 for unknown emitters
         return JSONResponse(server.service.head(emitter_id).as_json())
 

@@ -118,13 +118,17 @@ class IngestServer:
         committed in a server thread, because the WAL's fsync (or PostgreSQL's commit) blocks."""
         loop = asyncio.get_running_loop()
         checked = await self._check(tokens)
-        if isinstance(self.store, ClusterStore) and _unknown_key(checked):
-            # A key registered through another node a moment ago: load the registry now, not at the next poll.
-            changed = await loop.run_in_executor(self._commits, self.store.registry_changed)
-            if changed:
-                await loop.run_in_executor(self._commits, self.registry.reload)
-                checked = await self._check(tokens)
+        if _unknown_key(checked) and await loop.run_in_executor(self._commits, self.reload_changed_registry):
+            checked = await self._check(tokens)
         return await loop.run_in_executor(self._commits, self.service.commit, checked)
+
+    def reload_changed_registry(self) -> bool:
+        """On a cluster node: load the registry now if another node changed it since the last poll (a key
+        registered there a moment ago); whether it was reloaded."""
+        if not isinstance(self.store, ClusterStore) or not self.store.registry_changed():
+            return False
+        self.registry.reload()
+        return True
 
     async def _check(self, tokens: list[object]) -> list[Verified | Rejected]:
         now = datetime.now(UTC)

@@ -6,7 +6,8 @@ The table follows the lake by log index: each sync appends the lake's events aft
 holds, up to the first gap (a WAL segment not yet written), in one Iceberg snapshot whose summary carries
 ``custody.log-index-max``. The append and that number commit together, so a crash at any point neither loses nor
 duplicates an event, and a sync run twice appends nothing. ``custody serve --iceberg`` syncs after every flush (one
-snapshot per flush batch); ``custody iceberg sync`` catches up by hand; ``expire`` drops snapshots past a retention.
+snapshot per flush batch); ``custody iceberg sync`` catches up by hand; ``expire`` drops snapshots past a retention;
+``compact`` rewrites partitions of many small files (one per flush) as one file each.
 
 The catalog is SQL (pyiceberg's SqlCatalog): SQLite beside the lake by default (``<data-dir>/iceberg``), or any
 SQLAlchemy URI (PostgreSQL) with ``catalog_uri``; the warehouse is a local directory or an object-store URI.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,12 +26,13 @@ from pathlib import Path
 import pyarrow as pa
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
+from pyiceberg.expressions import And, EqualTo
 from pyiceberg.table import Table
 
 from query.lake import LakeReader
 from store.ground.layout import DataDir
 
-__all__ = ["IcebergMirror", "Synced"]
+__all__ = ["Compacted", "IcebergMirror", "Synced"]
 
 log = logging.getLogger("custody.iceberg")
 NAMESPACE, TABLE = "custody", "events"
@@ -42,6 +45,12 @@ class Synced:
     appended: int
     log_index_max: int
     snapshots: int
+
+
+@dataclass(frozen=True)
+class Compacted:
+    partitions: int  # rewritten, one data file each
+    files: int  # the data files they held before
 
 
 class IcebergMirror:
@@ -95,6 +104,30 @@ class IcebergMirror:
         before = len(table.snapshots())
         table.maintenance.expire_snapshots().older_than(older_than).commit()
         return before - len(self.table().snapshots())  # type: ignore[union-attr]
+
+    def compact(self, *, min_files: int = 8) -> Compacted:
+        """Rewrite each partition (tenant, date) of the current snapshot that holds at least ``min_files`` data
+        files as one file, in one overwrite snapshot each (readers see the old files or the new one, never both).
+        Each snapshot keeps ``custody.log-index-max``; a sync committed meanwhile makes the overwrite fail
+        (Iceberg's optimistic concurrency), and it is tried again at the next compaction."""
+        with self._lock:
+            table = self.table()
+            if table is None or table.current_snapshot() is None:
+                return Compacted(0, 0)
+            files = table.inspect.files().select(["partition"]).to_pylist()
+            counts = Counter((row["partition"]["tenant"], row["partition"]["date"]) for row in files)
+            partitions = files_before = 0
+            for (tenant, day), count in sorted(counts.items()):
+                if count < min_files:
+                    continue
+                # pyiceberg's expressions take (term, literal); its pydantic models' stub names the field "value"
+                where = And(EqualTo("tenant", tenant), EqualTo("date", str(day)))  # type: ignore[call-arg]
+                rows = table.scan(row_filter=where).to_arrow()
+                newest = str(self.log_index_max())
+                table.overwrite(rows, overwrite_filter=where, snapshot_properties={LOG_INDEX_MAX: newest})
+                table = self.table() or table
+                partitions, files_before = partitions + 1, files_before + count
+            return Compacted(partitions, files_before)
 
     def _after(self, newest: int) -> pa.Table:
         """The lake's events after log index ``newest`` in log order, up to the first gap."""
