@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -71,6 +72,9 @@ def _main(argv: Sequence[str] | None) -> int:
     os.umask(0o077)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    from store.orphans import watch_parent
+
+    watch_parent()  # started by another custody process (the demo): stop once it is gone, even after its SIGKILL
     try:
         if getattr(args, "reads_data_dir", False):  # a typo must never read as an empty log
             from store.ground.layout import DataDir
@@ -896,7 +900,27 @@ def _dashboard(args: argparse.Namespace) -> int:
         "--client.toolbarMode", "minimal", "--server.runOnSave", "false",
     ]  # fmt: skip
     print(f"Dashboard: http://{args.host}:{args.port}  (data dir {args.data_dir})", flush=True)
-    os.execve(sys.executable, command, environment)  # noqa: S606 (fixed argv) Streamlit takes over: Ctrl-C stops it
+    return _run_child(command, environment)
+
+
+def _run_child(command: list[str], environment: dict[str, str]) -> int:
+    """Run a program that is not a custody command (Streamlit) as this process's child, until it ends or this
+    process is told to stop (SIGTERM, SIGINT, SIGHUP, or its own parent gone): then stop it, and exit 0. The kernel
+    stops it if this process is killed (``die_with_parent``)."""
+    from store.orphans import die_with_parent, stop_on_signals
+
+    stop_on_signals()
+    child = subprocess.Popen(command, env=environment, preexec_fn=die_with_parent)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        return 0
 
 
 def _require_tokens(tokens: Path | None) -> None:

@@ -21,12 +21,10 @@ import asyncio
 import logging
 import math
 import resource
-import signal
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,6 +32,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from custody.stopping import GRACE, Server
 from ingest.app import create_app
 from ingest.server import Companion, IngestServer
 from ingest.service import Limits
@@ -125,17 +124,14 @@ def serve_ingest(
         limits=http or HttpLimits(),
         log_level="info",
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACE,
         # Custody records no client addresses, so it has no use for X-Forwarded-For; uvicorn would rewrite every
         # request's client address from it (trusting 127.0.0.1) in a middleware of its own.
         proxy_headers=False,
     )
     log.info("custody ingest on http://%s:%d, data in %s", host, port, data_dir)
-    # uvicorn shuts down gracefully on SIGTERM/SIGINT (flushing the WAL in the lifespan), then re-raises the signal
-    # with the previous handler in place. This handler makes that final step a clean exit 0.
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop_signal, _exit_cleanly)
-    uvicorn.Server(config).run()
+    # SIGTERM, SIGINT and SIGHUP: stop accepting, finish requests in flight, flush the WAL in the lifespan, exit 0
+    Server(config).run()
 
 
 def sqlalchemy_uri(dsn: str) -> str:
@@ -222,13 +218,16 @@ class IcebergSync:
 def serve_query(app: ASGIApp, *, host: str, port: int, http: HttpLimits | None = None) -> None:
     """Run the read API."""
     config = uvicorn_config(
-        app, host=host, port=port, limits=http or HttpLimits(), log_level="info", access_log=False, proxy_headers=False
+        app,
+        host=host,
+        port=port,
+        limits=http or HttpLimits(),
+        log_level="info",
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=GRACE,
     )
-    uvicorn.Server(config).run()
-
-
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
+    Server(config).run()
 
 
 def uvicorn_config(app: ASGIApp, *, host: str, port: int, limits: HttpLimits, **options: Any) -> uvicorn.Config:

@@ -121,7 +121,7 @@ class IcebergMirror:
                 if count < min_files:
                     continue
                 # pyiceberg's expressions take (term, literal); its pydantic models' stub names the field "value"
-                where = And(EqualTo("tenant", tenant), EqualTo("date", str(day)))  # type: ignore[call-arg]
+                where = And(EqualTo("tenant", tenant), EqualTo("date", str(day)))  # type: ignore[call-arg,misc]
                 rows = table.scan(row_filter=where).to_arrow()
                 newest = str(self.log_index_max())
                 table.overwrite(rows, overwrite_filter=where, snapshot_properties={LOG_INDEX_MAX: newest})

@@ -48,6 +48,7 @@ from sample_data.mcp.live import (
 )
 from sample_data.org import GATEWAYS, IDPS
 from store.ground.errors import CustodyError, NotFound
+from store.orphans import child_environment, stop_on_signals
 
 __all__ = ["DemoSettings", "emitter_key", "post_generated", "run_demo", "wait_healthy"]
 
@@ -154,6 +155,7 @@ def run_demo(settings: DemoSettings) -> int:
     elif data_dir.exists():
         print(f"reusing {data_dir} (./demo --reset starts empty)")
     data_dir.mkdir(parents=True, exist_ok=True)
+    stop_on_signals()  # SIGTERM and SIGHUP stop the demo as Ctrl-C does: its servers are stopped below
     children: list[subprocess.Popen[bytes]] = []
     cli = [sys.executable, "-m", "custody.cli"]
     ingest_url = f"http://127.0.0.1:{settings.port}"
@@ -161,7 +163,7 @@ def run_demo(settings: DemoSettings) -> int:
         serve = [*cli, "serve", "--data-dir", str(data_dir), "--port", str(settings.port)]
         if settings.alerts is not None:
             serve += ["--alerts", str(settings.alerts.resolve())]
-        children.append(subprocess.Popen(serve))
+        children.append(_start(serve))
         wait_healthy(f"{ingest_url}/healthz", children[-1])
         key_path = data_dir / "answer-key.json"
         existing = _posted(ingest_url, admin_token)
@@ -179,11 +181,11 @@ def run_demo(settings: DemoSettings) -> int:
         gateway_token.write_text(_fresh_token(tokens, "demo-gateway", "analyst", tenant="acme") + "\n")
         gateway_token.chmod(0o600)
         query = [*cli, "serve-query", "--data-dir", str(data_dir), "--tokens", str(tokens)]
-        children.append(subprocess.Popen([*query, "--port", str(settings.query_port)]))
+        children.append(_start([*query, "--port", str(settings.query_port)]))
         wait_healthy(f"http://127.0.0.1:{settings.query_port}/healthz", children[-1])
         live = _live_session(settings, data_dir, ingest_url, admin_token, children, cli)
         dashboard = [*cli, "dashboard", "--data-dir", str(data_dir), "--tokens", str(tokens)]
-        children.append(subprocess.Popen([*dashboard, "--port", str(settings.dashboard_port)]))
+        children.append(_start([*dashboard, "--port", str(settings.dashboard_port)]))
         dashboard_url = f"http://127.0.0.1:{settings.dashboard_port}"
         wait_healthy(f"{dashboard_url}/_stcore/health", children[-1])
         _print_tour(settings, admin_token, analyst, auditor, answer_key, data_dir, live)
@@ -220,7 +222,7 @@ def _live_session(
     response = httpx.put(f"{ingest_url}/v1/emitters/{DEMO_GATEWAY}", json=registration, headers=admin, timeout=30)
     if response.status_code != 200:
         raise CustodyError(f"registering {DEMO_GATEWAY}: HTTP {response.status_code}: {response.text}")
-    children.append(subprocess.Popen([*cli, "gateway", "--config", str(config)]))
+    children.append(_start([*cli, "gateway", "--config", str(config)]))
     gateway_url = f"http://127.0.0.1:{settings.gateway_port}"
     wait_healthy(f"{gateway_url}/healthz", children[-1])
     live = asyncio.run(run_live_session(gateway_url, settings.seed))
@@ -363,13 +365,19 @@ def _print_tour(
     print(f"  5. Access review for auditors: .venv/bin/custody recert write --data-dir {data_dir} --tenant acme")
 
 
+def _start(command: list[str]) -> subprocess.Popen[bytes]:
+    """A demo server: a custody command that stops by itself once this process is gone (CUSTODY_PARENT_PID)."""
+    return subprocess.Popen(command, env=child_environment())
+
+
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in children:
+    """Stop the servers in the reverse order of their start (the dashboard and the gateway before the read API,
+    the ingest server last, so that what the others send it is in), each cleanly (SIGTERM), killed after 15 s."""
+    for child in reversed(children):
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    for child in children:
         try:
-            child.wait(timeout=60)
+            child.wait(timeout=15)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()

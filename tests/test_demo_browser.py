@@ -38,10 +38,12 @@ CHROMIUM_FLAGS = [
 pytestmark = pytest.mark.slow
 
 
-def start_demo(data: Path, *size: str) -> tuple[subprocess.Popen[bytes], Path, dict[str, int], str]:
+def start_demo(
+    data: Path, *size: str, ports: dict[str, int] | None = None
+) -> tuple[subprocess.Popen[bytes], Path, dict[str, int], str]:
     """``./demo`` on ``data`` in a session of its own, once it serves: the process, its log, its ports, its output."""
-    ports = {"port": free_port(), "query": free_port(), "dashboard": free_port(), "gateway": free_port()}
-    log_path = data.parent / "demo.log"
+    ports = ports or {"port": free_port(), "query": free_port(), "dashboard": free_port(), "gateway": free_port()}
+    log_path = data.parent / f"demo-{time.monotonic_ns()}.log"
     command = [
         str(ROOT / "demo"), "--data-dir", str(data), *size,
         "--port", str(ports["port"]), "--query-port", str(ports["query"]), "--dashboard-port", str(ports["dashboard"]),

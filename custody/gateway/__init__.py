@@ -7,9 +7,7 @@ in pyproject.toml), so it deploys next to an MCP server without the lake, DuckDB
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
-from types import FrameType
 
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,6 +24,7 @@ from custody.gateway.auth import JwtVerifier
 from custody.gateway.config import ConfigError, GatewayConfig, load_config, load_policy
 from custody.gateway.revocations import Revocations
 from custody.gateway.upstream import Upstream
+from custody.stopping import GRACE, Server
 
 __all__ = ["ConfigError", "load_config", "load_key", "open_gateway", "serve_gateway", "write_key"]
 
@@ -92,12 +91,12 @@ def open_gateway(config: GatewayConfig) -> Gateway:
 
 
 def serve_gateway(config_path: Path) -> None:
-    """Run the gateway until SIGTERM or Ctrl-C; then stop taking calls, finish those in flight, and close the
+    """Run the gateway until SIGTERM, SIGHUP or Ctrl-C; then stop taking calls, finish those in flight, and close the
     spool (what Custody has not acknowledged stays in it for the next start)."""
     config = load_config(config_path)
     gateway = open_gateway(config)
     try:
-        server = uvicorn.Server(
+        server = Server(
             uvicorn.Config(
                 build_app(gateway),
                 host=config.listen.host,
@@ -106,7 +105,7 @@ def serve_gateway(config_path: Path) -> None:
                 access_log=False,
                 proxy_headers=False,
                 timeout_keep_alive=5,
-                timeout_graceful_shutdown=30,
+                timeout_graceful_shutdown=GRACE,
                 limit_concurrency=1000,
             )
         )
@@ -119,12 +118,6 @@ def serve_gateway(config_path: Path) -> None:
             gateway.policy.label,
             config.failure_mode,
         )
-        for stop_signal in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop_signal, _exit_cleanly)
-        server.run()
+        server.run()  # SIGTERM, SIGINT and SIGHUP: finish the calls in flight, exit 0
     finally:
         gateway.emitter.close()
-
-
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
