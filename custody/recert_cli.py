@@ -54,8 +54,9 @@ def _recert(args: argparse.Namespace) -> int:
     output.write_bytes(report.content)
     counts = review.summary()
     print(
-        f"OK: wrote {output} ({counts['agents']} agents: keep {counts['keep']}, reduce {counts['reduce']},"
-        f" revoke {counts['revoke']}; log position {review.events} events, {len(review.heads)} emitters)"
+        f"OK: wrote {output} ({counts['agents']} agents: investigate {counts['investigate']}, revoke"
+        f" {counts['revoke']}, reduce {counts['reduce']}, keep {counts['keep']}; log position {review.events} events,"
+        f" {len(review.heads)} emitters)"
     )
     return 0
 

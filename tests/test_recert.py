@@ -54,10 +54,12 @@ def recommendations_by_format(files: dict[str, Path]) -> dict[str, dict[str, str
     from_csv = {row["agent"]: row["recommendation"] for row in csv.DictReader(io.StringIO("\n".join(lines)))}
     page = files["html"].read_text()
     from_html = dict(
-        re.findall(r"<h2>([^<]+)</h2><table>(?:(?!<h2>).)*?<td class=\"(keep|reduce|revoke)\">", page, re.DOTALL)
+        re.findall(
+            r"<h2>([^<]+)</h2><table>(?:(?!<h2>).)*?<td class=\"(keep|reduce|revoke|investigate)\">", page, re.DOTALL
+        )
     )
     text = subprocess.run(["pdftotext", str(files["pdf"]), "-"], capture_output=True, text=True, check=True).stdout
-    from_pdf = dict(re.findall(r"^\f?([a-z0-9._-]+): (keep|reduce|revoke)$", text, re.MULTILINE))
+    from_pdf = dict(re.findall(r"^\f?([a-z0-9._-]+): (keep|reduce|revoke|investigate)$", text, re.MULTILINE))
     return {"json": from_json, "csv": from_csv, "html": from_html, "pdf": from_pdf}
 
 
@@ -81,10 +83,14 @@ def test_the_reports_agree_with_the_answer_key(reports: dict[str, Any], org: dic
     assert {d["agent"] for d in support.delegations_given} == {"triage-subagent", "export-subagent"}
     revoked = next(i for i in org["key"]["incidents"] if i["name"] == "action_after_revocation")
     hr = agents["hr-assistant"]
-    assert hr.recommendation == "revoke"
+    assert hr.recommendation == "investigate"
     assert f"critical: credential {revoked['subject']} was used after it was revoked" in hr.justification
     assert any(c["id"] == revoked["subject"] and c["revoked"] for c in hr.credentials)
     assert "borrowed_session" in {f["kind"] for f in agents["billing-agent"].findings}
+    assert agents["billing-agent"].recommendation == "investigate"  # a high finding: never "keep"
+    for agent in agents.values():  # an open high or critical finding is always "investigate"
+        serious = [f for f in agent.findings if f["severity"] in ("critical", "high") and f["status"] == "open"]
+        assert (agent.recommendation == "investigate") == bool(serious), agent.agent
     assert {"shared_credential", "cross_tenant"} <= {f["kind"] for f in agents["research-agent"].findings}
     assert "unregistered_tool" in {f["kind"] for f in agents["devops-agent"].findings}
     assert "scope_escalation" in {f["kind"] for f in agents["sales-agent"].findings}
@@ -186,20 +192,85 @@ def test_a_report_signed_by_another_server_fails_against_the_pinned_key(
     assert "not a valid signature by the server key you gave" in result.differences[0]
 
 
-def test_the_pdf_renders_to_non_blank_pages(reports: dict[str, Any], tmp_path: Path) -> None:
+def _page_text(pdf: Path, page: int) -> str:
+    return subprocess.run(
+        ["pdftotext", "-layout", "-f", str(page), "-l", str(page), str(pdf), "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def _long_rules(image: Path) -> int:
+    """Horizontal lines across at least half the page (table borders) in a rendered page (PGM)."""
+    _, size, _, pixels = image.read_bytes().split(b"\n", 3)  # P5 header: magic, size, maxval
+    width, height = map(int, size.split())
+    rules = 0
+    for y in range(height):
+        row = pixels[y * width : (y + 1) * width]
+        if sum(1 for value in row if value < 160) >= width // 2:
+            rules += 1
+    return rules
+
+
+def test_the_pdf_reads_in_a_minute(reports: dict[str, Any], tmp_path: Path) -> None:
+    """Page one is the summary; the decisions take at most two more pages; the details are an appendix. Looked at
+    as rendered pages (pdftoppm), not only as text."""
     assert shutil.which("pdftoppm"), "./test installs poppler-utils"
-    subprocess.run(
-        ["pdftoppm", "-gray", "-r", "30", str(reports["files"]["acme"]["pdf"]), str(tmp_path / "page")], check=True
-    )
+    pdf = reports["files"]["acme"]["pdf"]
+    review = reports["reviews"]["acme"]
+    subprocess.run(["pdftoppm", "-gray", "-r", "40", str(pdf), str(tmp_path / "page")], check=True)
     pages = sorted(tmp_path.glob("page-*.pgm"))
-    assert len(pages) >= 2 + len(reports["reviews"]["acme"].agents)  # title, summary, one or more per agent
     for page in pages:
         pixels = page.read_bytes().split(b"\n", 3)[3]  # P5 header: magic, size, maxval
-        dark = sum(1 for value in pixels if value < 128)
-        assert dark > 200, f"{page.name} looks blank"
-    text = subprocess.run(["pdftotext", str(reports["files"]["acme"]["pdf"]), "-"], capture_output=True, text=True)
-    assert f"Page 1 of {len(pages)}" in text.stdout
-    assert "Access recertification of the agents of tenant\nacme" in text.stdout  # the title wraps
+        assert sum(1 for value in pixels if value < 128) > 200, f"{page.name} looks blank"
+    first = _page_text(pdf, 1)
+    assert f"{len(review.agents)} agents by recommendation" in first
+    for name in ("investigate", "revoke", "reduce", "keep"):
+        assert re.search(rf"^{name}\s+{review.summary()[name]}\b", first, re.MULTILINE), name
+    flagged = [agent for agent in review.agents if any(f["status"] == "open" for f in agent.findings)]
+    assert f"Agents with open findings: {len(flagged)}" in first
+    for agent in flagged:
+        assert agent.agent in first
+    assert "Log position" in first
+    assert f"Computed from {review.events:,} events" in first
+    assert "custody recert verify FILE" in first
+    assert _long_rules(pages[0]) >= 4  # its tables are drawn: recommendations and open findings
+    decisions = next(number for number in range(1, len(pages) + 1) if "Appendix A" in _page_text(pdf, number)) - 2
+    assert 1 <= decisions <= 2, f"the decisions take {decisions} pages"
+    table = "".join(_page_text(pdf, number) for number in range(2, 2 + decisions))
+    assert re.search(r"agent\s+recommendation\s+why\s+decision\s+reviewer\s+date\s+comment", table)
+    for agent in review.agents:
+        assert re.search(rf"^{re.escape(agent.agent)}\s+{agent.recommendation}\b", table, re.MULTILINE), agent.agent
+    assert _long_rules(pages[1]) >= len(review.agents)  # a row (with room to write) per agent
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    assert f"Page 1 of {len(pages)}" in text
+    assert "Appendix B: log position" in text
+
+
+def test_a_finding_resolved_in_the_triage_queue_no_longer_calls_for_investigation(
+    org: dict[str, Any], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(org["data"], data)
+    before = {agent.agent: agent for agent in access_review(data, "acme", window_days=90, now=ORG_END).agents}
+    billing = before["billing-agent"]
+    assert billing.recommendation == "investigate"
+    from query.detect.loop import findings_store_path
+    from query.detect.records import FindingStore
+    from query.findings import findings
+    from query.lake import LakeReader
+
+    store = FindingStore(findings_store_path(data))
+    try:
+        store.merge(findings(LakeReader(data), tenant="acme"))
+        for record in store.queue(tenant="acme", kinds=["borrowed_session"], limit=1000):
+            store.transition(record.id, "resolve", "aud", tenant="acme", comment="the session was given back")
+    finally:
+        store.close()
+    after = {agent.agent: agent for agent in access_review(data, "acme", window_days=90, now=ORG_END).agents}
+    assert after["billing-agent"].recommendation != "investigate"
+    assert {f["status"] for f in after["billing-agent"].findings if f["kind"] == "borrowed_session"} == {"resolved"}
 
 
 def custody(*args: str) -> subprocess.CompletedProcess[str]:
@@ -213,7 +284,9 @@ def test_the_cli_writes_and_verifies_a_report(org: dict[str, Any], tmp_path: Pat
     written = custody("recert", "write", "--data-dir", str(org["data"]), "--tenant", "acme", "--window", "3650d",
                       "--format", "pdf", "--output", str(target))  # fmt: skip
     assert written.returncode == 0, written.stderr
-    assert re.match(r"OK: wrote .*acme.pdf \(\d+ agents: keep \d+, reduce \d+, revoke \d+;", written.stdout)
+    assert re.match(
+        r"OK: wrote .*acme.pdf \(\d+ agents: investigate \d+, revoke \d+, reduce \d+, keep \d+;", written.stdout
+    )
     ok = custody("recert", "verify", str(target), "--data-dir", str(org["data"]))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "signature valid" in ok.stdout

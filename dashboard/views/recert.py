@@ -45,8 +45,8 @@ except CustodyError as exc:
     show_error(exc)
     st.stop()
 counts = review.summary()
-metrics = st.columns(5)
-for column, name in zip(metrics, ("agents", "keep", "reduce", "revoke", "unused_scopes"), strict=True):
+metrics = st.columns(6)
+for column, name in zip(metrics, ("agents", "investigate", "revoke", "reduce", "keep", "unused_scopes"), strict=True):
     column.metric(name.replace("_", " ").capitalize(), counts[name])
 st.caption(
     f"Computed from the log at {review.events:,} events ({len(review.heads)} emitter heads), window {review.since}"

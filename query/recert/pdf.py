@@ -1,5 +1,8 @@
-"""The recertification report as a PDF an auditor can file: a title page with the log position and the signature
-key, summary figures, one table per agent, page numbers; the signed report embedded as ``custody-report.jws``.
+"""The recertification report as a PDF an auditor reads in a minute and can file: page one summarises it (agents by
+recommendation, the agents with open findings and why, the log position it was computed at, how to verify it); then
+one row per agent with the decision, reviewer, date and comment columns; the details in appendix A (credentials,
+users, scopes with last use), every emitter's head in appendix B; page numbers; the signed report embedded as
+``custody-report.jws``.
 
 Rendering is deterministic (fixed creation date, uncompressed streams, core fonts), so the verifier renders the
 signed copy again and compares: identical bytes pass; otherwise the text of each page is compared and every
@@ -53,35 +56,93 @@ def latin1(text: str) -> str:
 
 def render_pdf(body: dict[str, Any], jws: str) -> bytes:
     pdf = _Report(body)
-    _title_page(pdf, body)
     _summary_page(pdf, body)
-    for agent in body["agents"]:
-        _agent_section(pdf, agent)
+    _decisions(pdf, body)
+    _appendix(pdf, body)
     pdf.embed_file(
         bytes=jws.encode(), basename="custody-report.jws", modification_date=generated_at(body), compress=False
     )
     return bytes(pdf.output())
 
 
-def _title_page(pdf: _Report, body: dict[str, Any]) -> None:
+ORDER = ("investigate", "revoke", "reduce", "keep")  # the recommendations, the most urgent first
+SUMMARY_FINDINGS = 12  # agents with open findings named on page one; the rest are in the decisions table
+
+
+def _heading(pdf: _Report, text: str, size: float = 13) -> None:
+    pdf.set_font("helvetica", "B", size)
+    pdf.cell(0, size * 0.62, latin1(text), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_font("helvetica", size=9.5)
+
+
+def _summary_page(pdf: _Report, body: dict[str, Any]) -> None:
+    """Page one: what the review says, where in the log it was computed, how to check it."""
     pdf.add_page()
-    pdf.set_font("helvetica", "B", 22)
-    pdf.ln(30)
-    pdf.multi_cell(0, 11, latin1(body["title"]), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-    pdf.ln(6)
-    pdf.set_font("helvetica", size=12)
+    pdf.set_font("helvetica", "B", 17)
+    pdf.multi_cell(0, 8, latin1(body["title"]), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_font("helvetica", size=9.5)
+    pdf.multi_cell(
+        0,
+        5,
+        latin1(
+            f"Tenant {body['tenant']}, window {body['since']} to {body['until']} ({body['window_days']} days)."
+            f" Generated {body['generated_at']}, signed by the Custody server key {body['signed_by']['kid']}."
+        ),
+        align="L",
+        new_x=XPos.LMARGIN,
+        new_y=YPos.NEXT,
+    )
+    pdf.ln(3)
+    agents = body["agents"]
+    counts = {name: sum(1 for agent in agents if agent["recommendation"] == name) for name in ORDER}
+    _heading(pdf, f"{len(agents)} agents by recommendation")
+    with pdf.table(
+        col_widths=(28, 14, 148), text_align=("LEFT", "RIGHT", "LEFT"), line_height=5, first_row_as_headings=False
+    ) as table:
+        for name in ORDER:
+            row = table.row()
+            row.cell(name)
+            row.cell(str(counts[name]))
+            row.cell(latin1(", ".join(a["agent"] for a in agents if a["recommendation"] == name) or "-"))
+    pdf.ln(3)
+    flagged = [agent for agent in agents if _open(agent)]
+    _heading(pdf, f"Agents with open findings: {len(flagged)}")
+    if flagged:
+        with pdf.table(col_widths=(34, 32, 124), text_align="LEFT", line_height=4.6) as table:
+            header = table.row()
+            for title in ("agent", "recommendation", "why (open findings, the most severe first)"):
+                header.cell(title)
+            for agent in flagged[:SUMMARY_FINDINGS]:
+                row = table.row()
+                row.cell(latin1(agent["agent"]))
+                row.cell(agent["recommendation"])
+                row.cell(latin1(_why(_open(agent))))
+        if len(flagged) > SUMMARY_FINDINGS:
+            pdf.cell(0, 5, f"and {len(flagged) - SUMMARY_FINDINGS} more: see the decisions", new_x=XPos.LMARGIN,
+                     new_y=YPos.NEXT)  # fmt: skip
+    else:
+        pdf.cell(0, 6, "None.", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(3)
+    position = body["log_position"]
+    _heading(pdf, "Log position")
     lines = [
-        f"Tenant: {body['tenant']}",
-        f"Review window: {body['since']} to {body['until']} ({body['window_days']} days)",
-        f"Generated: {body['generated_at']}",
-        f"Signed by the Custody server key {body['signed_by']['kid']}",
-        f"Computed from the log at {body['log_position']['events']} events; heads of"
-        f" {len(body['log_position']['heads'])} emitters (see the next page).",
-        _checkpoint(body["log_position"].get("checkpoint")),
-        "Verify this file: custody recert verify FILE --data-dir DIR (or --public-key PEM).",
+        f"Computed from {position['events']:,} events; the head of each of its {len(position['heads'])} emitters"
+        " is in appendix B.",
+        _checkpoint(position.get("checkpoint")),
     ]
     for line in lines:
-        pdf.multi_cell(0, 8, latin1(line), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        pdf.multi_cell(0, 5, latin1(line), align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(3)
+    _heading(pdf, "How to verify this report")
+    for line in (
+        "1. The signature: custody recert verify FILE --data-dir DIR (or --public-key PEM of the server key). This"
+        " PDF embeds its signed copy (custody-report.jws); a changed page is named with its text.",
+        "2. The log it was computed from: custody verify --data-dir DIR checks every event's hash, signature and chain,"
+        " and that the log holds what the checkpoint above says; a witness cosigns checkpoints independently.",
+        "3. The decisions (next page): fill in decision, reviewer, date and comment for each agent; the details each"
+        " recommendation rests on (credentials, users, scopes and their last use) are in appendix A.",
+    ):
+        pdf.multi_cell(0, 5, latin1(line), align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
 
 
 def _checkpoint(checkpoint: dict[str, Any] | None) -> str:
@@ -93,21 +154,80 @@ def _checkpoint(checkpoint: dict[str, Any] | None) -> str:
     )
 
 
-def _summary_page(pdf: _Report, body: dict[str, Any]) -> None:
+def _open(agent: dict[str, Any]) -> list[dict[str, Any]]:
+    rank = {"critical": 0, "high": 1, "medium": 2, "low": 3}
+    found = [f for f in agent["findings"] if f.get("status", "open") in ("open", "acknowledged")]
+    return sorted(found, key=lambda f: rank.get(f["severity"], 4))
+
+
+def _why(found: list[dict[str, Any]], limit: int = 2) -> str:
+    text = "; ".join(f"{f['severity']}: {f['title']}" for f in found[:limit])
+    return text + (f"; and {len(found) - limit} more" if len(found) > limit else "")
+
+
+def _decisions(pdf: _Report, body: dict[str, Any]) -> None:
+    """One row per agent: the recommendation and its reason, and empty columns for the reviewer."""
     pdf.add_page()
-    pdf.set_font("helvetica", "B", 16)
-    pdf.cell(0, 10, "Summary", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-    pdf.set_font("helvetica", size=11)
-    with pdf.table(col_widths=(60, 40), width=100, align="LEFT") as table:
-        for name, value in body["summary"].items():
+    _heading(pdf, "Decisions", 15)
+    pdf.set_font("helvetica", size=8)
+    agents = sorted(body["agents"], key=lambda a: (ORDER.index(a["recommendation"]) if a["recommendation"] in ORDER
+                                                   else len(ORDER), a["agent"]))  # fmt: skip
+    with pdf.table(
+        col_widths=(30, 27, 59, 17, 20, 14, 23),
+        text_align="LEFT",
+        line_height=4.2,
+        padding=(2.2, 1),  # room to write in each row
+        repeat_headings=1,
+    ) as table:
+        header = table.row()
+        for title in ("agent", "recommendation", "why", "decision", "reviewer", "date", "comment"):
+            header.cell(title)
+        for agent in agents:
             row = table.row()
-            row.cell(name.replace("_", " "))
-            row.cell(str(value))
-    pdf.ln(4)
-    pdf.set_font("helvetica", "B", 13)
-    pdf.cell(0, 9, "Log position", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-    pdf.set_font("helvetica", size=9)
-    with pdf.table(col_widths=(50, 20, 110)) as table:
+            row.cell(latin1(agent["agent"]))
+            row.cell(agent["recommendation"])
+            row.cell(latin1(_shorten(agent["justification"], 170)))
+            for column in REVIEW_COLUMNS:
+                row.cell(latin1(agent.get("review", {}).get(column, "")))
+
+
+REVIEW_COLUMNS = ("decision", "reviewer", "date", "comment")
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _appendix(pdf: _Report, body: dict[str, Any]) -> None:
+    """A: each agent's details, one after the other (not a page each); B: every emitter's head."""
+    pdf.add_page()
+    _heading(pdf, "Appendix A: the details of each agent", 15)
+    for agent in body["agents"]:
+        if pdf.will_page_break(30):
+            pdf.add_page()
+        pdf.ln(2)
+        pdf.set_font("helvetica", "B", 11)
+        pdf.cell(0, 7, latin1(f"{agent['agent']}: {agent['recommendation']}"), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        pdf.set_font("helvetica", size=7.5)
+        row_text = cells(agent)
+        credentials = agent["credentials"]
+        if len(credentials) > MAX_CREDENTIALS_SHOWN:
+            shown = cells({**agent, "credentials": credentials[-MAX_CREDENTIALS_SHOWN:]})["credentials"]
+            row_text["credentials"] = (
+                f"{len(credentials)} credentials; the latest {MAX_CREDENTIALS_SHOWN}: {shown}"
+                " (all of them are in the CSV and JSON formats)"
+            )
+        with pdf.table(col_widths=(34, 156), first_row_as_headings=False, text_align="LEFT", line_height=3.8) as table:
+            for column in CSV_COLUMNS[1:]:
+                if column in REVIEW_COLUMNS or column == "recommendation":
+                    continue
+                row = table.row()
+                row.cell(column.replace("_", " "))
+                row.cell(latin1(row_text[column]) or "-")
+    pdf.add_page()
+    _heading(pdf, "Appendix B: log position", 15)
+    pdf.set_font("helvetica", size=8)
+    with pdf.table(col_widths=(50, 20, 120), line_height=4) as table:
         header = table.row()
         for title in ("emitter", "seq", "hash"):
             header.cell(title)
@@ -116,28 +236,6 @@ def _summary_page(pdf: _Report, body: dict[str, Any]) -> None:
             row.cell(latin1(emitter))
             row.cell(str(head["seq"]))
             row.cell(head["hash"])
-
-
-def _agent_section(pdf: _Report, agent: dict[str, Any]) -> None:
-    pdf.add_page()
-    pdf.set_font("helvetica", "B", 15)
-    pdf.cell(0, 10, latin1(f"{agent['agent']}: {agent['recommendation']}"), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-    pdf.set_font("helvetica", size=8.5)
-    row_text = cells(agent)
-    credentials = agent["credentials"]
-    if len(credentials) > MAX_CREDENTIALS_SHOWN:
-        shown = cells({**agent, "credentials": credentials[-MAX_CREDENTIALS_SHOWN:]})["credentials"]
-        row_text["credentials"] = (
-            f"{len(credentials)} credentials; the latest {MAX_CREDENTIALS_SHOWN}: {shown}"
-            " (all of them are in the CSV and JSON formats)"
-        )
-    with pdf.table(col_widths=(38, 142), first_row_as_headings=False, text_align="LEFT") as table:
-        for column in CSV_COLUMNS[1:]:
-            row = table.row()
-            row.cell(column.replace("_", " "))
-            row.cell(
-                latin1(row_text[column]) or "-" if column not in ("decision", "reviewer", "date", "comment") else ""
-            )
 
 
 def _page_texts(data: bytes) -> list[list[str]]:

@@ -307,7 +307,8 @@ def _html(body: dict[str, Any], jws: str) -> str:
         f"<title>{e(body['title'])}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f4f6}"
-        ".revoke{color:#b91c1c;font-weight:bold}.reduce{color:#b45309;font-weight:bold}.keep{color:#15803d}</style>",
+        ".investigate{color:#7c2d12;font-weight:bold}.revoke{color:#b91c1c;font-weight:bold}"
+        ".reduce{color:#b45309;font-weight:bold}.keep{color:#15803d}</style>",
         "</head><body>",
         f"<h1>{e(body['title'])}</h1>",
         f"<p>Window: {e(body['since'])} to {e(body['until'])} ({body['window_days']} days). Generated"

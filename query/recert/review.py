@@ -5,9 +5,14 @@ chains. One review per agent: owner, emitters, credentials held, scopes granted 
 denied attempts, findings, delegations given and received, users it acted for and their approvals, and a
 recommendation with its justification:
 
-- ``revoke``: a critical finding names it (e.g. use of a revoked credential), or it made no allowed call in the window;
+- ``investigate``: an open high or critical finding names it (e.g. use of a revoked credential, a borrowed
+  session): whatever else is true of it, it is never ``keep`` until someone has looked;
+- ``revoke``: it made no allowed call in the window: its access is not needed;
 - ``reduce``: it holds scopes it never used in the window: reduce to the used ones;
-- ``keep``: it uses everything it holds (high or medium findings are listed in the justification to investigate).
+- ``keep``: it uses everything it holds (medium or low findings are listed in the justification to investigate).
+
+A finding is open unless the triage queue (``query.detect.records``, ``state/findings.sqlite``) has it resolved or
+suppressed; a closed finding is still listed, with its status.
 
 The review is computed over one snapshot of the lake (one file list for every query), and states that position:
 every emitter's head (seq, hash) and the event count.
@@ -15,11 +20,14 @@ every emitter's head (seq, hash) and the event count.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from query.detect.loop import findings_store_path
 from query.findings import Finding, findings
 from query.lake import LakeReader
 from store.ground.errors import InvalidInput
@@ -39,7 +47,7 @@ class AgentReview:
     scopes_used: list[dict[str, Any]]  # scope, count, last_used
     scopes_unused: list[str]
     denied: int
-    findings: list[dict[str, Any]]  # kind, severity, title
+    findings: list[dict[str, Any]]  # kind, severity, title, status (open, acknowledged, resolved, suppressed)
     delegations_given: list[dict[str, Any]]  # agent, count, scopes
     delegations_received: list[dict[str, Any]]  # agent, count, scopes
     users: list[dict[str, Any]]  # user, events, approvals
@@ -60,7 +68,8 @@ class Review:
     agents: list[AgentReview]
 
     def summary(self) -> dict[str, int]:
-        counts = {"agents": len(self.agents), "keep": 0, "reduce": 0, "revoke": 0}
+        # in alphabetical order: the signed copy is canonical JSON (sorted keys), and a renderer shows it as it reads
+        counts = {"agents": len(self.agents), "investigate": 0, "keep": 0, "reduce": 0, "revoke": 0}
         for agent in self.agents:
             counts[agent.recommendation] += 1
         counts["unused_scopes"] = sum(len(agent.scopes_unused) for agent in self.agents)
@@ -112,10 +121,11 @@ def access_review(data_dir: Path, tenant: str, *, window_days: int = 90, now: da
             index: {r[0] for r in rows(_FINDING_AGENTS, ids=finding.evidence)} | _named_in(finding, names)
             for index, finding in enumerate(found)
         }
+    statuses = _triage_statuses(data_dir, tenant)
     agents = []
     for name in names:
         mine = [found[i] for i, members in finding_agents.items() if name in members]
-        agents.append(_review(name, per_agent[name], mine))
+        agents.append(_review(name, per_agent[name], mine, statuses))
     return Review(
         tenant=tenant,
         window_days=window_days,
@@ -222,14 +232,18 @@ def _agent_facts(rows: Any, scoped: str, names: list[str]) -> dict[str, dict[str
     return facts
 
 
-def _review(name: str, facts: dict[str, Any], mine: list[Finding]) -> AgentReview:
+def _review(name: str, facts: dict[str, Any], mine: list[Finding], statuses: dict[tuple[str, str], str]) -> AgentReview:
     used = {entry["scope"] for entry in facts["used"]}
     unused = [scope for scope in facts["granted"] if scope not in used]
-    critical = [f for f in mine if f.severity == "critical"]
-    others = [f for f in mine if f.severity != "critical"]
-    if critical:
-        recommendation = "revoke"
-        justification = "critical: " + "; ".join(f.title for f in critical)
+    status = {id(f): statuses.get((f.kind, f.subject), "open") for f in mine}
+    open_findings = [f for f in mine if status[id(f)] not in _CLOSED]
+    serious = [f for f in open_findings if f.severity in ("critical", "high")]
+    others = [f for f in open_findings if f.severity not in ("critical", "high")]
+    if serious:
+        recommendation = "investigate"
+        justification = "; ".join(f"{f.severity}: {f.title}" for f in serious)
+        if unused:
+            justification += f"; then reduce: never used {', '.join(unused)}"
     elif facts["allowed"] == 0:
         recommendation = "revoke"
         justification = "no allowed call in the window: its access is not needed"
@@ -250,13 +264,38 @@ def _review(name: str, facts: dict[str, Any], mine: list[Finding]) -> AgentRevie
         scopes_used=facts["used"],
         scopes_unused=unused,
         denied=int(facts["denied"]),
-        findings=[{"kind": f.kind, "severity": f.severity, "title": f.title} for f in mine],
+        findings=[{"kind": f.kind, "severity": f.severity, "title": f.title, "status": status[id(f)]} for f in mine],
         delegations_given=facts["given"],
         delegations_received=facts["received"],
         users=facts["users"],
         recommendation=recommendation,
         justification=justification,
     )
+
+
+_CLOSED = ("resolved", "suppressed")
+
+
+def _triage_statuses(data_dir: Path, tenant: str) -> dict[tuple[str, str], str]:
+    """(kind, subject) -> the triage queue's status of the tenant's findings, where a queue exists (read only)."""
+    path = findings_store_path(data_dir)
+    if not path.exists():
+        return {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT kind, subject, status, suppressed_until FROM findings WHERE tenant = ? ORDER BY id",
+                (tenant,),  # the newest record of a (kind, subject) last: a finding that came back after resolution
+            ).fetchall()
+    except sqlite3.Error:
+        return {}  # no queue to read: every finding counts as open
+    now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")  # the queue's stamps
+    statuses = {}
+    for kind, subject, status, until in rows:
+        if status == "suppressed" and until is not None and str(until) <= now:
+            status = "open"  # an expired suppression
+        statuses[(str(kind), str(subject))] = str(status)
+    return statuses
 
 
 def _stamp(value: datetime) -> str:

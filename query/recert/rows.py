@@ -47,7 +47,10 @@ def cells(agent: dict[str, Any]) -> dict[str, str]:
         "scopes_used": " ".join(f"{u['scope']}:{u['count']}@{u['last_used']}" for u in agent["scopes_used"]),
         "scopes_unused": " ".join(agent["scopes_unused"]),
         "denied": str(agent["denied"]),
-        "findings": "; ".join(f"[{f['severity']}] {f['title']}" for f in agent["findings"]),
+        "findings": "; ".join(
+            f"[{f['severity']}{'' if f.get('status', 'open') == 'open' else ', ' + f['status']}] {f['title']}"
+            for f in agent["findings"]
+        ),
         "delegations_given": "; ".join(
             f"{d['agent']} x{d['count']} ({' '.join(d['scopes'])})" for d in agent["delegations_given"]
         ),
