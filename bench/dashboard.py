@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pyarrow.parquet as pq
+
 from bench.common import machine
 from bench.forensics import build_lake
 from query.tokens import TokenStore
@@ -99,6 +101,20 @@ def main() -> None:
     started = time.perf_counter()
     tree_index(str(args.data_dir)).refresh()  # what a dashboard process builds once, in the background
     print(f"task-tree index built in {time.perf_counter() - started:.1f} s (once per dashboard process)")
+    from dashboard.data import lake_aggregates
+
+    started = time.perf_counter()
+    aggregates = lake_aggregates(str(args.data_dir))
+    aggregates.refresh()  # waits for the background refresh the first use started
+    built = time.perf_counter() - started
+    kept = list(aggregates.copies.directory.glob("*.parquet"))
+    rows = sum(pq.read_metadata(path).num_rows for path in kept)
+    kept_mib = sum(path.stat().st_size for path in kept) / 2**20
+    print(
+        f"hourly aggregates: {len(kept)} files, {rows:,} rows, {kept_mib:.1f} MiB, built in {built:.1f} s"
+        f" ({built / max(len(kept), 1):.2f} s per lake file; kept as the lake grows: one per new file, in the"
+        " background)"
+    )
     for page in args.pages:
         render(page, {"window": "1h"} if page in ("overview", "investigate", "findings") else {}, token)
     for page in args.pages:

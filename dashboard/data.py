@@ -13,6 +13,7 @@ import streamlit as st
 from dashboard.context import REPORT_SECONDS, SLOW_SECONDS, cached, cached_for
 from query.blast import IdentityBlastRadius, Subject, Taint, forward_taint, identity_blast_radius
 from query.findings import Finding, findings
+from query.index.aggregates import LakeAggregates
 from query.index.reach_copies import ReachCopies
 from query.index.tree_index import TreeIndex
 from query.lake import LakeReader
@@ -57,7 +58,17 @@ _CHOICE_COLUMNS = {
 
 @cached
 def summary(data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None) -> Overview:
-    return overview(LakeReader(Path(data_dir)), since=since, until=until, tenant=tenant)
+    reader = LakeReader(Path(data_dir))
+    return overview(reader, since=since, until=until, tenant=tenant, aggregates=lake_aggregates(data_dir))
+
+
+@st.cache_resource(show_spinner=False)
+def lake_aggregates(data_dir: str) -> LakeAggregates:
+    """One set of hourly aggregates per data dir (query.index.aggregates), written in the background from the first
+    sign-in on and whenever an overview met a file without one (read from the lake meanwhile: same answer)."""
+    aggregates = LakeAggregates(LakeReader(Path(data_dir)))
+    aggregates.warm()
+    return aggregates
 
 
 @cached_for(SLOW_SECONDS)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from query.index.aggregates import LakeAggregates, Window
 from query.lake import LakeReader
 from query.search import EventFilter, event_dicts
 
@@ -52,11 +53,20 @@ class EmitterStatus:
 
 
 def overview(
-    reader: LakeReader, *, since: datetime | None = None, until: datetime | None = None, tenant: str | None = None
+    reader: LakeReader,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    tenant: str | None = None,
+    aggregates: LakeAggregates | None = None,
 ) -> Overview:
-    where, params = EventFilter(tenant=tenant, since=since, until=until).where()  # with date pruning
+    """With ``aggregates`` (query.index.aggregates), the whole hours of the window are read from the per-file
+    hourly aggregates, the rest from the lake: the same answer, in a fraction of the time on a large lake."""
     span = (until - since) if since and until else None
     bucket = "hour" if span is not None and span <= timedelta(days=3) else "day"
+    if aggregates is not None:
+        return _from_aggregates(reader, aggregates, since, until, tenant, bucket)
+    where, params = EventFilter(tenant=tenant, since=since, until=until).where()  # with date pruning
     with reader.connect() as connection:
         # Four projections of the window (Parquet reads only the columns each needs); nothing is materialised,
         # so a window of the whole lake stays within the reader's memory limit.
@@ -92,6 +102,52 @@ def overview(
         )
     events, emitters, agents, users, denied, newest = row
     return Overview(events, emitters, agents, users, denied, newest, volume, bucket, top_agents, top_tools)
+
+
+def _from_aggregates(
+    reader: LakeReader,
+    aggregates: LakeAggregates,
+    since: datetime | None,
+    until: datetime | None,
+    tenant: str | None,
+    bucket: str,
+) -> Overview:
+    pinned = reader.pinned()  # one file list for the aggregates, the lake's edges and the files without one
+    with pinned.connect() as connection:
+        facts, params, missing = aggregates.facts(connection, Window.of(since, until), tenant, pinned.files())
+        connection.execute(f"CREATE TEMP TABLE facts AS SELECT * FROM {facts}", params)
+        row = connection.execute(
+            "SELECT coalesce(sum(events) FILTER (WHERE NOT by_user), 0)::BIGINT,"
+            " count(DISTINCT emitter) FILTER (WHERE NOT by_user), count(DISTINCT agent) FILTER (WHERE NOT by_user),"
+            ' count(DISTINCT "user") FILTER (WHERE by_user),'
+            " coalesce(sum(events) FILTER (WHERE NOT by_user AND decision = 'deny'), 0)::BIGINT,"
+            " max(newest) FILTER (WHERE NOT by_user) FROM facts"
+        ).fetchone()
+        assert row is not None
+        volume = event_dicts(
+            connection.execute(
+                f"SELECT date_trunc('{bucket}', hour) AS bucket, decision, sum(events)::BIGINT AS events FROM facts"
+                " WHERE NOT by_user GROUP BY ALL ORDER BY bucket, decision"
+            )
+        )
+        tops = []
+        for column in ("agent", "tool"):
+            tops.append(
+                event_dicts(
+                    connection.execute(
+                        f"SELECT {column}, sum(events)::BIGINT AS events,"
+                        " coalesce(sum(events) FILTER (WHERE decision = 'deny'), 0)::BIGINT AS denied FROM facts"
+                        f" WHERE NOT by_user AND {column} IS NOT NULL GROUP BY {column}"
+                        f" ORDER BY events DESC, {column} LIMIT ?",
+                        [TOP],
+                    )
+                )
+            )
+        connection.execute("DROP TABLE facts")
+    if missing:
+        aggregates.warm()  # files written since the last refresh: their aggregates, for the next view
+    events, emitters, agents, users, denied, newest = row
+    return Overview(events, emitters, agents, users, denied, newest, volume, bucket, tops[0], tops[1])
 
 
 def emitter_status(reader: LakeReader, *, tenant: str | None = None) -> list[EmitterStatus]:

@@ -1,0 +1,217 @@
+"""Hourly aggregates per lake file, for the whole-lake views (the overview with ``window=all`` over 10M events).
+
+An *aggregate* of a lake file holds its rows counted by hour: one grouping by (tenant, hour, decision, agent,
+tool, emitter) with the count and the newest ``occurred_at``, one by (tenant, hour, user). Summed over the live
+files they answer the overview's figures (events, emitters, agents, users, denied, newest), its volume chart and
+its top lists with a few thousand rows instead of the lake's millions.
+
+They are derived data in ``<data-dir>/index/aggregates/`` (``query.index.copies``): named after their file's path,
+size and modification time, so a file that changes (a compaction) gets a new aggregate and the old one is never
+read; one whose total differs from its file's row count is not used; files without a usable aggregate are read
+from the lake in the same query, so an answer never depends on how far the aggregates have got, only its time.
+A window that does not start or end on the hour takes its partial hours from the lake (a day's partition at most
+at each end). Long-running readers ``warm`` them in the background, at start and whenever a query met a file
+without one. Delete ``index/`` to have everything rebuilt from the lake; ``custody verify`` checks the lake.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from query.index.copies import CopyDir
+from query.lake import LakeReader, sql_paths
+from store.ground.layout import SYSTEM_TENANT, DataDir
+from store.lake_files import HIVE_OPTIONS, partition_of_file
+
+__all__ = ["GROUPED", "LakeAggregates", "Window"]
+
+log = logging.getLogger(__name__)
+
+# The rows of one file, grouped twice (``by_user`` tells which grouping a row belongs to).
+GROUPED = """
+    SELECT tenant, date_trunc('hour', occurred_at) AS hour,
+        CASE WHEN decision_result IN ('allow', 'deny') THEN decision_result ELSE 'other' END AS decision,
+        agent, CASE WHEN tool_name IS NULL THEN NULL ELSE tool_server || '/' || tool_name END AS tool, emitter,
+        "user", count(*) AS events, max(occurred_at) AS newest, GROUPING("user") = 0 AS by_user
+    FROM {source}
+    GROUP BY GROUPING SETS ((tenant, hour, decision, agent, tool, emitter), (tenant, hour, "user"))"""
+_METADATA = b"custody.aggregate_rows"  # the file's row count, checked against the aggregate's events
+
+
+@dataclass(frozen=True)
+class Window:
+    """What to read for a time window: whole hours from the aggregates, the partial hours at each end from the
+    lake (``edges``: [start, end) ranges)."""
+
+    start: datetime | None  # first whole hour (None: from the beginning)
+    end: datetime | None  # end of the last whole hour (None: to the end)
+    edges: tuple[tuple[datetime, datetime], ...]
+
+    @classmethod
+    def of(cls, since: datetime | None, until: datetime | None) -> Window:
+        if since is not None and until is not None and _floor_hour(until) <= _ceil_hour(since):
+            return cls(since, since, ((since, until),))  # no whole hour: all of it from the lake
+        start = None if since is None else _ceil_hour(since)
+        end = None if until is None else _floor_hour(until)
+        edges = []
+        if since is not None and start is not None and since < start:
+            edges.append((since, start))
+        if until is not None and end is not None and end < until:
+            edges.append((end, until))
+        return cls(start, end, tuple(edges))
+
+
+def _floor_hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def _ceil_hour(moment: datetime) -> datetime:
+    floor = _floor_hour(moment)
+    return floor if floor == moment else floor + timedelta(hours=1)
+
+
+class LakeAggregates:
+    def __init__(self, reader: LakeReader) -> None:
+        self.reader = reader
+        self.copies = CopyDir(DataDir(reader.data_dir).root / "index" / "aggregates", reader.events_dir)
+        self._lock = threading.Lock()  # one refresh at a time
+        self._checked: set[str] = set()  # aggregates whose total matched their file's rows
+        self._warming = threading.Lock()
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Write the aggregates of live files that have none; remove those of files gone or changed. Returns how
+        many were written."""
+        written = 0
+        with self._lock:
+            live = self._live()
+            for path, aggregate in live:
+                if not aggregate.exists():
+                    try:
+                        self._write(path, aggregate)
+                        written += 1
+                    except FileNotFoundError:
+                        pass  # compacted away since the listing
+            names = {aggregate.name for _, aggregate in self._live()}
+            self.copies.remove_except(names)
+            self._checked &= names
+        return written
+
+    def warm(self) -> None:
+        """``refresh`` in a background thread, unless one is running."""
+        if not self._warming.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except Exception:
+                log.warning("writing lake aggregates failed; retried at the next whole-lake view", exc_info=True)
+            finally:
+                self._warming.release()
+
+        threading.Thread(target=run, name="lake-aggregates", daemon=True).start()
+
+    def _write(self, path: Path, aggregate: Path) -> None:
+        rows = pq.read_metadata(path).num_rows
+        source = f"read_parquet([{sql_paths([path])}], {HIVE_OPTIONS})"
+        with self.reader.connect() as connection:
+            table = connection.sql(GROUPED.format(source=source)).to_arrow_table()
+        writer = self.copies.writer(aggregate, table.schema, row_group_size=64 * 1024)
+        writer.add(table)
+        writer.metadata({_METADATA: str(rows).encode()})
+        writer.finish()
+
+    def _live(self) -> list[tuple[Path, Path]]:
+        named = [
+            (path, self._name(path)) for path in self.reader.files() if partition_of_file(path)[0] != SYSTEM_TENANT
+        ]
+        return [(path, aggregate) for path, aggregate in named if aggregate is not None]
+
+    def _name(self, path: Path) -> Path | None:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        return self.copies.name(path, stat.st_size, stat.st_mtime_ns)
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def split(self, files: list[Path]) -> tuple[list[Path], list[Path]]:
+        """Of ``files`` (the system stream's left out): the usable aggregates, and the files to read instead."""
+        usable: list[Path] = []
+        rest: list[Path] = []
+        for path in files:
+            if partition_of_file(path)[0] == SYSTEM_TENANT:
+                continue
+            aggregate = self._name(path)
+            if aggregate is not None and self._usable(path, aggregate):
+                usable.append(aggregate)
+            else:
+                rest.append(path)
+        return usable, rest
+
+    def _usable(self, path: Path, aggregate: Path) -> bool:
+        if aggregate.name in self._checked:
+            return True
+        try:
+            metadata = pq.read_metadata(aggregate)
+            rows = pq.read_metadata(path).num_rows
+        except (OSError, ValueError):
+            return False
+        recorded = (metadata.metadata or {}).get(_METADATA)
+        if recorded is None or int(recorded) != rows:
+            log.warning("aggregate %s does not match %s; removed, the lake file is read instead", aggregate, path)
+            aggregate.unlink(missing_ok=True)
+            return False
+        self._checked.add(aggregate.name)
+        return True
+
+    def facts(
+        self, connection: Any, window: Window, tenant: str | None, files: list[Path]
+    ) -> tuple[str, list[Any], bool]:
+        """A SQL relation of the grouped rows of ``window`` (the aggregates' whole hours, the lake's partial
+        hours and files without an aggregate), its parameters, and whether any file lacked an aggregate."""
+        usable, rest = self.split(files)
+        parts: list[str] = []
+        params: list[Any] = []
+        hours, hour_params = _between("hour", window.start, window.end)
+        scope = " AND tenant = ?" if tenant is not None else ""
+        if usable:
+            parts.append(f"SELECT * FROM read_parquet([{sql_paths(usable)}]) WHERE {hours}{scope}")
+            params += [*hour_params, *([tenant] if tenant is not None else [])]
+        if rest:
+            raw = f"read_parquet([{sql_paths(rest)}], {HIVE_OPTIONS})"
+            moments, moment_params = _between("occurred_at", window.start, window.end)
+            parts.append(GROUPED.format(source=f"(SELECT * FROM {raw} WHERE {moments}{scope})"))
+            params += [*moment_params, *([tenant] if tenant is not None else [])]
+        for start, end in window.edges:
+            parts.append(
+                GROUPED.format(
+                    source=f"(SELECT * FROM events WHERE occurred_at >= ? AND occurred_at < ?"
+                    f" AND date BETWEEN ?::DATE AND ?::DATE{scope})"
+                )
+            )
+            params += [start, end, start.date(), end.date(), *([tenant] if tenant is not None else [])]
+        if not parts:
+            return "(SELECT * FROM (" + GROUPED.format(source="events") + ") WHERE false)", [], False
+        return "(" + " UNION ALL ".join(parts) + ")", params, bool(rest)
+
+
+def _between(column: str, start: datetime | None, end: datetime | None) -> tuple[str, list[Any]]:
+    clauses, params = ["true"], []
+    if start is not None:
+        clauses.append(f"{column} >= ?")
+        params.append(start)
+    if end is not None:
+        clauses.append(f"{column} < ?")
+        params.append(end)
+    return " AND ".join(clauses), params
