@@ -117,18 +117,7 @@ def serve_ingest(
         from store.ground.errors import CustodyError
 
         raise CustodyError(str(exc)) from exc
-    config = uvicorn_config(
-        create_app(server),
-        host=host,
-        port=port,
-        limits=http or HttpLimits(),
-        log_level="info",
-        access_log=False,
-        timeout_graceful_shutdown=GRACE,
-        # Custody records no client addresses, so it has no use for X-Forwarded-For; uvicorn would rewrite every
-        # request's client address from it (trusting 127.0.0.1) in a middleware of its own.
-        proxy_headers=False,
-    )
+    config = uvicorn_config(create_app(server), host=host, port=port, limits=http or HttpLimits())
     log.info("custody ingest on http://%s:%d, data in %s", host, port, data_dir)
     # SIGTERM, SIGINT and SIGHUP: stop accepting, finish requests in flight, flush the WAL in the lifespan, exit 0
     Server(config).run()
@@ -217,21 +206,13 @@ class IcebergSync:
 
 def serve_query(app: ASGIApp, *, host: str, port: int, http: HttpLimits | None = None) -> None:
     """Run the read API."""
-    config = uvicorn_config(
-        app,
-        host=host,
-        port=port,
-        limits=http or HttpLimits(),
-        log_level="info",
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=GRACE,
-    )
-    Server(config).run()
+    Server(uvicorn_config(app, host=host, port=port, limits=http or HttpLimits())).run()
 
 
-def uvicorn_config(app: ASGIApp, *, host: str, port: int, limits: HttpLimits, **options: Any) -> uvicorn.Config:
-    """A uvicorn config serving ``app`` with ``limits``."""
+def uvicorn_config(app: ASGIApp, *, host: str, port: int, limits: HttpLimits) -> uvicorn.Config:
+    """A uvicorn config serving ``app`` with ``limits``, as every Custody HTTP face runs: info log without an access
+    log, a grace of ``GRACE`` seconds for requests in flight when it stops, and no X-Forwarded-For (Custody records no
+    client addresses; uvicorn would rewrite every request's client address from it, trusting 127.0.0.1)."""
     _raise_open_files_limit()
     return uvicorn.Config(
         RequestLimit(app, limits.max_requests, limits.max_buffered_body),
@@ -239,7 +220,10 @@ def uvicorn_config(app: ASGIApp, *, host: str, port: int, limits: HttpLimits, **
         port=port,
         http=_protocol(limits),
         timeout_keep_alive=max(1, round(limits.keep_alive)),
-        **options,
+        log_level="info",
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=GRACE,
     )
 
 

@@ -117,17 +117,18 @@ def _from_aggregates(
         facts, params, missing = aggregates.facts(connection, Window.of(since, until), tenant, pinned.files())
         connection.execute(f"CREATE TEMP TABLE facts AS SELECT * FROM {facts}", params)
         row = connection.execute(
-            "SELECT coalesce(sum(events) FILTER (WHERE NOT by_user), 0)::BIGINT,"
-            " count(DISTINCT emitter) FILTER (WHERE NOT by_user), count(DISTINCT agent) FILTER (WHERE NOT by_user),"
-            ' count(DISTINCT "user") FILTER (WHERE by_user),'
-            " coalesce(sum(events) FILTER (WHERE NOT by_user AND decision = 'deny'), 0)::BIGINT,"
-            " max(newest) FILTER (WHERE NOT by_user) FROM facts"
+            "SELECT coalesce(sum(events) FILTER (WHERE kind = 'decision'), 0)::BIGINT,"
+            " count(DISTINCT emitter) FILTER (WHERE kind = 'emitter'),"
+            " count(DISTINCT agent) FILTER (WHERE kind = 'agent'),"
+            " count(DISTINCT \"user\") FILTER (WHERE kind = 'user'),"
+            " coalesce(sum(events) FILTER (WHERE kind = 'decision' AND decision = 'deny'), 0)::BIGINT,"
+            " max(newest) FILTER (WHERE kind = 'decision') FROM facts"
         ).fetchone()
         assert row is not None
         volume = event_dicts(
             connection.execute(
                 f"SELECT date_trunc('{bucket}', hour) AS bucket, decision, sum(events)::BIGINT AS events FROM facts"
-                " WHERE NOT by_user GROUP BY ALL ORDER BY bucket, decision"
+                " WHERE kind = 'decision' GROUP BY ALL ORDER BY bucket, decision"
             )
         )
         tops = []
@@ -137,7 +138,7 @@ def _from_aggregates(
                     connection.execute(
                         f"SELECT {column}, sum(events)::BIGINT AS events,"
                         " coalesce(sum(events) FILTER (WHERE decision = 'deny'), 0)::BIGINT AS denied FROM facts"
-                        f" WHERE NOT by_user AND {column} IS NOT NULL GROUP BY {column}"
+                        f" WHERE kind = '{column}' AND {column} IS NOT NULL GROUP BY {column}"
                         f" ORDER BY events DESC, {column} LIMIT ?",
                         [TOP],
                     )

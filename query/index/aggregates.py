@@ -1,9 +1,9 @@
 """Hourly aggregates per lake file, for the whole-lake views (the overview with ``window=all`` over 10M events).
 
-An *aggregate* of a lake file holds its rows counted by hour: one grouping by (tenant, hour, decision, agent,
-tool, emitter) with the count and the newest ``occurred_at``, one by (tenant, hour, user). Summed over the live
-files they answer the overview's figures (events, emitters, agents, users, denied, newest), its volume chart and
-its top lists with a few thousand rows instead of the lake's millions.
+An *aggregate* of a lake file holds its rows counted by hour, by decision, agent, tool, emitter and user (five
+groupings, ``GROUPED``). Summed over the live files they answer the overview's figures (events, emitters, agents,
+users, denied, newest), its volume chart and its top lists from a few hundred rows an hour instead of every
+event.
 
 They are derived data in ``<data-dir>/index/aggregates/`` (``query.index.copies``): named after their file's path,
 size and modification time, so a file that changes (a compaction) gets a new aggregate and the old one is never
@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from query.index.copies import CopyDir
+from query.index.copies import BackgroundRefresh, CopyDir
 from query.lake import LakeReader, sql_paths
 from store.ground.layout import SYSTEM_TENANT, DataDir
 from store.lake_files import HIVE_OPTIONS, partition_of_file
@@ -34,15 +34,23 @@ __all__ = ["GROUPED", "LakeAggregates", "Window"]
 
 log = logging.getLogger(__name__)
 
-# The rows of one file, grouped twice (``by_user`` tells which grouping a row belongs to).
+# The rows of one file counted by hour, five ways (``kind`` tells which): by decision (the counts, the newest event,
+# the volume chart), by agent and decision, by tool and decision (the top lists), by emitter and by user (the
+# distinct counts). A few hundred rows an hour, whatever the events' other columns.
 GROUPED = """
     SELECT tenant, date_trunc('hour', occurred_at) AS hour,
         CASE WHEN decision_result IN ('allow', 'deny') THEN decision_result ELSE 'other' END AS decision,
         agent, CASE WHEN tool_name IS NULL THEN NULL ELSE tool_server || '/' || tool_name END AS tool, emitter,
-        "user", count(*) AS events, max(occurred_at) AS newest, GROUPING("user") = 0 AS by_user
+        "user", count(*) AS events, max(occurred_at) AS newest,
+        CASE WHEN GROUPING(agent) = 0 THEN 'agent' WHEN GROUPING(tool) = 0 THEN 'tool'
+             WHEN GROUPING(emitter) = 0 THEN 'emitter' WHEN GROUPING("user") = 0 THEN 'user'
+             ELSE 'decision' END AS kind
     FROM {source}
-    GROUP BY GROUPING SETS ((tenant, hour, decision, agent, tool, emitter), (tenant, hour, "user"))"""
-_METADATA = b"custody.aggregate_rows"  # the file's row count, checked against the aggregate's events
+    GROUP BY GROUPING SETS ((tenant, hour, decision), (tenant, hour, agent, decision), (tenant, hour, tool, decision),
+        (tenant, hour, emitter), (tenant, hour, "user"))"""
+# The file's row count, checked against the lake file; the key names the layout (v2: five groupings), so an
+# aggregate of another layout is refused and written again.
+_METADATA = b"custody.aggregate.v2.rows"
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,8 @@ class LakeAggregates:
         self.copies = CopyDir(DataDir(reader.data_dir).root / "index" / "aggregates", reader.events_dir)
         self._lock = threading.Lock()  # one refresh at a time
         self._checked: set[str] = set()  # aggregates whose total matched their file's rows
-        self._warming = threading.Lock()
+        # ``refresh`` in a background thread, unless one is running
+        self.warm = BackgroundRefresh(self.refresh, "lake-aggregates", "writing lake aggregates")
 
     # -- writing ----------------------------------------------------------------------------------------------
 
@@ -104,21 +113,6 @@ class LakeAggregates:
             self.copies.remove_except(names)
             self._checked &= names
         return written
-
-    def warm(self) -> None:
-        """``refresh`` in a background thread, unless one is running."""
-        if not self._warming.acquire(blocking=False):
-            return
-
-        def run() -> None:
-            try:
-                self.refresh()
-            except Exception:
-                log.warning("writing lake aggregates failed; retried at the next whole-lake view", exc_info=True)
-            finally:
-                self._warming.release()
-
-        threading.Thread(target=run, name="lake-aggregates", daemon=True).start()
 
     def _write(self, path: Path, aggregate: Path) -> None:
         rows = pq.read_metadata(path).num_rows

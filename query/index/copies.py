@@ -14,14 +14,38 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["CopyDir", "CopyWriter"]
+__all__ = ["BackgroundRefresh", "CopyDir", "CopyWriter"]
 
 log = logging.getLogger(__name__)
+
+
+class BackgroundRefresh:
+    """Calling it runs ``refresh`` in a background thread, unless one is running; a failure is logged (as
+    ``what``) and retried at the next call."""
+
+    def __init__(self, refresh: Callable[[], object], name: str, what: str) -> None:
+        self._refresh, self._name, self._what = refresh, name, what
+        self._running = threading.Lock()
+
+    def __call__(self) -> None:
+        if not self._running.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                self._refresh()
+            except Exception:
+                log.warning("%s failed; retried next time", self._what, exc_info=True)
+            finally:
+                self._running.release()
+
+        threading.Thread(target=run, name=self._name, daemon=True).start()
 
 
 class CopyDir:

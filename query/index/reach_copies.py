@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from query.index.copies import CopyDir, CopyWriter
+from query.index.copies import BackgroundRefresh, CopyDir, CopyWriter
 from query.lake import LakeReader
 from store.ground.layout import SYSTEM_TENANT, DataDir
 from store.lake_files import partition_of_file
@@ -83,7 +83,8 @@ class ReachCopies:
         self.copies = CopyDir(DataDir(reader.data_dir).reach_copies, reader.events_dir)
         self._lock = threading.Lock()  # one refresh at a time
         self._checked: dict[str, CopyFacts] = {}  # copy name -> its facts, once its rows matched its file's
-        self._warming = threading.Lock()  # one background refresh at a time
+        # ``refresh`` in a background thread, unless one is running
+        self.warm = BackgroundRefresh(self.refresh, "reach-copies", "writing reach copies")
 
     # -- writing ----------------------------------------------------------------------------------------------
 
@@ -101,21 +102,6 @@ class ReachCopies:
             names = {copy.name for _, copy in live}
             self.copies.remove_except(names)
             self._checked = {name: facts for name, facts in self._checked.items() if name in names}
-
-    def warm(self) -> None:
-        """``refresh`` in a background thread, unless one is running; a failure is logged and retried next time."""
-        if not self._warming.acquire(blocking=False):
-            return
-
-        def run() -> None:
-            try:
-                self.refresh()
-            except Exception:
-                log.warning("writing reach copies failed; retried at the next blast radius", exc_info=True)
-            finally:
-                self._warming.release()
-
-        threading.Thread(target=run, name="reach-copies", daemon=True).start()
 
     def _write(self, path: Path, copy: Path) -> None:
         """Write the copy of one lake file, a run of up to ``_RUN_ROWS`` rows at a time (each sorted by agent and
