@@ -110,6 +110,7 @@ def test_custody_serve_under_load_stops_on_each_signal_with_every_ack_in_the_lak
     took = time.monotonic() - started
     for thread in threads:
         thread.join(timeout=30)
+    print(f"stopped in {took:.2f} s")
     assert took < 10, f"stopping took {took:.1f} s"
     assert not wait_gone(helpers, 10)
     assert sum(map(len, acked.values())) > 0
