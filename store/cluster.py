@@ -395,6 +395,7 @@ class ClusterStore(Store):
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 conn.execute(_SCHEMA)
                 if conn.execute("SELECT 1 FROM custody_log").fetchone() is None:
+                    self.lake.refresh()  # a lake on object storage: what it holds there
                     if self.lake.files():
                         raise CustodyError(
                             f"the lake of {self.data_dir} already holds events and PostgreSQL holds none: moving an"
@@ -437,7 +438,11 @@ class ClusterStore(Store):
 
     def start_flusher(self) -> None:
         with self._leader_guard:  # lead at once if no node does (the first node of a cluster, a lone node)
-            self._try_to_lead()
+            try:
+                self._try_to_lead()
+            except (psycopg.Error, CustodyError) as exc:  # the cluster thread tries again every half second
+                log.error("cluster: cannot take the lead yet: %s", exc)
+                self._resign()
         self._thread = threading.Thread(target=self._run, name="custody-cluster", daemon=True)
         self._thread.start()
 
