@@ -216,7 +216,9 @@ _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
     ),
     # Every burst, not only an actor's first: a denied call is evidence when a window of $burst_window that holds
     # it holds $burst_count denied calls of its actor. Windows run on the emitter's clock: the server's
-    # (received_at) would put a backfill of 30 days, posted in a minute, into one burst.
+    # (received_at) would put a backfill of 30 days, posted in a minute, into one burst. A call is in such a
+    # window exactly when the latest window start at or before it (a call opening $burst_count calls) is at most
+    # $burst_window earlier: a running max, not a join of every call with every start (10M events: 8.3 -> 1.9 s).
     "denied_burst": (
         "medium",
         "{subject} made a burst of denied calls",
@@ -226,11 +228,16 @@ _QUERIES: dict[str, tuple[str, str, list[str], str]] = {
                    count(*) OVER (PARTITION BY tenant, coalesce(agent, "user") ORDER BY occurred_at
                                   RANGE BETWEEN CURRENT ROW AND $burst_window FOLLOWING) AS in_window
             FROM scoped_for($tenant) WHERE type = 'tool.invocation' AND decision_result = 'deny'),
+        starts AS (
+            SELECT *, max(CASE WHEN in_window >= $burst_count THEN occurred_at END) OVER (
+                       PARTITION BY tenant, actor ORDER BY occurred_at
+                       RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS latest_start
+            FROM denied),
         in_burst AS (
-            SELECT DISTINCT d.tenant, d.actor, d.event_id, d.occurred_at FROM denied d JOIN denied s
-              ON d.tenant = s.tenant AND d.actor = s.actor AND s.in_window >= $burst_count
-             AND d.occurred_at BETWEEN s.occurred_at AND s.occurred_at + $burst_window)
-        SELECT tenant, actor, list(event_id ORDER BY occurred_at), min(occurred_at), max(occurred_at), count(*)
+            SELECT DISTINCT tenant, actor, event_id, occurred_at FROM starts
+            WHERE occurred_at <= latest_start + $burst_window)
+        SELECT tenant, actor, list(event_id ORDER BY occurred_at, event_id), min(occurred_at), max(occurred_at),
+               count(*)
         FROM in_burst GROUP BY 1, 2 ORDER BY 1, 2""",
     ),
 }
