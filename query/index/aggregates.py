@@ -101,7 +101,7 @@ class LakeAggregates:
         many were written."""
         written = 0
         with self._lock:
-            live = self._live()
+            live = self.copies.live(self.reader.files())
             for path, aggregate in live:
                 if not aggregate.exists():
                     try:
@@ -109,7 +109,7 @@ class LakeAggregates:
                         written += 1
                     except FileNotFoundError:
                         pass  # compacted away since the listing
-            names = {aggregate.name for _, aggregate in self._live()}
+            names = {aggregate.name for _, aggregate in self.copies.live(self.reader.files())}
             self.copies.remove_except(names)
             self._checked &= names
         return written
@@ -124,19 +124,6 @@ class LakeAggregates:
         writer.metadata({_METADATA: str(rows).encode()})
         writer.finish()
 
-    def _live(self) -> list[tuple[Path, Path]]:
-        named = [
-            (path, self._name(path)) for path in self.reader.files() if partition_of_file(path)[0] != SYSTEM_TENANT
-        ]
-        return [(path, aggregate) for path, aggregate in named if aggregate is not None]
-
-    def _name(self, path: Path) -> Path | None:
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return None
-        return self.copies.name(path, stat.st_size, stat.st_mtime_ns)
-
     # -- reading ----------------------------------------------------------------------------------------------
 
     def split(self, files: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -146,7 +133,7 @@ class LakeAggregates:
         for path in files:
             if partition_of_file(path)[0] == SYSTEM_TENANT:
                 continue
-            aggregate = self._name(path)
+            aggregate = self.copies.current(path)
             if aggregate is not None and self._usable(path, aggregate):
                 usable.append(aggregate)
             else:

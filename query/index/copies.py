@@ -20,6 +20,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from store.ground.layout import SYSTEM_TENANT
+from store.lake_files import partition_of_file
+
 __all__ = ["BackgroundRefresh", "CopyDir", "CopyWriter"]
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,19 @@ class CopyDir:
         """Where the copy of lake file ``path`` at this size and modification time (ns) lives."""
         relative = str(path.relative_to(self.events_dir))
         return self.directory / f"{hashlib.sha256(relative.encode()).hexdigest()[:24]}-{size}-{mtime}.parquet"
+
+    def current(self, path: Path) -> Path | None:
+        """The name of the copy of lake file ``path`` as it is now; None once it is gone (compacted away)."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        return self.name(path, stat.st_size, stat.st_mtime_ns)
+
+    def live(self, files: list[Path]) -> list[tuple[Path, Path]]:
+        """(lake file, the name of its current copy) of each of ``files`` outside the server's own stream."""
+        named = [(path, self.current(path)) for path in files if partition_of_file(path)[0] != SYSTEM_TENANT]
+        return [(path, copy) for path, copy in named if copy is not None]
 
     def writer(self, copy: Path, schema: pa.Schema, *, row_group_size: int) -> CopyWriter:
         """A copy written a part at a time (``add``), renamed into place by ``finish``."""

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from query.index.copies import BackgroundRefresh, CopyDir, CopyWriter
 from query.lake import LakeReader
-from store.ground.layout import SYSTEM_TENANT, DataDir
+from store.ground.layout import DataDir
 from store.lake_files import partition_of_file
 
 __all__ = ["COLUMNS", "CopyFacts", "ReachCopies"]
@@ -91,12 +91,12 @@ class ReachCopies:
     def refresh(self) -> None:
         """Write the copies of live files that have none; remove the copies of files that are gone or changed."""
         with self._lock:
-            live = self._live()
+            live = self.copies.live(self.reader.files())
             for path, copy in live:
                 if not copy.exists():
                     with contextlib.suppress(FileNotFoundError):  # compacted away since the listing
                         self._write(path, copy)
-            live = self._live()
+            live = self.copies.live(self.reader.files())
             for path, copy in live:  # check them now, not in the first blast radius that reads them
                 self._usable(path, copy)
             names = {copy.name for _, copy in live}
@@ -132,21 +132,6 @@ class ReachCopies:
         writer.metadata({_TOOL_MAP: orjson.dumps(sorted(tool_map)), _FOREIGN: orjson.dumps(sorted(foreign_clients))})
         writer.finish()
 
-    def _live(self) -> list[tuple[Path, Path]]:
-        """(lake file, the name of its current copy) of every live file outside the system stream."""
-        named = [
-            (path, self._name(path)) for path in self.reader.files() if partition_of_file(path)[0] != SYSTEM_TENANT
-        ]
-        return [(path, copy) for path, copy in named if copy is not None]
-
-    def _name(self, path: Path) -> Path | None:
-        """The name of the copy of the lake file as it is now; None once it is gone (compacted away)."""
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return None
-        return self.copies.name(path, stat.st_size, stat.st_mtime_ns)
-
     # -- reading ----------------------------------------------------------------------------------------------
 
     def split(self, files: list[Path]) -> tuple[dict[Path, Path], list[Path]]:
@@ -154,7 +139,7 @@ class ReachCopies:
         covered: dict[Path, Path] = {}
         rest: list[Path] = []
         for path in files:
-            copy = self._name(path)
+            copy = self.copies.current(path)
             if copy is not None and self._usable(path, copy):
                 covered[path] = copy
             else:
