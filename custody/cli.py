@@ -335,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
 
     iceberg = commands.add_parser(
         "iceberg",
-        help="the lake as an Apache Iceberg table: sync it, expire old snapshots",
+        help="the lake as an Apache Iceberg table: sync it, compact it, expire old snapshots",
         description="Keep DATA_DIR's lake also as the Iceberg table custody.events (pyiceberg, a SQL catalog), which"
         " any Iceberg engine reads. docs/scale.md has the engine setup.",
     )
