@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -57,6 +58,15 @@ class PostgresServer:
             check=True,
             capture_output=True,
         )
+        return self.run()
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop the server (fast shutdown: every session ends), wait ``down_for`` seconds, start it again."""
+        self.stop(remove=False)
+        time.sleep(down_for)
+        self.run()
+
+    def run(self) -> PostgresServer:
         settings = [
             "-c", f"port={self.port}", "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}",
             "-c", "max_connections=300", "-c", "shared_buffers=128MB",
@@ -91,12 +101,17 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.uri(name)
 
-    def stop(self) -> None:
+    def stop(self, *, remove: bool = True) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # smart shutdown
+            # fast shutdown (every session ends, the cluster stays consistent), sent to the postmaster itself: the
+            # process started here may be runuser in front of it
+            pid_file = self.data / "postmaster.pid"
+            pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else self.process.pid
+            os.kill(pid, signal.SIGINT)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
-        shutil.rmtree(self.root, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -221,3 +221,47 @@ def test_nodes_killed_at_random_under_load_lose_nothing_acknowledged(
     assert size == (len(rows),)
     print(verified.stdout[-1500:])
     assert f"{len(rows)}" in verified.stdout.replace(",", "")
+
+
+def test_a_node_outlives_a_postgresql_restart_and_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """PostgreSQL stops under a running node (every session ends) and comes back: while it is down, requests
+    answer 503 storage_unavailable and acknowledge nothing; afterwards the node carries on by itself (new
+    connections, the lead taken again) and every acknowledged event reaches the lake once."""
+    from tests.conftest import free_port
+    from tests.pg_kit import PostgresServer
+
+    database = PostgresServer(free_port()).start()  # its own server: the session's stays up for the other tests
+    try:
+        state = database.database()
+        shared = tmp_path / "shared"
+        server = node(shared, tmp_path / "node.log", state).start()
+        chain = Chain("gw-pg", *register(server.url, "gw-pg"))
+        chain.extend(60)
+
+        def post(batch: list[str]) -> httpx.Response:
+            return httpx.post(f"{server.url}/v1/events", json={"events": batch}, timeout=30)
+
+        first = post(chain.tokens[:20])
+        assert [r["status"] for r in first.json()["results"]] == ["accepted"] * 20
+        chain.acked = 20
+        database.stop(remove=False)
+        refused = post(chain.tokens[20:40])
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "storage_unavailable"
+        database.run()
+        deadline = time.monotonic() + 60
+        while True:  # the pool's broken connections are replaced as requests meet them
+            response = post(chain.tokens[20:40])
+            if response.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert response.status_code == 200, response.text
+        assert {r["status"] for r in response.json()["results"]} == {"accepted"}
+        last = post(chain.tokens[40:60])
+        assert {r["status"] for r in last.json()["results"]} == {"accepted"}
+        assert server.stop() == 0
+        rows = read_lake(shared, "emitter, seq, event_id")
+        stored = sorted((seq, event_id) for emitter, seq, event_id in rows if emitter == "gw-pg")
+        assert stored == [(seq, body["event_id"]) for seq, body in enumerate(chain.bodies, 1)]
+    finally:
+        database.stop()
