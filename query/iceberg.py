@@ -26,7 +26,12 @@ from typing import Any
 
 import pyarrow as pa
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NamespaceAlreadyExistsError,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+)
 from pyiceberg.expressions import And, EqualTo
 from pyiceberg.table import Table
 
@@ -39,6 +44,18 @@ log = logging.getLogger("custody.iceberg")
 NAMESPACE, TABLE = "custody", "events"
 LOG_INDEX_MAX = "custody.log-index-max"
 _BATCH = 500_000  # events per snapshot at most (a long catch-up is several snapshots)
+
+
+_RETRIES = "commit.retry.num-retries"
+_NO_RETRIES = {_RETRIES: "0"}
+
+
+def _log_index_max(table: Table | None) -> int:
+    """The highest log index a snapshot's rows hold, from its summary (-1: none)."""
+    snapshot = None if table is None else table.current_snapshot()
+    if snapshot is None or snapshot.summary is None:
+        return -1
+    return int(snapshot.summary.additional_properties.get(LOG_INDEX_MAX, -1))
 
 
 @dataclass(frozen=True)
@@ -74,29 +91,40 @@ class IcebergMirror:
 
     def table(self) -> Table | None:
         try:
-            return self.catalog.load_table(f"{NAMESPACE}.{TABLE}")
+            table = self.catalog.load_table(f"{NAMESPACE}.{TABLE}")
         except NoSuchTableError:
             return None
+        if table.properties.get(_RETRIES) != "0":  # a table created before: no rebased appends from now on
+            with table.transaction() as transaction:
+                transaction.set_properties(_NO_RETRIES)
+            table = self.catalog.load_table(f"{NAMESPACE}.{TABLE}")
+        return table
 
     def log_index_max(self) -> int:
-        table = self.table()
-        snapshot = None if table is None else table.current_snapshot()
-        if snapshot is None or snapshot.summary is None:
-            return -1
-        return int(snapshot.summary.additional_properties.get(LOG_INDEX_MAX, -1))
+        return _log_index_max(self.table())
 
     def sync(self) -> Synced:
-        """Append the lake's events after the table's log index, up to the first gap, a snapshot per batch."""
+        """Append the lake's events after the table's log index, up to the first gap, a snapshot per batch.
+
+        Exactly once with other writers too (another node's sync, ``custody iceberg sync`` beside ``serve
+        --iceberg``): the log index is read from the very snapshot the append is based on, and a commit made
+        meanwhile by anyone makes this one fail (pyiceberg's own retries, which would rebase the append onto the
+        newer snapshot and so add its rows twice, are turned off for this table), after which it starts over from
+        the table as it then is."""
         with self._lock:
-            appended, snapshots = 0, 0
-            newest = self.log_index_max()
+            appended, snapshots, newest = 0, 0, -1
             while True:
+                table = self.table()
+                newest = _log_index_max(table)
                 rows = self._after(newest)
                 if rows.num_rows == 0:
                     break
-                table = self.table() or self._create(rows.schema)
+                try:
+                    table = table or self._create(rows.schema)
+                    table.append(rows, snapshot_properties={LOG_INDEX_MAX: str(int(rows["log_index"][-1].as_py()))})
+                except (CommitFailedException, TableAlreadyExistsError):
+                    continue  # another writer committed first: its rows are in, read the table again
                 newest = int(rows["log_index"][-1].as_py())
-                table.append(rows, snapshot_properties={LOG_INDEX_MAX: str(newest)})
                 appended, snapshots = appended + rows.num_rows, snapshots + 1
                 if rows.num_rows < _BATCH:
                     break
@@ -128,8 +156,12 @@ class IcebergMirror:
                     continue
                 where = And(_equal("tenant", tenant), _equal("date", str(day)))
                 rows = table.scan(row_filter=where).to_arrow()
-                newest = str(self.log_index_max())
-                table.overwrite(rows, overwrite_filter=where, snapshot_properties={LOG_INDEX_MAX: newest})
+                newest = str(_log_index_max(table))
+                try:
+                    table.overwrite(rows, overwrite_filter=where, snapshot_properties={LOG_INDEX_MAX: newest})
+                except CommitFailedException:  # a sync committed meanwhile: this partition waits for next time
+                    table = self.table() or table
+                    continue
                 table = self.table() or table
                 partitions, files_before = partitions + 1, files_before + count
             return Compacted(partitions, files_before)
@@ -149,7 +181,7 @@ class IcebergMirror:
     def _create(self, schema: pa.Schema) -> Table:
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.catalog.create_namespace(NAMESPACE)
-        table = self.catalog.create_table(f"{NAMESPACE}.{TABLE}", schema=schema)
+        table = self.catalog.create_table(f"{NAMESPACE}.{TABLE}", schema=schema, properties=_NO_RETRIES)
         with table.update_spec() as spec:
             spec.add_identity("tenant")
             spec.add_identity("date")

@@ -361,6 +361,7 @@ class ClusterStore(Store):
         # Called in the cluster thread when this node starts and stops leading (detection runs on the leader).
         self.lead_listeners: list[Callable[[bool], None]] = []
         self._leader_conn: psycopg.Connection[Any] | None = None
+        self._candidate: psycopg.Connection[Any] | None = None  # a follower's connection for its attempts to lead
         self._registry_version = -1  # the registry version this node's key ring was last loaded at
         self._thread: threading.Thread | None = None
         self._merkle_next = 0
@@ -507,10 +508,12 @@ class ClusterStore(Store):
         return changed
 
     def _try_to_lead(self) -> None:
-        conn = psycopg.connect(self.dsn, autocommit=True)
+        # one connection kept for the attempts (a follower tries every half second), which becomes the leader's
+        conn = self._candidate or psycopg.connect(self.dsn, autocommit=True)
+        self._candidate = None
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()
         if not row or not row[0]:
-            conn.close()
+            self._candidate = conn
             return
         self._leader_conn = conn
         log.info("this node leads: it writes the lake and the transparency log")
@@ -562,10 +565,11 @@ class ClusterStore(Store):
             self._tell_leading(False)
         self.leading = False
         self.merkle.feed = None
-        conn, self._leader_conn = self._leader_conn, None
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                conn.close()  # releases the advisory lock
+        for conn in (self._leader_conn, self._candidate):
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()  # releases the advisory lock
+        self._leader_conn = self._candidate = None
 
     def _leaves_from(self, start: int) -> list[tuple[int, str]]:
         """(log index, event hash) at ``start`` or later: the lake's, then what PostgreSQL still holds."""

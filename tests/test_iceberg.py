@@ -175,3 +175,37 @@ def test_a_cluster_keeps_the_table_with_its_catalog_in_postgresql(tmp_path: Path
         assert catalog.load_table("custody.events").scan().to_arrow().num_rows == in_lake
     finally:
         catalog.engine.dispose()  # its PostgreSQL connections closed now, not by the garbage collector
+
+
+def test_syncs_running_at_once_add_each_event_once(tmp_path: Path) -> None:
+    """Two writers (another node's sync, `custody iceberg sync` beside `serve --iceberg`) syncing at the same
+    moment: one commits, the other's commit fails and it starts over; no event is appended twice."""
+    import threading
+
+    with open_harness(tmp_path / "data") as harness:
+        emitter = harness.emitter("gw-1")
+        mirrors = [IcebergMirror(tmp_path / "data"), IcebergMirror(tmp_path / "data")]
+        for _ in range(4):
+            for _ in range(7):
+                emitter.emit(**invocation())
+            emitter.flush()
+            harness.flush()
+            start = threading.Barrier(2)
+
+            def sync(mirror: IcebergMirror, start: threading.Barrier = start) -> None:
+                start.wait()
+                mirror.sync()
+
+            threads = [threading.Thread(target=sync, args=(mirror,)) for mirror in mirrors]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        table = mirrors[0].table()
+        assert table is not None
+        rows = table.scan().to_arrow()
+        with LakeReader(tmp_path / "data").connect() as connection:
+            [(in_lake,)] = connection.execute("SELECT count(*) FROM all_events").fetchall()
+        assert rows.num_rows == in_lake
+        assert len(set(rows["event_id"].to_pylist())) == rows.num_rows
+        assert table.properties["commit.retry.num-retries"] == "0"
