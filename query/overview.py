@@ -114,7 +114,7 @@ def _from_aggregates(
 ) -> Overview:
     pinned = reader.pinned()  # one file list for the aggregates, the lake's edges and the files without one
     with pinned.connect() as connection:
-        facts, params, missing = aggregates.facts(connection, Window.of(since, until), tenant, pinned.files())
+        facts, params, missing = aggregates.facts(Window.of(since, until), tenant, pinned.files())
         connection.execute(f"CREATE TEMP TABLE facts AS SELECT * FROM {facts}", params)
         row = connection.execute(
             "SELECT coalesce(sum(events) FILTER (WHERE kind = 'decision'), 0)::BIGINT,"

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from query.findings import Finding
 
-__all__ = ["ACTIONS", "STATUSES", "FindingRecord", "FindingStore", "Merged", "TransitionError"]
+__all__ = ["ACTIONS", "STATUSES", "FindingRecord", "FindingStore", "Merged", "TransitionError", "triage_statuses"]
 
 STATUSES = ("open", "acknowledged", "resolved", "suppressed")
 ACTIONS = ("acknowledge", "resolve", "reopen", "suppress", "assign", "comment")
@@ -414,6 +414,28 @@ class FindingStore:
         values[6] = json.loads(values[6])
         values[16] = json.loads(values[16])
         return FindingRecord(*values)
+
+
+def triage_statuses(path: Path, tenant: str) -> dict[tuple[str, str], str]:
+    """(kind, subject) -> the status of each of the tenant's findings in the queue at ``path``, read only (no queue:
+    empty); an expired suppression reads as open, as the next merge makes it."""
+    if not path.exists():
+        return {}
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT kind, subject, status, suppressed_until FROM findings WHERE tenant = ? ORDER BY id",
+                (tenant,),  # the newest record of a (kind, subject) last: a finding that came back after resolution
+            ).fetchall()
+    except sqlite3.Error:
+        return {}
+    now = _stamp(None)
+    statuses = {}
+    for kind, subject, status, until in rows:
+        if status == "suppressed" and until is not None and str(until) <= now:
+            status = "open"
+        statuses[(str(kind), str(subject))] = str(status)
+    return statuses
 
 
 def _stamp(moment: datetime | None) -> str:

@@ -156,9 +156,7 @@ class LakeAggregates:
         self._checked.add(aggregate.name)
         return True
 
-    def facts(
-        self, connection: Any, window: Window, tenant: str | None, files: list[Path]
-    ) -> tuple[str, list[Any], bool]:
+    def facts(self, window: Window, tenant: str | None, files: list[Path]) -> tuple[str, list[Any], bool]:
         """A SQL relation of the grouped rows of ``window`` (the aggregates' whole hours, the lake's partial
         hours and files without an aggregate), its parameters, and whether any file lacked an aggregate."""
         usable, rest = self.split(files)

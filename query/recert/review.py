@@ -20,14 +20,13 @@ every emitter's head (seq, hash) and the event count.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from query.detect.loop import findings_store_path
+from query.detect.records import triage_statuses
 from query.findings import Finding, findings
 from query.lake import LakeReader
 from store.ground.errors import InvalidInput
@@ -121,7 +120,7 @@ def access_review(data_dir: Path, tenant: str, *, window_days: int = 90, now: da
             index: {r[0] for r in rows(_FINDING_AGENTS, ids=finding.evidence)} | _named_in(finding, names)
             for index, finding in enumerate(found)
         }
-    statuses = _triage_statuses(data_dir, tenant)
+    statuses = triage_statuses(findings_store_path(data_dir), tenant)
     agents = []
     for name in names:
         mine = [found[i] for i, members in finding_agents.items() if name in members]
@@ -274,28 +273,6 @@ def _review(name: str, facts: dict[str, Any], mine: list[Finding], statuses: dic
 
 
 _CLOSED = ("resolved", "suppressed")
-
-
-def _triage_statuses(data_dir: Path, tenant: str) -> dict[tuple[str, str], str]:
-    """(kind, subject) -> the triage queue's status of the tenant's findings, where a queue exists (read only)."""
-    path = findings_store_path(data_dir)
-    if not path.exists():
-        return {}
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-            rows = db.execute(
-                "SELECT kind, subject, status, suppressed_until FROM findings WHERE tenant = ? ORDER BY id",
-                (tenant,),  # the newest record of a (kind, subject) last: a finding that came back after resolution
-            ).fetchall()
-    except sqlite3.Error:
-        return {}  # no queue to read: every finding counts as open
-    now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")  # the queue's stamps
-    statuses = {}
-    for kind, subject, status, until in rows:
-        if status == "suppressed" and until is not None and str(until) <= now:
-            status = "open"  # an expired suppression
-        statuses[(str(kind), str(subject))] = str(status)
-    return statuses
 
 
 def _stamp(value: datetime) -> str:
