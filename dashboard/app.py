@@ -32,6 +32,8 @@ if current is None:
     st.stop()
 data.tree_index(str(current.data_dir))  # starts building the delegation-path index in the background
 data.reach_copies(str(current.data_dir))  # starts writing the blast radius's reach copies in the background
+data.lake_aggregates(str(current.data_dir))  # the overview's hourly aggregates, in the background
+data.review_facts(str(current.data_dir))  # the access review's daily facts, in the background
 with st.sidebar:
     bound = f"tenant {current.tenant}" if current.tenant else "all tenants"
     st.caption(f"Signed in as **{md(current.principal.name)}** ({current.principal.role}, {md(bound)})")

@@ -4,6 +4,7 @@ argument (None only for unbound principals), so the cache can never hand one ten
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import streamlit as st
 
 from dashboard.context import REPORT_SECONDS, SLOW_SECONDS, cached, cached_for
 from query.blast import IdentityBlastRadius, Subject, Taint, forward_taint, identity_blast_radius
+from query.detect.loop import findings_store_path
+from query.detect.records import recorded_findings
 from query.findings import Finding, findings
 from query.index.aggregates import LakeAggregates
 from query.index.reach_copies import ReachCopies
@@ -20,13 +23,14 @@ from query.lake import LakeReader
 from query.overview import EmitterStatus, Overview, emitter_status, overview
 from query.paths import DelegationPath, delegation_path
 from query.recert.reports import SignedReport, render, signed_review
-from query.recert.review import Review, parse_window
+from query.recert.review import DAILY_FACTS, Review, parse_window
 from query.search import EventFilter, Page, search
 from query.verify.checkpoint import last_run
 from query.verify.integrity import verify_event
 from query.verify.report import IntegrityProblem
 
 __all__ = [
+    "Found",
     "blast_radius",
     "choices",
     "emitters",
@@ -71,17 +75,54 @@ def lake_aggregates(data_dir: str) -> LakeAggregates:
     return aggregates
 
 
-@cached_for(SLOW_SECONDS)
+@dataclass(frozen=True)
+class Found:
+    """The findings a page shows, and where they come from."""
+
+    at: datetime  # when they were computed or read
+    findings: list[Finding]
+    examined: int | None = None  # recorded by detection: the last log index it had examined (else None: computed)
+    newest: int | None = None  # recorded: the lake's newest log index when they were read
+
+    @property
+    def recorded(self) -> bool:
+        return self.examined is not None
+
+
 def findings_in(
-    data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None
-) -> tuple[datetime, list[Finding]]:
-    """The findings of the window, and when they were computed."""
-    return datetime.now(UTC), findings(LakeReader(Path(data_dir)), tenant=tenant, since=since, until=until)
+    data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None, from_lake: bool = False
+) -> Found:
+    """The findings of the window. Over the whole log (window ``all``: no start) they are read from what continuous
+    detection recorded, when it has run on this data dir (it has seen every event once: the whole-lake query's
+    answer up to the log index it has examined, in milliseconds where the query takes seconds per million
+    events), unless ``from_lake``; otherwise computed from the lake now."""
+    if since is None and not from_lake:
+        recorded = _recorded(data_dir, tenant)
+        if recorded is not None:
+            return recorded
+    return _computed(data_dir, tenant, since, until)
+
+
+@cached
+def _recorded(data_dir: str, tenant: str | None) -> Found | None:
+    recorded = recorded_findings(findings_store_path(Path(data_dir)), tenant)
+    if recorded is None or recorded[0] < 0:
+        return None
+    examined, found = recorded
+    with LakeReader(Path(data_dir)).connect() as connection:
+        [(newest,)] = connection.execute("SELECT max(log_index) FROM all_events").fetchall()
+    listed = [item.finding for item in found]
+    return Found(datetime.now(UTC), listed, examined, -1 if newest is None else int(newest))
+
+
+@cached_for(SLOW_SECONDS)
+def _computed(data_dir: str, tenant: str | None, since: datetime | None, until: datetime | None) -> Found:
+    return Found(datetime.now(UTC), findings(LakeReader(Path(data_dir)), tenant=tenant, since=since, until=until))
 
 
 def refresh_findings() -> None:
     """Drop the cached findings (the Findings page's Recompute button)."""
-    findings_in.clear()  # type: ignore[attr-defined]  # st.cache_data's wrapper has clear()
+    _computed.clear()  # type: ignore[attr-defined]  # st.cache_data's wrapper has clear()
 
 
 @cached
@@ -154,9 +195,21 @@ def blast_radius(
     return reach
 
 
+@st.cache_resource(show_spinner=False)
+def review_facts(data_dir: str) -> LakeAggregates:
+    """One set of daily review facts per data dir (``query.recert.review.DAILY_FACTS``), kept like the hourly
+    aggregates: written in the background from the first sign-in on and after each review."""
+    facts = LakeAggregates(LakeReader(Path(data_dir)), DAILY_FACTS)
+    facts.warm()
+    return facts
+
+
 @cached_for(REPORT_SECONDS)
 def recert_review(data_dir: str, tenant: str, window: str) -> tuple[Review, dict[str, Any], str]:
-    return signed_review(Path(data_dir), tenant, window_days=parse_window(window))
+    facts = review_facts(data_dir)
+    review = signed_review(Path(data_dir), tenant, window_days=parse_window(window), facts=facts)
+    facts.warm()
+    return review
 
 
 @cached_for(REPORT_SECONDS)

@@ -15,7 +15,7 @@ from typing import Any
 from query.lake import LakeReader
 from query.search import rfc3339_us
 
-__all__ = ["KINDS", "RULES", "Finding", "FindingSettings", "RuleBook", "findings"]
+__all__ = ["KINDS", "RULES", "Finding", "FindingSettings", "RuleBook", "findings", "ordered"]
 
 MAX_EVIDENCE = 1000
 
@@ -256,24 +256,27 @@ def findings(
     now: datetime | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    evidence_limit: int | None = MAX_EVIDENCE,
 ) -> list[Finding]:
     """Findings over the events of ``tenant`` (all, if None) between ``since`` and ``until`` (open if None).
     Revocations and scope use are looked up in the whole history: a use in the window of a credential revoked
     earlier counts, and a scope granted in the window is unused only if nothing used it in ``unused_scope_days``.
-    With a ``RuleBook``, each tenant gets its own settings."""
+    With a ``RuleBook``, each tenant gets its own settings. Each finding lists at most ``evidence_limit`` evidence
+    ids (every one if None: detection records them all)."""
     if isinstance(settings, RuleBook):
+        book = settings
+
+        def each(scope: str | None, own: FindingSettings) -> list[Finding]:
+            return findings(reader, tenant=scope, kinds=kinds, settings=own, now=now, since=since, until=until,
+                            evidence_limit=evidence_limit)  # fmt: skip
+
         if tenant is not None:
-            return findings(reader, tenant=tenant, kinds=kinds, settings=settings.for_tenant(tenant), now=now,
-                            since=since, until=until)  # fmt: skip
-        tuned = dict(settings.tenants)
-        every = [
-            finding
-            for finding in findings(reader, kinds=kinds, settings=settings.defaults, now=now, since=since, until=until)
-            if finding.tenant not in tuned
-        ]
+            return each(tenant, book.for_tenant(tenant))
+        tuned = dict(book.tenants)
+        every = [finding for finding in each(None, book.defaults) if finding.tenant not in tuned]
         for name, own in tuned.items():
-            every += findings(reader, tenant=name, kinds=kinds, settings=own, now=now, since=since, until=until)
-        return _ordered(every)
+            every += each(name, own)
+        return ordered(every)
     settings = settings or FindingSettings()
     kinds = tuple(kind for kind in kinds if kind not in settings.disabled)
     severity_of = dict(settings.severities)
@@ -325,17 +328,18 @@ def findings(
                         subject=str(subject),
                         title=label,
                         owasp=owasp,
-                        evidence=list(ids[:MAX_EVIDENCE]),
+                        evidence=list(ids if evidence_limit is None else ids[:evidence_limit]),
                         evidence_total=len(ids),
                         first_seen=_iso(first),
                         last_seen=_iso(last),
                         details={"detail": _plain(detail)},
                     )
                 )
-    return _ordered(results)
+    return ordered(results)
 
 
-def _ordered(results: list[Finding]) -> list[Finding]:
+def ordered(results: list[Finding]) -> list[Finding]:
+    """Most severe first, then by kind, tenant and subject."""
     order = {"critical": 0, "high": 1, "medium": 2, "low": 3}
     return sorted(results, key=lambda f: (order[f.severity], f.kind, f.tenant, f.subject))
 

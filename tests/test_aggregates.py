@@ -15,6 +15,7 @@ import pytest
 from query.index.aggregates import LakeAggregates, Window
 from query.lake import LakeReader
 from query.overview import overview
+from query.recert.review import DAILY_FACTS, access_review
 from tests.conftest import ORG_END
 
 pytestmark = pytest.mark.slow  # the demo organisation
@@ -89,3 +90,44 @@ def test_windows_split_into_whole_hours_and_edges() -> None:
     short = Window.of(datetime(2026, 10, 1, 10, 5), datetime(2026, 10, 1, 10, 50))
     assert short.edges == ((datetime(2026, 10, 1, 10, 5), datetime(2026, 10, 1, 10, 50)),)
     assert Window.of(None, None) == Window(None, None, ())
+
+
+REVIEW_ENDS = [ORG_END, ORG_END - timedelta(hours=7, minutes=13, seconds=5)]  # on a day boundary, and not
+
+
+def test_the_access_review_from_daily_facts_is_the_lakes(lake: Path) -> None:
+    """The review's per-agent facts (credentials, scopes used with last use, users and approvals, delegations,
+    heads) from the daily facts per file: the same review as from the lake's rows, for windows that start and end
+    on a day or not, and with a fact file tampered with."""
+    reader = LakeReader(lake)
+    facts = LakeAggregates(reader, DAILY_FACTS)
+
+    def reviews(using: LakeAggregates | None) -> list[dict[str, Any]]:
+        return [
+            asdict(access_review(lake, tenant, window_days=days, now=end, facts=using))
+            for tenant in ("acme", "globex", "initech")
+            for end in REVIEW_ENDS
+            for days in (1, 30)
+        ]
+
+    assert facts.split(reader.files())[0] == []
+    expected = reviews(facts)  # nothing written yet: every file's facts computed from its rows
+    assert any(agent["scopes_used"] and agent["users"] for review in expected for agent in review["agents"])
+    facts.refresh()
+    assert facts.split(reader.files())[1] == []
+    assert reviews(facts) == expected
+    victim = facts.split(reader.files())[0][0]
+    table = pq.read_table(victim)
+    pq.write_table(table.slice(0, table.num_rows // 2), victim)
+    assert reviews(LakeAggregates(reader, DAILY_FACTS)) == expected  # refused, its file read instead
+    assert not victim.exists()
+
+
+def test_daily_windows_split_into_whole_days_and_edges() -> None:
+    since, until = datetime(2026, 10, 1, 10, 30), datetime(2026, 10, 4, 6)
+    window = Window.of(since, until, "day")
+    assert (window.start, window.end) == (datetime(2026, 10, 2), datetime(2026, 10, 4))
+    assert window.edges == ((since, datetime(2026, 10, 2)), (datetime(2026, 10, 4), until))
+    assert Window.of(datetime(2026, 10, 1, 1), datetime(2026, 10, 1, 23), "day").edges == (
+        (datetime(2026, 10, 1, 1), datetime(2026, 10, 1, 23)),
+    )

@@ -359,3 +359,42 @@ def test_the_findings_page_is_a_triage_queue(app, lake: dict[str, Any]) -> None:
         records.close()
         for suffix in ("", "-wal", "-shm"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+def test_whole_log_findings_come_from_continuous_detection(
+    app, lake: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the whole log the Findings page and the overview read what detection recorded (the whole-lake query's
+    answer, without running it), say up to which log index, and compute from the lake on request."""
+    import shutil
+
+    from query.detect.loop import DetectionLoop
+    from query.findings import findings as compute
+
+    data = tmp_path / "data"
+    shutil.copytree(lake["data"], data)
+    monkeypatch.setenv("CUSTODY_DATA_DIR", str(data))
+    expected = compute(LakeReader(data))
+    loop = DetectionLoop(data)
+    try:
+        loop.catch_up()
+        loop.run_periodic(force=True)
+        examined = loop.store.cursor()
+    finally:
+        loop.stop()
+    at = app("findings", window="all")
+    assert f"over log indexes 0 to {examined:,}, the whole lake." in texts(at), [c.value for c in at.caption]
+    listed = table(at, "severity", "kind", "title", "evidence")
+    assert sorted(zip(listed["kind"], listed["title"], listed["evidence"], strict=True)) == sorted(
+        (f.kind, f.title, f.evidence_total) for f in expected
+    )
+    overview = app("overview", window="all")
+    assert f"Open all {len(expected)} findings" in {link.proto.label for link in overview.get("page_link")}
+    next(b for b in at.button if b.label == "Compute from the lake").click().run()
+    assert "Computed at" in texts(at)
+    assert sorted(table(at, "severity", "kind", "title")["title"]) == sorted(f.title for f in expected)
+    bound = app("findings", who="globex", window="all")
+    assert "over log indexes 0 to" in texts(bound)
+    assert sorted(table(bound, "severity", "kind", "title")["title"]) == sorted(
+        f.title for f in expected if f.tenant == "globex"
+    )

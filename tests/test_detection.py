@@ -12,10 +12,12 @@ import pyarrow.compute as pc
 import pytest
 
 from query.detect.engine import INCREMENTAL_KINDS, Detector
-from query.detect.loop import DetectionLoop
-from query.detect.records import STATUSES
-from query.findings import findings
+from query.detect.loop import DetectionLoop, findings_store_path
+from query.detect.records import STATUSES, recorded_findings
+from query.findings import MAX_EVIDENCE, findings
 from query.lake import LakeReader
+from tests import scenario
+from tests.conftest import Harness
 
 
 def replay(data: Any, batch_size: int, restart_at: int | None = None) -> dict[tuple[str, str, str], set[str]]:
@@ -98,3 +100,85 @@ def test_a_findings_store_new_on_a_lake_with_events_records_them_without_alertin
         assert loop.store.pending_alerts() == 0  # ... and nobody is paged for events from before detection
     finally:
         loop.stop()
+
+
+def whole_log(found: Any) -> dict[tuple[str, str, str], tuple[Any, ...]]:
+    """What the Findings page shows of each finding over the whole log."""
+    return {
+        (f.kind, f.tenant, f.subject): (f.severity, f.title, f.evidence_total, f.first_seen, f.last_seen) for f in found
+    }
+
+
+@pytest.mark.parametrize("path", ["incremental", "catch-up"])
+def test_the_recorded_whole_log_findings_are_the_whole_lake_querys(
+    org: dict[str, Any], tmp_path: Path, path: str
+) -> None:
+    """The dashboard reads whole-log findings from the store: each finding once (its records merged), every
+    evidence id counted, each tenant's own; whether detection saw the events arrive or met them on a new store."""
+    data = tmp_path / "data"
+    shutil.copytree(org["data"], data)
+    loop = DetectionLoop(data)
+    try:
+        if path == "catch-up":
+            loop.catch_up()
+        else:
+            loop.run_once()
+        loop.run_periodic(force=True)
+    finally:
+        loop.stop()
+    on_demand = findings(LakeReader(data), evidence_limit=None)
+    recorded = recorded_findings(findings_store_path(data), None)
+    assert recorded is not None
+    examined, found = recorded
+    with LakeReader(data).connect() as connection:
+        [(newest,)] = connection.execute("SELECT max(log_index) FROM all_events").fetchall()
+    assert examined == newest
+    assert whole_log(item.finding for item in found) == whole_log(on_demand)
+    assert [item.finding.kind for item in found] == [f.kind for f in on_demand]  # the same order: most severe first
+    for item in found:
+        assert item.status == "open"
+        assert item.agents is not None
+    acme = recorded_findings(findings_store_path(data), "acme")
+    assert acme is not None
+    assert acme[1]
+    assert whole_log(item.finding for item in acme[1]) == whole_log(f for f in on_demand if f.tenant == "acme")
+
+
+def test_evidence_past_the_listing_limit_is_counted_exactly_across_batches(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of 1,300 denied calls, met by the detector 250 events at a time with its denied history kept
+    between batches: the store counts 1,300 evidence events, not the 1,000 a listing shows nor the kept rows
+    twice."""
+    import query.detect.loop
+
+    s = scenario.Scenario()
+    intern = scenario.credential("tok-intern", "agent_token", "intern-agent", ["tickets:read"])
+    gateway = harness.emitter("gw-help", "acme")
+    for index in range(1300):
+        gateway.emit(**scenario.invocation(
+            s, f"denied-{index}", index / 1000, ["carl@acme.example", "intern-agent"], intern, "update_ticket",
+            "helpdesk-mcp", "tickets:write", ("ticket", "T-1", "acme"), result="deny",
+        ))  # fmt: skip
+        if index % 50 == 49:  # the harness's server takes 50 events a request
+            gateway.flush()
+    gateway.flush()
+    harness.flush()
+    [expected] = findings(LakeReader(harness.data_dir), kinds=("denied_burst",))
+    assert expected.evidence_total == 1300
+    assert len(expected.evidence) == MAX_EVIDENCE
+    monkeypatch.setattr(query.detect.loop, "BATCH", 250)
+    loop = DetectionLoop(harness.data_dir)
+    try:
+        assert loop.run_once() >= 1300
+        assert loop.stats.batches >= 6
+    finally:
+        loop.stop()
+    recorded = recorded_findings(findings_store_path(harness.data_dir), "acme")
+    assert recorded is not None
+    [burst] = [item for item in recorded[1] if item.finding.kind == "denied_burst"]
+    assert burst.finding.evidence_total == 1300
+    assert burst.finding.evidence_truncated
+    assert len(burst.finding.evidence) == MAX_EVIDENCE
+    assert set(burst.finding.evidence) <= {s.id(f"denied-{index}") for index in range(1300)}
+    assert burst.agents == ["intern-agent"]

@@ -324,3 +324,43 @@ def test_the_read_api_serves_reports_to_auditors_only(org: dict[str, Any], tmp_p
         assert missing.status_code == 400
         assert "tenant is required" in missing.json()["error"]["message"]
         assert get(auditor, tenant="acme", format="docx").status_code == 400
+
+
+def test_a_review_reads_the_findings_continuous_detection_recorded(org: dict[str, Any], tmp_path: Path) -> None:
+    """With a findings store the review takes the tenant's findings from it (milliseconds where the window's query
+    takes seconds on a large lake) and says so; a store from before agents were kept is filled in by detection's
+    next start, the review computing from the lake meanwhile. The recommendations are the same either way."""
+    import sqlite3
+
+    from query.detect.loop import DetectionLoop, findings_store_path
+
+    data = tmp_path / "data"
+    shutil.copytree(org["data"], data)
+
+    def review() -> tuple[str, dict[str, tuple[str, list[tuple[str, str]]]]]:
+        done = access_review(data, "acme", window_days=90, now=ORG_END)
+        return done.findings_from, {
+            a.agent: (a.recommendation, sorted((f["kind"], f["status"]) for f in a.findings)) for a in done.agents
+        }
+
+    source, computed = review()
+    assert source == "computed from the lake over the window"
+    assert computed["billing-agent"][0] == "investigate"
+    loop = DetectionLoop(data)
+    try:
+        loop.catch_up()
+        loop.run_periodic(force=True)
+    finally:
+        loop.stop()
+    source, recorded = review()
+    assert source.startswith("recorded by continuous detection up to log index ")
+    assert recorded == computed
+    with sqlite3.connect(findings_store_path(data)) as db:
+        db.execute("UPDATE findings SET agents = NULL")  # as a store written before this version keeps them
+    assert review()[0] == "computed from the lake over the window"
+    loop = DetectionLoop(data)
+    try:
+        loop.catch_up()  # fills them in from the evidence
+    finally:
+        loop.stop()
+    assert review() == (source, computed)

@@ -24,17 +24,32 @@ current = require_session()
 root = str(current.data_dir)
 st.title("Findings")
 triage_queue(current)
-st.subheader("Findings in a window, computed now")
 since, until = time_window()
+whole_log = since is None
+from_lake = whole_log and bool(st.session_state.get("findings_from_lake"))
+st.subheader("Findings over the whole log" if whole_log else "Findings in a window, computed now")
 with st.spinner("Looking for findings..."):
-    computed, found = data.findings_in(root, current.tenant, since, until)
+    result = data.findings_in(root, current.tenant, since, until, from_lake)
+found = result.findings
 
 by_severity = Counter(f.severity for f in found)
 refresh = st.columns([4, 1])
-refresh[0].caption(f"Computed at {computed:%H:%M:%S} UTC; kept for {SLOW_SECONDS // 60} minutes.")
-if refresh[1].button("Recompute", key="recompute"):
-    data.refresh_findings()
-    st.rerun()
+if result.recorded:
+    behind = (result.newest or 0) - (result.examined or 0)
+    refresh[0].caption(
+        f"As continuous detection recorded them (with the server's rules), over log indexes 0 to {result.examined:,}"
+        + (f"; {behind:,} newer events not examined yet." if behind > 0 else ", the whole lake.")
+        + f" Read at {result.at:%H:%M:%S} UTC."
+    )
+    slow = "the whole-lake query: seconds per million events"
+    if refresh[1].button("Compute from the lake", key="from_lake", help=slow):
+        st.session_state["findings_from_lake"] = True
+        st.rerun()
+else:
+    refresh[0].caption(f"Computed at {result.at:%H:%M:%S} UTC; kept for {SLOW_SECONDS // 60} minutes.")
+    if refresh[1].button("Recompute", key="recompute"):
+        data.refresh_findings()
+        st.rerun()
 row = st.columns(4)
 for column, severity in zip(row, SEVERITIES, strict=True):
     column.metric(severity.capitalize(), by_severity.get(severity, 0))

@@ -28,7 +28,7 @@ scope = current.tenant
 with st.spinner("Reading the lake..."):
     summary = data.summary(str(current.data_dir), scope, since, until)
     # The Findings page's cache entry: both pages count the same findings, computed once.
-    _, found = data.findings_in(str(current.data_dir), scope, since, until)
+    found = data.findings_in(str(current.data_dir), scope, since, until).findings
     run = data.last_verification(str(current.data_dir), scope)
 
 if summary.events == 0:

@@ -31,7 +31,9 @@ import pyarrow.compute as pc
 from query.findings import KINDS, Finding, FindingSettings, RuleBook, findings
 from query.lake import LakeReader
 
-__all__ = ["INCREMENTAL_KINDS", "PERIODIC_KINDS", "Detector"]
+__all__ = ["INCREMENTAL_KINDS", "PERIODIC_KINDS", "Detector", "FindingKey", "lake_agents", "named_agents"]
+
+FindingKey = tuple[str, str, str]  # (tenant, kind, subject): one finding
 
 # over_privileged (a scope unused for N days) is about time passing, not an arriving event: the detection loop runs
 # it on the whole lake periodically instead (query.detect.loop).
@@ -62,22 +64,33 @@ class Detector:
         )
         # Denied calls are kept for two of the longest burst window any tenant set.
         self.burst_window = timedelta(minutes=max(s.burst_window_minutes for s in every))
+        # the agents named by the evidence of each finding the last ``observe`` returned (``named_agents``)
+        self.agents: dict[FindingKey, list[str]] = {}
 
     def observe(self, batch: pa.Table) -> list[Finding]:
+        """The findings these rows complete or extend, each with every evidence id of its working set."""
+        self.agents = {}
         rows = batch.filter(pc.not_equal(batch["tenant"], "_system")) if batch.num_rows else batch
         if rows.num_rows == 0:
             return []
         kept, looked_up = self._history(rows)
         context = [rows, *kept, *looked_up]
         working = _distinct(pa.concat_tables([table.select(rows.column_names) for table in context]))
-        found = findings(LakeReader(self.lake.data_dir, rows=working), kinds=INCREMENTAL_KINDS, settings=self.settings)
+        found = findings(
+            LakeReader(self.lake.data_dir, rows=working),
+            kinds=INCREMENTAL_KINDS,
+            settings=self.settings,
+            evidence_limit=None,  # the store counts evidence exactly: it needs every id
+        )
         self._remember(rows)
         fresh = set(rows["event_id"].to_pylist())
         for table in looked_up:
             fresh.update(table["event_id"].to_pylist())
         # A finding counts for this batch only when the batch (or the history it made relevant, such as the uses
         # of a credential revoked now) brought some of its evidence: the kept rows alone were reported already.
-        return [finding for finding in found if fresh.intersection(finding.evidence)]
+        reported = [finding for finding in found if fresh.intersection(finding.evidence)]
+        self.agents = named_agents(working, reported)
+        return reported
 
     def warm(self, upto: int) -> None:
         """Rebuild the state from the lake's events up to log index ``upto`` (after a restart): the revocations,
@@ -188,6 +201,45 @@ class Detector:
         if chosen:
             added = rows.take(chosen)
             state.table = added if state.table is None else _append(state.table, added).combine_chunks()
+
+
+def named_agents(rows: pa.Table, found: Sequence[Finding]) -> dict[FindingKey, list[str]]:
+    """For each finding, the agents its evidence events name (``rows`` holds them): the delegates of their
+    delegation chains and the clients of their credentials. The access review lists a finding under each."""
+    wanted = {event_id for finding in found for event_id in finding.evidence}
+    named: dict[str, set[str]] = {}
+    if wanted and rows.num_rows:
+        evidence = rows.filter(pc.is_in(rows["event_id"], pa.array(sorted(wanted), rows["event_id"].type)))
+        for event_id, chain, client in zip(
+            evidence["event_id"].to_pylist(),
+            evidence["delegation_chain"].to_pylist(),
+            evidence["credential_client_id"].to_pylist(),
+            strict=True,
+        ):
+            names = {name for name in (chain or [])[1:] if name is not None}
+            if client is not None:
+                names.add(client)
+            named[event_id] = names
+    return {
+        (finding.tenant, finding.kind, finding.subject): sorted(
+            set[str]().union(*(named.get(event_id, set()) for event_id in finding.evidence))
+        )
+        for finding in found
+    }
+
+
+def lake_agents(lake: LakeReader, found: Sequence[Finding]) -> dict[FindingKey, list[str]]:
+    """``named_agents`` with the evidence events read from the lake (after a whole-lake query)."""
+    wanted = sorted({event_id for finding in found for event_id in finding.evidence})
+    if not wanted:
+        return named_agents(pa.table({"event_id": pa.array([], pa.string())}), found)
+    with lake.connect() as connection:
+        connection.register("wanted", pa.table({"event_id": pa.array(wanted, pa.string())}))
+        rows: pa.Table = connection.sql(
+            "SELECT event_id, delegation_chain, credential_client_id FROM all_events"
+            " WHERE event_id IN (SELECT event_id FROM wanted)"
+        ).to_arrow_table()
+    return named_agents(rows, found)
 
 
 def _append(kept: pa.Table, new: pa.Table) -> pa.Table:

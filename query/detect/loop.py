@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from query.detect.alerts import AlertChannels, Dispatcher
-from query.detect.engine import INCREMENTAL_KINDS, PERIODIC_KINDS, Detector
+from query.detect.engine import INCREMENTAL_KINDS, PERIODIC_KINDS, Detector, lake_agents
 from query.detect.records import FindingStore, Merged
 from query.findings import FindingSettings, RuleBook, findings
 from query.lake import LakeReader
@@ -118,9 +118,13 @@ class DetectionLoop:
             [(newest,)] = connection.execute("SELECT max(log_index) FROM all_events").fetchall()
         if newest is not None and cursor < 0:  # events from before detection: findings, but not news
             log.info("findings store is new on a lake of %d events: running the whole-lake query once", newest + 1)
-            found = findings(self.lake, kinds=INCREMENTAL_KINDS, settings=self.detector.settings)
-            self.store.merge(found, cursor=newest)  # history, not news: no alerts
+            found = findings(self.lake, kinds=INCREMENTAL_KINDS, settings=self.detector.settings, evidence_limit=None)
+            # history, not news: no alerts
+            self.store.merge(found, cursor=newest, agents=lake_agents(self.lake, found))
             cursor = newest
+        filled = self.store.fill_agents(lambda found: lake_agents(self.lake, found))
+        if filled:
+            log.info("the agents of %d findings recorded before they were kept: read from the lake", filled)
         self.detector.warm(cursor)
         self.stats.cursor = cursor
 
@@ -140,7 +144,7 @@ class DetectionLoop:
                 break
             found = self.detector.observe(batch)
             newest = int(batch["log_index"][-1].as_py())
-            merged = self.store.merge(found, cursor=newest, alerts=self.channels.route)
+            merged = self.store.merge(found, cursor=newest, alerts=self.channels.route, agents=self.detector.agents)
             self._note(batch, merged, newest)
             total += batch.num_rows
             if batch.num_rows < BATCH:
@@ -154,8 +158,8 @@ class DetectionLoop:
         if not force and self._periodic_at and now - self._periodic_at < self.periodic_every:
             return 0
         self._periodic_at = now
-        found = findings(self.lake, kinds=PERIODIC_KINDS, settings=self.detector.settings)
-        return len(self.store.merge(found, alerts=self.channels.route))
+        found = findings(self.lake, kinds=PERIODIC_KINDS, settings=self.detector.settings, evidence_limit=None)
+        return len(self.store.merge(found, alerts=self.channels.route, agents=lake_agents(self.lake, found)))
 
     def _in_order(self, batch: pa.Table, cursor: int) -> pa.Table:
         """The batch up to its first gap in log order. Events reach the lake a WAL segment at a time, in log order,

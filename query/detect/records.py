@@ -17,16 +17,26 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from query.findings import Finding
+from query.findings import MAX_EVIDENCE, Finding, ordered
 
-__all__ = ["ACTIONS", "STATUSES", "FindingRecord", "FindingStore", "Merged", "TransitionError", "triage_statuses"]
+__all__ = [
+    "ACTIONS",
+    "STATUSES",
+    "FindingRecord",
+    "FindingStore",
+    "Merged",
+    "Recorded",
+    "TransitionError",
+    "recorded_findings",
+    "triage_statuses",
+]
 
 STATUSES = ("open", "acknowledged", "resolved", "suppressed")
 ACTIONS = ("acknowledge", "resolve", "reopen", "suppress", "assign", "comment")
@@ -39,7 +49,7 @@ CREATE TABLE IF NOT EXISTS findings (
     tenant TEXT NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL, severity TEXT NOT NULL, title TEXT NOT NULL,
     owasp TEXT NOT NULL, status TEXT NOT NULL, assignee TEXT, suppressed_until TEXT, suppress_reason TEXT,
     first_seen TEXT, last_seen TEXT, opened_at TEXT NOT NULL, updated_at TEXT NOT NULL,
-    evidence_count INTEGER NOT NULL DEFAULT 0, details TEXT NOT NULL DEFAULT '{}');
+    evidence_count INTEGER NOT NULL DEFAULT 0, details TEXT NOT NULL DEFAULT '{}', agents TEXT);
 CREATE INDEX IF NOT EXISTS findings_key ON findings (tenant, kind, subject, status);
 CREATE INDEX IF NOT EXISTS findings_queue ON findings (tenant, status, severity, updated_at);
 CREATE TABLE IF NOT EXISTS evidence (
@@ -80,6 +90,7 @@ class FindingRecord:
     updated_at: str
     evidence_count: int
     details: dict[str, Any]
+    agents: list[str] | None  # the agents its evidence names; None: recorded before they were kept
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -104,6 +115,9 @@ class FindingStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(findings)")}
+        if "agents" not in columns:  # a store from before the agents were kept: filled in by ``fill_agents``
+            self._db.execute("ALTER TABLE findings ADD COLUMN agents TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -129,15 +143,18 @@ class FindingStore:
         cursor: int | None = None,
         alerts: Callable[[Merged], list[tuple[str, dict[str, Any]]]] | None = None,
         now: datetime | None = None,
+        agents: Mapping[tuple[str, str, str], Sequence[str]] | None = None,
     ) -> list[Merged]:
         """Merge detected findings (each with some of its evidence) in one transaction with the detector's cursor
         (the last log index it has seen) and the alerts they raise (``alerts``: channel and body per change), so
-        that a crash neither records evidence twice, nor loses the cursor, nor an alert."""
+        that a crash neither records evidence twice, nor loses the cursor, nor an alert. ``agents``: the agents
+        each finding's evidence names (``query.detect.engine.named_agents``), kept with the record."""
         stamp = _stamp(now)
         changed: list[Merged] = []
         with self._transaction() as db:
             for finding in found:
-                item = self._merge_one(db, finding, stamp)
+                named = None if agents is None else agents.get((finding.tenant, finding.kind, finding.subject))
+                item = self._merge_one(db, finding, stamp, named)
                 if item.added or item.opened:
                     changed.append(item)
                     for channel, body in alerts(item) if alerts is not None else []:
@@ -150,7 +167,7 @@ class FindingStore:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (str(cursor),))
         return changed
 
-    def _merge_one(self, db: sqlite3.Connection, finding: Finding, stamp: str) -> Merged:
+    def _merge_one(self, db: sqlite3.Connection, finding: Finding, stamp: str, named: Sequence[str] | None) -> Merged:
         row = db.execute(
             "SELECT id, status, suppressed_until FROM findings WHERE tenant = ? AND kind = ? AND subject = ?"
             " AND status <> 'resolved' ORDER BY id DESC LIMIT 1",
@@ -164,7 +181,7 @@ class FindingStore:
         if row is None:
             cursor = db.execute(
                 "INSERT INTO findings (tenant, kind, subject, severity, title, owasp, status, first_seen, last_seen,"
-                " opened_at, updated_at, details) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?)",
+                " opened_at, updated_at, details, agents) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)",
                 (
                     finding.tenant,
                     finding.kind,
@@ -177,6 +194,7 @@ class FindingStore:
                     stamp,
                     stamp,
                     json.dumps(finding.details, default=str),
+                    None if named is None else json.dumps(sorted(set(named))),
                 ),
             )
             finding_id = int(cursor.lastrowid or 0)
@@ -209,8 +227,29 @@ class FindingStore:
             )
         elif opened:
             db.execute("UPDATE findings SET evidence_count = ? WHERE id = ?", (len(added), finding_id))
+        if added and not opened and named:  # a record without agents stays without until fill_agents
+            db.execute(
+                "UPDATE findings SET agents = (SELECT json_group_array(value) FROM (SELECT value FROM"
+                " json_each(agents) UNION SELECT value FROM json_each(?) ORDER BY value)) WHERE id = ?"
+                " AND agents IS NOT NULL",
+                (json.dumps(list(named)), finding_id),
+            )
         record = self._record(db, finding_id)
         return Merged(record, added, opened, quiet=status == "suppressed")
+
+    def fill_agents(self, agents_of: Callable[[list[Finding]], Mapping[tuple[str, str, str], Sequence[str]]]) -> int:
+        """Give the records kept before agents were (``agents`` NULL) the agents of their evidence, as
+        ``agents_of`` reads them from the lake. Returns how many records it filled."""
+        ids = [int(row[0]) for row in self._db.execute("SELECT id FROM findings WHERE agents IS NULL")]
+        for finding_id in ids:
+            record = self._record(self._db, finding_id)
+            evidence = self.evidence(finding_id, limit=None)
+            probe = Finding(record.kind, record.severity, record.tenant, record.subject, record.title, record.owasp,
+                            evidence, len(evidence))  # fmt: skip
+            named = agents_of([probe]).get((record.tenant, record.kind, record.subject), [])
+            with self._transaction() as db:
+                db.execute("UPDATE findings SET agents = ? WHERE id = ?", (json.dumps(sorted(named)), finding_id))
+        return len(ids)
 
     def cursor(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE name = 'cursor'").fetchone()
@@ -315,10 +354,10 @@ class FindingStore:
             raise TransitionError(f"no finding {finding_id}")  # another tenant's finding does not exist here
         return record
 
-    def evidence(self, finding_id: int, *, limit: int = 1000) -> list[str]:
+    def evidence(self, finding_id: int, *, limit: int | None = 1000) -> list[str]:
         rows = self._db.execute(
             "SELECT event_id FROM evidence WHERE finding_id = ? ORDER BY added_at, event_id LIMIT ?",
-            (finding_id, limit),
+            (finding_id, -1 if limit is None else limit),
         ).fetchall()
         return [str(row[0]) for row in rows]
 
@@ -404,7 +443,7 @@ class FindingStore:
     def _record(self, db: sqlite3.Connection, finding_id: int) -> FindingRecord:
         row = db.execute(
             "SELECT id, tenant, kind, subject, severity, title, owasp, status, assignee, suppressed_until,"
-            " suppress_reason, first_seen, last_seen, opened_at, updated_at, evidence_count, details"
+            " suppress_reason, first_seen, last_seen, opened_at, updated_at, evidence_count, details, agents"
             " FROM findings WHERE id = ?",
             (finding_id,),
         ).fetchone()
@@ -413,7 +452,86 @@ class FindingStore:
         values = list(row)
         values[6] = json.loads(values[6])
         values[16] = json.loads(values[16])
+        values[17] = None if values[17] is None else json.loads(values[17])
         return FindingRecord(*values)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One finding over the whole log as detection recorded it: its records (one per time it was opened) merged."""
+
+    finding: Finding  # evidence: the first MAX_EVIDENCE ids; evidence_total: every distinct id
+    status: str  # of its newest record; an expired suppression reads as open
+    agents: list[str] | None  # the agents its evidence names; None: a record from before they were kept
+
+
+def recorded_findings(path: Path, tenant: str | None) -> tuple[int, list[Recorded]] | None:
+    """The findings continuous detection recorded at ``path`` (of ``tenant``; every tenant's if None), read only,
+    and the last log index detection had examined; None when there is no store. Detection sees every event once
+    and keeps every evidence id, so over the events up to that index these are the whole-lake query's findings
+    (with the rules file of the server that ran it)."""
+    if not path.exists():
+        return None
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            return _recorded(db, tenant)
+    except sqlite3.Error:
+        return None
+
+
+def _recorded(db: sqlite3.Connection, tenant: str | None) -> tuple[int, list[Recorded]]:
+    [cursor] = db.execute("SELECT coalesce(max(CAST(value AS INTEGER)), -1) FROM meta WHERE name = 'cursor'").fetchone()
+    groups = db.execute(
+        "SELECT json_group_array(id), min(first_seen), max(last_seen), sum(evidence_count) FROM"
+        " (SELECT * FROM findings WHERE ? IS NULL OR tenant = ? ORDER BY id) GROUP BY tenant, kind, subject",
+        (tenant, tenant),
+    ).fetchall()
+    now = _stamp(None)
+    every = []
+    for ids_text, first, last, counted in groups:
+        ids = json.loads(ids_text)
+        newest = db.execute(
+            "SELECT tenant, kind, subject, severity, title, owasp, status, suppressed_until, details, agents"
+            " FROM findings WHERE id = ?",
+            (ids[-1],),
+        ).fetchone()
+        kind_of, status, until = newest[1], str(newest[6]), newest[7]
+        if status == "suppressed" and until is not None and str(until) <= now:
+            status = "open"
+        which = f"finding_id IN ({', '.join('?' * len(ids))})"  # placeholders only; the ids are bound
+        total = counted
+        if len(ids) > 1:  # evidence may repeat across the records of one finding
+            [total] = db.execute(f"SELECT count(DISTINCT event_id) FROM evidence WHERE {which}", ids).fetchone()
+        evidence = [
+            str(row[0])
+            for row in db.execute(
+                f"SELECT event_id FROM evidence WHERE {which} GROUP BY event_id ORDER BY min(added_at), event_id"
+                " LIMIT ?",
+                [*ids, MAX_EVIDENCE],
+            )
+        ]
+        agents = db.execute(
+            f"SELECT count(*) FILTER (WHERE f.agents IS NULL), json_group_array(DISTINCT names.value) FROM findings f"
+            f" LEFT JOIN json_each(coalesce(f.agents, '[]')) names WHERE f.id IN ({', '.join('?' * len(ids))})",
+            ids,
+        ).fetchone()
+        finding = Finding(
+            kind=str(kind_of),
+            severity=str(newest[3]),
+            tenant=str(newest[0]),
+            subject=str(newest[2]),
+            title=str(newest[4]),
+            owasp=json.loads(newest[5]),
+            evidence=evidence,
+            evidence_total=int(total),
+            first_seen=first,
+            last_seen=last,
+            details=json.loads(newest[8]),
+        )
+        named = None if agents[0] else sorted(name for name in json.loads(agents[1]) if name is not None)
+        every.append(Recorded(finding, status, named))
+    rank = {id(item.finding): position for position, item in enumerate(every)}
+    return int(cursor), [every[rank[id(finding)]] for finding in ordered([item.finding for item in every])]
 
 
 def triage_statuses(path: Path, tenant: str) -> dict[tuple[str, str], str]:

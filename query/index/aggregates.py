@@ -30,7 +30,7 @@ from query.lake import LakeReader, sql_paths
 from store.ground.layout import SYSTEM_TENANT, DataDir
 from store.lake_files import HIVE_OPTIONS, partition_of_file
 
-__all__ = ["GROUPED", "LakeAggregates", "Window"]
+__all__ = ["GROUPED", "HOURLY", "LakeAggregates", "Layout", "Window"]
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +48,40 @@ GROUPED = """
     FROM {source}
     GROUP BY GROUPING SETS ((tenant, hour, decision), (tenant, hour, agent, decision), (tenant, hour, tool, decision),
         (tenant, hour, emitter), (tenant, hour, "user"))"""
-# The file's row count, checked against the lake file; the key names the layout (v2: five groupings), so an
-# aggregate of another layout is refused and written again.
-_METADATA = b"custody.aggregate.v2.rows"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One kind of aggregate: its SQL over ``{source}`` (a file's rows, or the lake's rows of a window's edges),
+    the column holding each row's time bucket (the start of its hour or its UTC day), where they are kept under
+    ``index/``, and the metadata key holding the file's row count (naming the layout's version, so an aggregate
+    of another version is refused and written again)."""
+
+    sql: str
+    bucket: str
+    unit: str  # "hour" or "day"
+    directory: str
+    metadata: bytes
+
+
+HOURLY = Layout(GROUPED, "hour", "hour", "aggregates", b"custody.aggregate.v2.rows")
 
 
 @dataclass(frozen=True)
 class Window:
-    """What to read for a time window: whole hours from the aggregates, the partial hours at each end from the
-    lake (``edges``: [start, end) ranges)."""
+    """What to read for a time window: whole buckets (hours or days) from the aggregates, the partial ones at each
+    end from the lake (``edges``: [start, end) ranges)."""
 
-    start: datetime | None  # first whole hour (None: from the beginning)
-    end: datetime | None  # end of the last whole hour (None: to the end)
+    start: datetime | None  # first whole bucket (None: from the beginning)
+    end: datetime | None  # end of the last whole bucket (None: to the end)
     edges: tuple[tuple[datetime, datetime], ...]
 
     @classmethod
-    def of(cls, since: datetime | None, until: datetime | None) -> Window:
-        if since is not None and until is not None and _floor_hour(until) <= _ceil_hour(since):
-            return cls(since, since, ((since, until),))  # no whole hour: all of it from the lake
-        start = None if since is None else _ceil_hour(since)
-        end = None if until is None else _floor_hour(until)
+    def of(cls, since: datetime | None, until: datetime | None, unit: str = "hour") -> Window:
+        if since is not None and until is not None and _floor(until, unit) <= _ceil(since, unit):
+            return cls(since, since, ((since, until),))  # no whole bucket: all of it from the lake
+        start = None if since is None else _ceil(since, unit)
+        end = None if until is None else _floor(until, unit)
         edges = []
         if since is not None and start is not None and since < start:
             edges.append((since, start))
@@ -76,23 +90,25 @@ class Window:
         return cls(start, end, tuple(edges))
 
 
-def _floor_hour(moment: datetime) -> datetime:
-    return moment.replace(minute=0, second=0, microsecond=0)
+def _floor(moment: datetime, unit: str) -> datetime:
+    floor = moment.replace(minute=0, second=0, microsecond=0)
+    return floor.replace(hour=0) if unit == "day" else floor  # a UTC moment: the lake's times are UTC
 
 
-def _ceil_hour(moment: datetime) -> datetime:
-    floor = _floor_hour(moment)
-    return floor if floor == moment else floor + timedelta(hours=1)
+def _ceil(moment: datetime, unit: str) -> datetime:
+    floor = _floor(moment, unit)
+    return floor if floor == moment else floor + (timedelta(days=1) if unit == "day" else timedelta(hours=1))
 
 
 class LakeAggregates:
-    def __init__(self, reader: LakeReader) -> None:
+    def __init__(self, reader: LakeReader, layout: Layout = HOURLY) -> None:
         self.reader = reader
-        self.copies = CopyDir(DataDir(reader.data_dir).root / "index" / "aggregates", reader.events_dir)
+        self.layout = layout
+        self.copies = CopyDir(DataDir(reader.data_dir).root / "index" / layout.directory, reader.events_dir)
         self._lock = threading.Lock()  # one refresh at a time
         self._checked: set[str] = set()  # aggregates whose total matched their file's rows
         # ``refresh`` in a background thread, unless one is running
-        self.warm = BackgroundRefresh(self.refresh, "lake-aggregates", "writing lake aggregates")
+        self.warm = BackgroundRefresh(self.refresh, f"lake-{layout.directory}", f"writing {layout.directory}")
 
     # -- writing ----------------------------------------------------------------------------------------------
 
@@ -118,10 +134,10 @@ class LakeAggregates:
         rows = pq.read_metadata(path).num_rows
         source = f"read_parquet([{sql_paths([path])}], {HIVE_OPTIONS})"
         with self.reader.connect() as connection:
-            table = connection.sql(GROUPED.format(source=source)).to_arrow_table()
+            table = connection.sql(self.layout.sql.format(source=source)).to_arrow_table()
         writer = self.copies.writer(aggregate, table.schema, row_group_size=64 * 1024)
         writer.add(table)
-        writer.metadata({_METADATA: str(rows).encode()})
+        writer.metadata({self.layout.metadata: str(rows).encode()})
         writer.finish()
 
     # -- reading ----------------------------------------------------------------------------------------------
@@ -148,7 +164,7 @@ class LakeAggregates:
             rows = pq.read_metadata(path).num_rows
         except (OSError, ValueError):
             return False
-        recorded = (metadata.metadata or {}).get(_METADATA)
+        recorded = (metadata.metadata or {}).get(self.layout.metadata)
         if recorded is None or int(recorded) != rows:
             log.warning("aggregate %s does not match %s; removed, the lake file is read instead", aggregate, path)
             aggregate.unlink(missing_ok=True)
@@ -160,9 +176,10 @@ class LakeAggregates:
         """A SQL relation of the grouped rows of ``window`` (the aggregates' whole hours, the lake's partial
         hours and files without an aggregate), its parameters, and whether any file lacked an aggregate."""
         usable, rest = self.split(files)
+        sql = self.layout.sql
         parts: list[str] = []
         params: list[Any] = []
-        hours, hour_params = _between("hour", window.start, window.end)
+        hours, hour_params = _between(self.layout.bucket, window.start, window.end)
         scope = " AND tenant = ?" if tenant is not None else ""
         if usable:
             parts.append(f"SELECT * FROM read_parquet([{sql_paths(usable)}]) WHERE {hours}{scope}")
@@ -170,18 +187,17 @@ class LakeAggregates:
         if rest:
             raw = f"read_parquet([{sql_paths(rest)}], {HIVE_OPTIONS})"
             moments, moment_params = _between("occurred_at", window.start, window.end)
-            parts.append(GROUPED.format(source=f"(SELECT * FROM {raw} WHERE {moments}{scope})"))
+            parts.append(f"SELECT * FROM ({sql.format(source=f'(SELECT * FROM {raw} WHERE {moments}{scope})')})")
             params += [*moment_params, *([tenant] if tenant is not None else [])]
         for start, end in window.edges:
-            parts.append(
-                GROUPED.format(
-                    source=f"(SELECT * FROM events WHERE occurred_at >= ? AND occurred_at < ?"
-                    f" AND date BETWEEN ?::DATE AND ?::DATE{scope})"
-                )
+            source = (
+                f"(SELECT * FROM events WHERE occurred_at >= ? AND occurred_at < ?"
+                f" AND date BETWEEN ?::DATE AND ?::DATE{scope})"
             )
+            parts.append(f"SELECT * FROM ({sql.format(source=source)})")
             params += [start, end, start.date(), end.date(), *([tenant] if tenant is not None else [])]
         if not parts:
-            return "(SELECT * FROM (" + GROUPED.format(source="events") + ") WHERE false)", [], False
+            return "(SELECT * FROM (" + sql.format(source="events") + ") WHERE false)", [], False
         return "(" + " UNION ALL ".join(parts) + ")", params, bool(rest)
 
 

@@ -130,6 +130,8 @@ def _summary_page(pdf: _Report, body: dict[str, Any]) -> None:
         " is in appendix B.",
         _checkpoint(position.get("checkpoint")),
     ]
+    if position.get("findings"):
+        lines.append(f"Findings: {position['findings']}.")
     for line in lines:
         pdf.multi_cell(0, 5, latin1(line), align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     pdf.ln(3)

@@ -26,6 +26,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from jwt.algorithms import OKPAlgorithm
 
+from query.index.aggregates import LakeAggregates
 from query.recert.review import Review
 from query.recert.rows import CSV_COLUMNS, cells
 from query.spreadsheet import csv_cell
@@ -80,14 +81,17 @@ def build_report(data_dir: Path, tenant: str, *, window_days: int, form: str) ->
     return SignedReport(review, form, render(body, jws, form))
 
 
-def signed_review(data_dir: Path, tenant: str, *, window_days: int) -> tuple[Review, dict[str, Any], str]:
-    """The review, its report body and the JWS over it, ready to render in any format."""
+def signed_review(
+    data_dir: Path, tenant: str, *, window_days: int, facts: LakeAggregates | None = None
+) -> tuple[Review, dict[str, Any], str]:
+    """The review, its report body and the JWS over it, ready to render in any format (``facts``: as for
+    ``access_review``)."""
     from query.recert.review import access_review
 
     layout = DataDir.existing(data_dir)
     server_key = ServerKey(layout.server_key())
     checkpoint = newest_checkpoint(layout)  # before the review reads the lake: every event it covers is in the tree
-    review = access_review(data_dir, tenant, window_days=window_days)
+    review = access_review(data_dir, tenant, window_days=window_days, facts=facts)
     body = report_body(review, server_key, checkpoint)
     return review, body, sign_report(body, server_key)
 
@@ -106,7 +110,12 @@ def report_body(review: Review, server_key: ServerKey, checkpoint: dict[str, Any
         "schema": SCHEMA,
         "title": f"Access recertification of the agents of tenant {review.tenant}",
         "signed_by": {"kid": server_key.kid, "jwk": server_key.jwk},
-        "log_position": {"events": body.pop("events"), "heads": body.pop("heads"), "checkpoint": checkpoint},
+        "log_position": {
+            "events": body.pop("events"),
+            "heads": body.pop("heads"),
+            "checkpoint": checkpoint,
+            "findings": body.pop("findings_from"),
+        },
         "summary": review.summary(),
         **body,
     }
