@@ -35,10 +35,12 @@ __all__ = [
     "choices",
     "emitters",
     "event_check",
+    "evidence_events",
     "find_events",
     "findings_in",
     "last_verification",
     "path_of",
+    "recert_content",
     "recert_file",
     "recert_review",
     "refresh_findings",
@@ -131,6 +133,14 @@ def find_events(data_dir: str, where: EventFilter, limit: int, cursor: str | Non
 
 
 @cached
+def evidence_events(data_dir: str, where: EventFilter, limit: int) -> Page:
+    """A finding's evidence events (``where.event_ids``): read through the task-tree index, row by row, when it
+    knows them all (a burst's evidence is spread over a month of files), else found by scanning the lake."""
+    reader = tree_index(data_dir).reader_of(where.event_ids or ()) or LakeReader(Path(data_dir))
+    return search(reader, where, limit=limit)
+
+
+@cached
 def choices(data_dir: str, tenant: str | None, column: str, since: datetime | None) -> list[str]:
     """Distinct values of one column (for pickers), most frequent first, at most 500."""
     expression = _CHOICE_COLUMNS[column]
@@ -216,6 +226,11 @@ def recert_review(data_dir: str, tenant: str, window: str) -> tuple[Review, dict
 def recert_file(data_dir: str, tenant: str, window: str, form: str) -> SignedReport:
     review, body, jws = recert_review(data_dir, tenant, window)
     return SignedReport(review, form, render(body, jws, form))
+
+
+def recert_content(data_dir: str, tenant: str, window: str, form: str) -> bytes:
+    """The signed report's file, for a download button to render when it is clicked."""
+    return recert_file(data_dir, tenant, window, form).content
 
 
 @cached

@@ -307,7 +307,7 @@ def test_graph_labels_from_the_log_cannot_break_out_of_their_dot_string() -> Non
     assert quoted.count('"') - quoted.count('\\"') == 2  # only the opening and closing quotes are unescaped
 
 
-def test_access_review_preview_and_signed_downloads(app) -> None:
+def test_access_review_preview_and_signed_downloads(app, lake: dict[str, Any]) -> None:
 
     at = app("recert", "auditor", tenant="acme")
     review = table(at, "agent", "recommendation", "unused scopes")
@@ -319,6 +319,12 @@ def test_access_review_preview_and_signed_downloads(app) -> None:
     assert metric(at, "Agents") == str(len(review))
     downloads = {b.proto.label: b for b in at.get("download_button")}
     assert set(downloads) == {"PDF", "CSV", "JSON", "HTML"}
+    # each renders when clicked, from the review the page shows (what the button calls)
+    from dashboard import data
+
+    pdf = data.recert_content(str(lake["data"]), "acme", "90d", "pdf")
+    assert pdf.startswith(b"%PDF")
+    assert b'"tenant":"acme"' in data.recert_content(str(lake["data"]), "acme", "90d", "json").replace(b" ", b"")
 
 
 def test_access_review_is_for_auditors(app) -> None:

@@ -78,6 +78,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "data": data,
             "ports": ports,
             "analyst": re.search(r"sign in as analyst: (\S+)", output)[1],  # type: ignore[index]
+            "auditor": re.search(r"sign in as auditor: (\S+)", output)[1],  # type: ignore[index]
             "key": orjson.loads((data / "answer-key.json").read_bytes()),
             "log": log_path,
         }
@@ -191,6 +192,26 @@ def test_the_overview_window_choice_lands_in_the_url(browser: Any, demo: dict[st
     page.locator(".vega-embed").first.wait_for()
     page.wait_for_timeout(500)
     page.screenshot(path=ARTIFACTS / "overview.png", full_page=True)
+    page.close()
+
+
+def test_an_auditor_downloads_the_signed_access_review(browser: Any, demo: dict[str, Any], tmp_path: Path) -> None:
+    """The report files are rendered when their button is clicked (a PDF takes seconds on a large tenant): the
+    browser still gets the signed PDF, and it verifies."""
+    url = f"http://127.0.0.1:{demo['ports']['dashboard']}/recert?tenant=acme"
+    page = sign_in(browser, url, demo["auditor"])
+    page.get_by_text("Download (signed)").wait_for()
+    with page.expect_download() as event:
+        page.get_by_role("button", name="PDF").click()
+    saved = tmp_path / event.value.suggested_filename
+    event.value.save_as(saved)
+    assert saved.name.startswith("recert-acme-")
+    assert saved.read_bytes().startswith(b"%PDF")
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "custody"), "recert", "verify", str(saved), "--data-dir", str(demo["data"])],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
     page.close()
 
 

@@ -104,7 +104,7 @@ where = EventFilter(
     since=first,
     until=last + timedelta(microseconds=1) if last else None,
 )
-evidence = data.find_events(root, where, min(len(finding.evidence), 1000), None)
+evidence = data.evidence_events(root, where, min(len(finding.evidence), 1000))
 frame = pd.DataFrame(evidence.events)
 columns = ["occurred_at", "tenant", "type", "user", "agent", "tool_name", "resource_id", "decision_result", "event_id"]
 st.dataframe(frame[[c for c in columns if c in frame]], hide_index=True, key="evidence_table")

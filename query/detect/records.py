@@ -502,14 +502,12 @@ def _recorded(db: sqlite3.Connection, tenant: str | None) -> tuple[int, list[Rec
         total = counted
         if len(ids) > 1:  # evidence may repeat across the records of one finding
             [total] = db.execute(f"SELECT count(DISTINCT event_id) FROM evidence WHERE {which}", ids).fetchone()
-        evidence = [
-            str(row[0])
-            for row in db.execute(
-                f"SELECT event_id FROM evidence WHERE {which} GROUP BY event_id ORDER BY min(added_at), event_id"
-                " LIMIT ?",
-                [*ids, MAX_EVIDENCE],
-            )
-        ]
+        listing = (  # the first recorded first; an id in two records once (grouping costs 4x: only then)
+            f"SELECT event_id FROM evidence WHERE {which} GROUP BY event_id ORDER BY min(added_at), event_id LIMIT ?"
+            if len(ids) > 1
+            else f"SELECT event_id FROM evidence WHERE {which} ORDER BY added_at, event_id LIMIT ?"
+        )
+        evidence = [str(row[0]) for row in db.execute(listing, [*ids, MAX_EVIDENCE])]
         agents = db.execute(
             f"SELECT count(*) FILTER (WHERE f.agents IS NULL), json_group_array(DISTINCT names.value) FROM findings f"
             f" LEFT JOIN json_each(coalesce(f.agents, '[]')) names WHERE f.id IN ({', '.join('?' * len(ids))})",

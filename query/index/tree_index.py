@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,6 +330,31 @@ class TreeIndex:
             for _, number, row, key in find("by_approval", approvals):
                 place(number, row, key)
         return located
+
+    def reader_of(self, event_ids: Sequence[str]) -> LakeReader | None:
+        """A reader over just the rows of these events (without ``jws``: a finding's evidence), or None when the
+        index is being built, does not know every one of them, or the lake changed under it (scan the lake)."""
+        if self.building or not event_ids:
+            return None
+        self.refresh()
+        with self._lock:
+            lookups = (self._merged, self._recent)
+            paths = {number: f.path for number, f in self._files.values()}
+        wanted = np.unique(_hashes(pl.Series(list(event_ids), dtype=pl.String)))
+        located: dict[Path, dict[int, int]] = {}
+        known: set[int] = set()
+        for lookup in lookups:
+            for key, number, row, _, _ in _Lookup.find(lookup.by_id, wanted):
+                if number in paths:
+                    located.setdefault(paths[number], {})[row] = key
+                    known.add(key)
+        if len(known) < len(wanted):
+            return None
+        tables = [self._read_rows(path, rows) for path, rows in located.items()]
+        if any(table is None for table in tables):
+            return None
+        rows = pa.concat_tables([table for table in tables if table is not None])
+        return self.reader.pinned(sorted(located), rows=rows)
 
     def reader_for(self, event_id: str) -> LakeReader:
         """A reader over just the rows of the event's task tree (without ``jws``), or the whole lake when the

@@ -39,11 +39,13 @@ from store.merkle_log import log_origin, newest_history_record
 
 __all__ = [
     "FORMATS",
+    "MEDIA_TYPES",
     "SignedReport",
     "Verification",
     "build_report",
     "render",
     "report_body",
+    "report_filename",
     "sign_report",
     "signed_review",
     "verify_report",
@@ -65,11 +67,15 @@ class SignedReport:
 
     @property
     def filename(self) -> str:
-        return f"recert-{self.review.tenant}-{self.review.generated_at[:10]}.{self.form}"
+        return report_filename(self.review, self.form)
 
     @property
     def media_type(self) -> str:
         return MEDIA_TYPES[self.form]
+
+
+def report_filename(review: Review, form: str) -> str:
+    return f"recert-{review.tenant}-{review.generated_at[:10]}.{form}"
 
 
 def build_report(data_dir: Path, tenant: str, *, window_days: int, form: str) -> SignedReport:
