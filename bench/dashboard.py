@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -94,7 +95,18 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000_000, help="size, if the lake must be generated")
     parser.add_argument("--warm-runs", type=int, default=3)
     parser.add_argument("--pages", nargs="*", default=list(PAGES))
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="delete the derived data the views read (aggregates, review facts, findings store) first, to time"
+        " keeping it: what a data dir without it costs once",
+    )
     args = parser.parse_args()
+    if args.rebuild:
+        for name in ("aggregates", "review-facts"):
+            shutil.rmtree(args.data_dir / "index" / name, ignore_errors=True)
+        for suffix in ("", "-wal", "-shm"):
+            (args.data_dir / "state" / f"findings.sqlite{suffix}").unlink(missing_ok=True)
     print(f"machine: {machine()}")
     build_lake(args.data_dir, args.events, 200, 3)
     (args.data_dir / "state").mkdir(exist_ok=True)
