@@ -15,7 +15,6 @@ SQLAlchemy URI (PostgreSQL) with ``catalog_uri``; the warehouse is a local direc
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections import Counter
@@ -179,8 +178,13 @@ class IcebergMirror:
         return rows.slice(0, run)
 
     def _create(self, schema: pa.Schema) -> Table:
-        with contextlib.suppress(NamespaceAlreadyExistsError):
+        try:
             self.catalog.create_namespace(NAMESPACE)
+        except NamespaceAlreadyExistsError:
+            pass
+        except Exception:  # the SQL catalog checks, then inserts: another writer's insert in between fails this one
+            if not self.catalog.namespace_exists(NAMESPACE):
+                raise
         table = self.catalog.create_table(f"{NAMESPACE}.{TABLE}", schema=schema, properties=_NO_RETRIES)
         with table.update_spec() as spec:
             spec.add_identity("tenant")
