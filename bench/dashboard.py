@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from bench.common import machine
 from bench.forensics import build_lake
+from query.index.aggregates import LakeAggregates
 from query.tokens import TokenStore
 from store.ground.server_key import ServerKey
 
@@ -59,6 +60,21 @@ def render(page: str, params: dict[str, str], token: str) -> float:
     if at.exception:
         raise RuntimeError(f"{page}: {at.exception[0].value}")
     return elapsed
+
+
+def keep(what: str, aggregates: LakeAggregates) -> None:
+    """Bring one kind of per-file aggregates up to date (waiting for the background refresh the dashboard's first
+    use started) and report what it costs: kept as the lake grows, one per new file, in the background."""
+    started = time.perf_counter()
+    aggregates.refresh()
+    built = time.perf_counter() - started
+    kept = list(aggregates.copies.directory.glob("*.parquet"))
+    rows = sum(pq.read_metadata(path).num_rows for path in kept)
+    kept_mib = sum(path.stat().st_size for path in kept) / 2**20
+    print(
+        f"{what}: {len(kept)} files, {rows:,} rows, {kept_mib:.1f} MiB, built in {built:.1f} s"
+        f" ({built / max(len(kept), 1):.2f} s per lake file)"
+    )
 
 
 def detect(data_dir: Path) -> None:
@@ -141,33 +157,10 @@ def main() -> None:
     started = time.perf_counter()
     tree_index(str(args.data_dir)).refresh()  # what a dashboard process builds once, in the background
     print(f"task-tree index built in {time.perf_counter() - started:.1f} s (once per dashboard process)")
-    from dashboard.data import lake_aggregates
+    from dashboard.data import lake_aggregates, review_facts
 
-    started = time.perf_counter()
-    aggregates = lake_aggregates(str(args.data_dir))
-    aggregates.refresh()  # waits for the background refresh the first use started
-    built = time.perf_counter() - started
-    kept = list(aggregates.copies.directory.glob("*.parquet"))
-    rows = sum(pq.read_metadata(path).num_rows for path in kept)
-    kept_mib = sum(path.stat().st_size for path in kept) / 2**20
-    print(
-        f"hourly aggregates: {len(kept)} files, {rows:,} rows, {kept_mib:.1f} MiB, built in {built:.1f} s"
-        f" ({built / max(len(kept), 1):.2f} s per lake file; kept as the lake grows: one per new file, in the"
-        " background)"
-    )
-    from dashboard.data import review_facts
-
-    started = time.perf_counter()
-    facts = review_facts(str(args.data_dir))
-    facts.refresh()
-    built = time.perf_counter() - started
-    kept = list(facts.copies.directory.glob("*.parquet"))
-    rows = sum(pq.read_metadata(path).num_rows for path in kept)
-    kept_mib = sum(path.stat().st_size for path in kept) / 2**20
-    print(
-        f"daily review facts: {len(kept)} files, {rows:,} rows, {kept_mib:.1f} MiB, built in {built:.1f} s"
-        f" ({built / max(len(kept), 1):.2f} s per lake file)"
-    )
+    keep("hourly aggregates", lake_aggregates(str(args.data_dir)))
+    keep("daily review facts", review_facts(str(args.data_dir)))
     detect(args.data_dir)
     for page in args.pages:
         render(page, {"window": "1h"} if page in ("overview", "investigate", "findings") else {}, token)
