@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -221,6 +222,14 @@ class ServerProcess:
 @pytest.fixture
 def server_process(tmp_path: Path) -> ServerProcess:
     return ServerProcess(tmp_path / "data", tmp_path / "server.log")
+
+
+def copy_data_dir(source: Path, target: Path) -> Path:
+    """A copy of a shared data dir (the demo organisation's) for a test that writes to it, without its ``index/``:
+    derived data that another test's dashboard or read API may be writing meanwhile (a temporary file listed, then
+    renamed, fails the copy), and that readers rebuild from the lake."""
+    shutil.copytree(source, target, ignore=lambda folder, _: ["index"] if Path(folder) == source else [])
+    return target
 
 
 def read_lake(data_dir: Path, columns: str = "*") -> list[tuple[Any, ...]]:

@@ -3,7 +3,6 @@ hour or not, under an hour, the whole lake), tenant-bound or not, with aggregate
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -16,7 +15,7 @@ from query.index.aggregates import LakeAggregates, Window
 from query.lake import LakeReader
 from query.overview import overview
 from query.recert.review import DAILY_FACTS, access_review
-from tests.conftest import ORG_END
+from tests.conftest import ORG_END, copy_data_dir
 
 pytestmark = pytest.mark.slow  # the demo organisation
 
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.slow  # the demo organisation
 def lake(org: dict[str, Any], tmp_path: Path) -> Path:
     """A copy of the demo organisation's data dir, so that the aggregates written here stay here."""
     data = tmp_path / "data"
-    shutil.copytree(org["data"], data)
+    copy_data_dir(org["data"], data)
     return data
 
 

@@ -22,7 +22,7 @@ from store.ground.errors import NotFound
 from store.ground.layout import DataDir
 from store.ground.tlog import verify_bundle
 from tests import scenario
-from tests.conftest import open_harness
+from tests.conftest import copy_data_dir, open_harness
 from tests.test_transparency_log import log_key
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -372,13 +372,12 @@ def test_whole_log_findings_come_from_continuous_detection(
 ) -> None:
     """Over the whole log the Findings page and the overview read what detection recorded (the whole-lake query's
     answer, without running it), say up to which log index, and compute from the lake on request."""
-    import shutil
 
     from query.detect.loop import DetectionLoop
     from query.findings import findings as compute
 
     data = tmp_path / "data"
-    shutil.copytree(lake["data"], data)
+    copy_data_dir(lake["data"], data)
     monkeypatch.setenv("CUSTODY_DATA_DIR", str(data))
     expected = compute(LakeReader(data))
     loop = DetectionLoop(data)

@@ -3,7 +3,6 @@ detector gives every finding the whole-lake query gives, with the same evidence.
 
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from query.detect.records import STATUSES, recorded_findings
 from query.findings import MAX_EVIDENCE, findings
 from query.lake import LakeReader
 from tests import scenario
-from tests.conftest import Harness
+from tests.conftest import Harness, copy_data_dir
 
 
 def replay(data: Any, batch_size: int, restart_at: int | None = None) -> dict[tuple[str, str, str], set[str]]:
@@ -67,7 +66,7 @@ def test_the_detection_loop_records_every_kind_as_the_on_demand_query_finds_it(
     org: dict[str, Any], tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    shutil.copytree(org["data"], data)
+    copy_data_dir(org["data"], data)
     loop = DetectionLoop(data)
     try:
         assert loop.run_once() > 0  # every event through the incremental path, as if it had just arrived
@@ -88,7 +87,7 @@ def test_a_findings_store_new_on_a_lake_with_events_records_them_without_alertin
     from query.detect.alerts import AlertChannels, ChannelConfig
 
     data = tmp_path / "data"
-    shutil.copytree(org["data"], data)
+    copy_data_dir(org["data"], data)
     (tmp_path / "secret").write_text("s")
     hook = ChannelConfig(name="hook", type="webhook", url="http://127.0.0.1:9/x", secret_file=tmp_path / "secret",
                          min_severity="low")  # fmt: skip
@@ -116,7 +115,7 @@ def test_the_recorded_whole_log_findings_are_the_whole_lake_querys(
     """The dashboard reads whole-log findings from the store: each finding once (its records merged), every
     evidence id counted, each tenant's own; whether detection saw the events arrive or met them on a new store."""
     data = tmp_path / "data"
-    shutil.copytree(org["data"], data)
+    copy_data_dir(org["data"], data)
     loop = DetectionLoop(data)
     try:
         if path == "catch-up":

@@ -3,7 +3,6 @@ query library reads, per tenant; a sync is exactly-once by log index; new events
 
 from __future__ import annotations
 
-import shutil
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,12 +16,12 @@ from pyiceberg.catalog.sql import SqlCatalog
 
 from query.iceberg import LOG_INDEX_MAX, IcebergMirror
 from query.lake import LakeReader
-from tests.conftest import ADMIN, ServerProcess, invocation, open_harness
+from tests.conftest import ADMIN, ServerProcess, copy_data_dir, invocation, open_harness
 
 
 def test_an_independent_iceberg_reader_agrees_with_the_lake(org: dict[str, Any], tmp_path: Path) -> None:
     data = tmp_path / "data"
-    shutil.copytree(org["data"], data)
+    copy_data_dir(org["data"], data)
     mirror = IcebergMirror(data)
     first = mirror.sync()
     assert first.appended > 0

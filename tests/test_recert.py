@@ -21,7 +21,7 @@ from query.recert.reports import render, report_body, sign_report, verify_report
 from query.recert.review import access_review
 from query.tokens import TokenStore
 from store.ground.server_key import ServerKey
-from tests.conftest import ORG_END, read_lake
+from tests.conftest import ORG_END, copy_data_dir, read_lake
 
 pytestmark = pytest.mark.slow  # the demo organisation
 
@@ -252,7 +252,7 @@ def test_a_finding_resolved_in_the_triage_queue_no_longer_calls_for_investigatio
     org: dict[str, Any], tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    shutil.copytree(org["data"], data)
+    copy_data_dir(org["data"], data)
     before = {agent.agent: agent for agent in access_review(data, "acme", window_days=90, now=ORG_END).agents}
     billing = before["billing-agent"]
     assert billing.recommendation == "investigate"
@@ -335,7 +335,7 @@ def test_a_review_reads_the_findings_continuous_detection_recorded(org: dict[str
     from query.detect.loop import DetectionLoop, findings_store_path
 
     data = tmp_path / "data"
-    shutil.copytree(org["data"], data)
+    copy_data_dir(org["data"], data)
 
     def review() -> tuple[str, dict[str, tuple[str, list[tuple[str, str]]]]]:
         done = access_review(data, "acme", window_days=90, now=ORG_END)

@@ -350,11 +350,7 @@ class TreeIndex:
                     known.add(key)
         if len(known) < len(wanted):
             return None
-        tables = [self._read_rows(path, rows) for path, rows in located.items()]
-        if any(table is None for table in tables):
-            return None
-        rows = pa.concat_tables([table for table in tables if table is not None])
-        return self.reader.pinned(sorted(located), rows=rows)
+        return self._reader_over(located)
 
     def reader_for(self, event_id: str) -> LakeReader:
         """A reader over just the rows of the event's task tree (without ``jws``), or the whole lake when the
@@ -363,17 +359,25 @@ class TreeIndex:
             located = self.locate(event_id)
             if located is None:
                 return self.reader
-            tables = {path: self._read_rows(path, rows) for path, rows in located.items()}
-            stale = [path for path, table in tables.items() if table is None]
-            if not stale:
-                rows = pa.concat_tables([table for table in tables.values() if table is not None])
-                return self.reader.pinned(sorted(located), rows=rows)
-            with self._lock:
-                for path in stale:  # read again at the next refresh
-                    if path in self._files:
-                        self._files[path][1].size = -1
+            reader = self._reader_over(located)
+            if reader is not None:
+                return reader
         log.warning("the task-tree index disagrees with the lake for %s; scanning the whole lake", event_id)
         return self.reader
+
+    def _reader_over(self, located: dict[Path, dict[int, int]]) -> LakeReader | None:
+        """A reader over exactly the located rows; None when a file no longer matches the index (it is read
+        again at the next refresh)."""
+        tables = {path: self._read_rows(path, rows) for path, rows in located.items()}
+        stale = [path for path, table in tables.items() if table is None]
+        if stale:
+            with self._lock:
+                for path in stale:
+                    if path in self._files:
+                        self._files[path][1].size = -1
+            return None
+        rows = pa.concat_tables([table for table in tables.values() if table is not None])
+        return self.reader.pinned(sorted(located), rows=rows)
 
     def _read_rows(self, path: Path, rows: dict[int, int]) -> pa.Table | None:
         """Those rows of the file as the lake reads them (``jws`` null); None if they do not match the index."""

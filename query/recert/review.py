@@ -145,9 +145,13 @@ def access_review(
     since = until - timedelta(days=window_days)
     files = reader.files()
     with reader.connect() as connection:
-        for name, window in (("history", Window.of(None, None, "day")), ("facts", Window.of(since, until, "day"))):
+        # the heads and the event count are of the tenant's whole log; every other fact is of the window
+        for name, window, kinds in (
+            ("history", Window.of(None, None, "day"), "kind = 'head'"),
+            ("facts", Window.of(since, until, "day"), "kind <> 'head'"),
+        ):
             relation, params, _ = facts.facts(window, tenant, files)
-            connection.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {relation}", params)
+            connection.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {relation} WHERE {kinds}", params)
 
         def rows(sql: str) -> list[tuple[Any, ...]]:
             return connection.execute(sql).fetchall()
